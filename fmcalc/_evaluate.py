@@ -1,0 +1,264 @@
+from collections.abc import Callable
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ._batch import Batch
+from ._derivative import JVP
+from ._expr import (
+    Add,
+    AbstractExpr,
+    Analytic,
+    Call,
+    ConditionalVelocity,
+    Constant,
+    Derivative,
+    Div,
+    FlowMapCall,
+    Mul,
+    Neg,
+    Network,
+    StopGradient,
+    Sub,
+    Teacher,
+    Variable,
+    VelocityCall,
+    _is_zero,
+    walk,
+)
+from ._validate import validate
+
+
+def jvp_many(fn: Callable, primals: tuple, tangents: list[tuple]):
+    """`jax.jvp` of `fn` along several tangents, computing the primal once: the
+    tangents are batched with `jax.vmap`, and the primal, which does not depend on
+    them, stays unbatched."""
+    if len(tangents) == 1:
+        primal, tangent = JVP()(fn, primals, tangents[0])
+        return primal, [tangent]
+    stacked = tuple(
+        jnp.stack([jnp.broadcast_to(d, jnp.shape(p)) for d in parts]).astype(
+            jnp.result_type(p)
+        )
+        for p, parts in zip(primals, zip(*tangents, strict=True), strict=True)
+    )
+    primal, out = jax.vmap(
+        lambda tangent: jax.jvp(fn, primals, tangent), out_axes=(None, 0)
+    )(stacked)
+    return primal, list(out)
+
+
+def primitive_jvps(expr: AbstractExpr) -> dict[tuple, list[Derivative]]:
+    """The JVPs of networks in `expr`, grouped by the network call they compute as
+    their primal: one group is evaluated together, sharing that primal."""
+    groups: dict[tuple, list[Derivative]] = {}
+
+    def visit(node):
+        if isinstance(node, Derivative) and node.lowered is None:
+            group = groups.setdefault(node.primal.key, [])
+            if all(d.key != node.key for d in group):
+                group.append(node)
+
+    walk(expr, visit)
+    return groups
+
+
+class _Interpreter:
+    def __init__(self, expr, batch, networks, teacher):
+        self.expr = expr
+        self.batch = batch
+        self.networks = networks
+        self.teacher = teacher
+        self.jvps = primitive_jvps(expr)
+        self.values: dict[tuple, Array] = {}
+        self.in_progress: set[tuple] = set()
+        self.dtype = jnp.result_type(batch.x0)
+
+    def network(self, role: str) -> Callable:
+        net = self.networks.get(role)
+        if net is None:
+            raise ValueError(
+                f"The residual calls a network with role {role!r}, but none was passed; "
+                f"pass `{'model' if role == 'online' else role}=...`."
+            )
+        return net
+
+    def call_network(self, role, x, a, b):
+        cond = self.batch.cond
+        return self.network(role)(x, a, b, cond=cond)
+
+    def __call__(self, node: AbstractExpr) -> Array:
+        key = node.key
+        if key in self.values:
+            return self.values[key]
+        value = self.compute(node, key)
+        self.values[key] = value
+        return value
+
+    def compute(self, node: AbstractExpr, key: tuple) -> Array:
+        if isinstance(node, Variable):
+            if node.name == "x":
+                return self.batch.x
+            value = getattr(self.batch, node.name)
+            if value is None:
+                raise ValueError(
+                    f"The residual uses the time `{node.name}`, but the batch has "
+                    f"`{node.name}=None`."
+                )
+            return value
+        if isinstance(node, Constant):
+            return jnp.asarray(node.value, self.dtype)
+        if isinstance(node, StopGradient):
+            return jax.lax.stop_gradient(self(node.operand))
+        if isinstance(node, Add):
+            return self(node.left) + self(node.right)
+        if isinstance(node, Sub):
+            return self(node.left) - self(node.right)
+        if isinstance(node, Mul):
+            return self(node.left) * self(node.right)
+        if isinstance(node, Div):
+            return self(node.left) / self(node.right)
+        if isinstance(node, Neg):
+            return -self(node.operand)
+        if isinstance(node, FlowMapCall):
+            return self(node.lowered)
+        if isinstance(node, Derivative):
+            lowered = node.lowered
+            if lowered is not None:
+                return self(lowered)
+            self.jvp_group(node.primal.key)
+            return self.values[key]
+        if isinstance(node, Call):
+            if key in self.jvps:
+                self.jvp_group(key)
+                return self.values[key]
+            return self.call_network(
+                node.network.role, self(node.x), self(node.a), self(node.b)
+            )
+        if isinstance(node, VelocityCall):
+            return self.velocity(node)
+        raise TypeError(f"Cannot evaluate node of type {type(node).__name__}.")
+
+    def jvp_group(self, primal_key: tuple) -> None:
+        """Evaluate every JVP at one point together with their shared primal."""
+        if primal_key in self.in_progress:
+            raise ValueError(
+                "A JVP's tangent depends on its own primal (the network call at the "
+                "point it differentiates); a JVP cannot take its tangent from its own "
+                "output. Use a different point or a finite difference."
+            )
+        self.in_progress.add(primal_key)
+        group = self.jvps[primal_key]
+        first = group[0]
+        at = tuple(self(e) for e in first.at)
+        alongs = [
+            tuple(
+                jnp.zeros_like(p) if _is_zero(d) else self(d)
+                for p, d in zip(at, node.along, strict=True)
+            )
+            for node in group
+        ]
+        network = first.function
+        assert isinstance(network, Network)
+        net = self.network(network.role)
+        cond = self.batch.cond
+        primal, tangents = jvp_many(
+            lambda x, a, b: net(x, a, b, cond=cond), at, alongs
+        )
+        self.values.setdefault(primal_key, primal)
+        for node, tangent in zip(group, tangents, strict=True):
+            self.values[node.key] = tangent
+        self.in_progress.discard(primal_key)
+
+    def velocity(self, node: VelocityCall) -> Array:
+        source = node.source
+        if isinstance(source, ConditionalVelocity):
+            return self.batch.eps - self.batch.x0
+        x, t = self(node.x), self(node.t)
+        cond = self.batch.cond
+        if isinstance(source, Analytic):
+            return source.flow.velocity(x, t, cond=cond)
+        if isinstance(source, Teacher):
+            if self.teacher is None:
+                raise ValueError(
+                    f"The residual calls the teacher `{node}`, but `teacher=None`; "
+                    "pass a per-example velocity `teacher(x, t)`, e.g. "
+                    "`flow.velocity` of an analytic flow."
+                )
+            if cond is None:
+                return self.teacher(x, t)
+            return self.teacher(x, t, cond=cond)
+        raise TypeError(f"Unknown velocity source {type(source).__name__}.")
+
+
+def evaluate(
+    expr: AbstractExpr,
+    example: Batch,
+    *,
+    model: Callable | None = None,
+    ema: Callable | None = None,
+    teacher: Callable | None = None,
+    aux: Callable | None = None,
+) -> Float[Array, "dim"] | Float[Array, ""]:
+    """Evaluate an expression on one example.
+
+    Each distinct network call is computed once; a JVP's primal is reused wherever
+    the same call appears (also under a stop-gradient, which then only blocks its
+    gradient). Batch with `jax.vmap` over `example`.
+
+    **Arguments:**
+
+    - `expr`: the residual (or any expression).
+    - `example`: one example, a [`fmcalc.Batch`][] without batch axes.
+    - `model`: the online network, called as `model(x, s, t, cond=...)`.
+    - `ema`, `aux`: the networks of [`fmcalc.Network`][] roles `"ema"`, `"aux"`.
+    - `teacher`: a per-example velocity `teacher(x, t)` for [`fmcalc.Teacher`][].
+
+    **Returns:** the value of `expr`: a vector shaped like `x`, or a scalar.
+    """
+    if not isinstance(expr, AbstractExpr):
+        raise TypeError(f"Expected an expression; got {type(expr).__name__}.")
+    if jnp.ndim(example.x0) != 1:
+        raise ValueError(
+            "`evaluate` acts on one example (x0 of shape (dim,)); got x0 of shape "
+            f"{jnp.shape(example.x0)}. Use `jax.vmap` or `fmcalc.residual_loss`."
+        )
+    networks = {"online": model, "ema": ema, "aux": aux}
+    return _Interpreter(expr, example, networks, teacher)(expr)
+
+
+def residual_loss(
+    residual: AbstractExpr,
+    model: Callable,
+    batch: Batch,
+    *,
+    ema: Callable | None = None,
+    teacher: Callable | None = None,
+    aux: Callable | None = None,
+    check: bool = True,
+) -> Float[Array, ""]:
+    """Mean squared norm of a residual over a batch: `mean_b ‖R_b‖²`.
+
+    **Arguments:**
+
+    - `residual`: the residual expression `R`.
+    - `model`, `ema`, `teacher`, `aux`: as in [`fmcalc.evaluate`][].
+    - `batch`: a [`fmcalc.Batch`][] with one leading batch axis.
+    - `check`: validate the residual first ([`fmcalc.validate`][]); static, free.
+
+    **Returns:** the scalar loss; differentiate it with `jax.grad` /
+    `eqx.filter_grad` with respect to `model`.
+    """
+    if check:
+        validate(residual)
+    if jnp.ndim(batch.x0) != 2:
+        raise ValueError(
+            "`residual_loss` takes a batch with one leading axis (x0 of shape "
+            f"(batch, dim)); got x0 of shape {jnp.shape(batch.x0)}."
+        )
+
+    def per_example(example: Batch) -> Array:
+        r = evaluate(residual, example, model=model, ema=ema, teacher=teacher, aux=aux)
+        return jnp.sum(r**2)
+
+    return jnp.mean(jax.vmap(per_example)(batch))

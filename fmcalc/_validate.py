@@ -1,0 +1,186 @@
+"""Static checks of residuals that are well-formed but silently wrong.
+
+The conditional velocity `eps - x0` can replace the marginal velocity `v(x_s, s)`
+without biasing training only if the per-example update direction (the
+*semigradient* `2 R ∇_θ R`, where `∇_θ` stops at every `sg[...]`) is affine in it:
+then its expectation given `x_s` is the update with the marginal velocity
+(Geng et al. 2025; Boffi et al. 2025; see DESIGN.md, "Marginal-from-conditional
+learning"). That needs
+
+1. the conditional velocity evaluated at `(x_s, s)` only (enforced when it is called);
+2. the residual `R` affine in it: no products of it with itself, no network,
+   teacher or finite difference evaluated at a point that depends on it (a JVP's
+   *tangent* may depend on it: a JVP is linear in its tangent);
+3. `∇_θ R` independent of it: wherever it is not under a stop-gradient, it may only
+   be added, not multiplied with or fed through anything that depends on θ.
+"""
+
+from ._derivative import FiniteDifference
+from ._expr import (
+    Add,
+    AbstractExpr,
+    Call,
+    ConditionalVelocity,
+    Constant,
+    Derivative,
+    Div,
+    FlowMapCall,
+    Mul,
+    Neg,
+    StopGradient,
+    Sub,
+    Variable,
+    VelocityCall,
+    walk,
+)
+
+
+_WHY = (
+    " The conditional velocity eps - x0 equals the marginal velocity v(x_s, s) only "
+    "in expectation given x_s, so it may enter the update only affinely."
+)
+
+
+def _uses_conditional(expr: AbstractExpr) -> bool:
+    found = []
+
+    def visit(node):
+        if isinstance(node, VelocityCall) and isinstance(
+            node.source, ConditionalVelocity
+        ):
+            found.append(node)
+
+    walk(expr, visit)
+    return bool(found)
+
+
+def carries_gradient(expr: AbstractExpr) -> bool:
+    """Whether gradients with respect to the online network flow out of `expr`."""
+    if isinstance(expr, StopGradient):
+        return False
+    if isinstance(expr, Call) and expr.network.role == "online":
+        return True
+    if isinstance(expr, Derivative) and expr.lowered is None:
+        if expr.function.role == "online":  # pyright: ignore[reportAttributeAccessIssue]
+            return True
+    return any(carries_gradient(c) for c in expr.children)
+
+
+def _degree(expr: AbstractExpr) -> int:
+    """Polynomial degree of `expr` in the conditional velocity (raises if it is
+    evaluated inside a network call)."""
+    if isinstance(expr, VelocityCall):
+        if isinstance(expr.source, ConditionalVelocity):
+            return 1
+        if any(_degree(c) for c in expr.children):
+            raise ValueError(
+                f"`{expr}` evaluates a velocity at a point that depends on the "
+                "conditional velocity: the result is not affine in it, so the update "
+                "is biased." + _WHY
+            )
+        return 0
+    if isinstance(expr, Variable | Constant):
+        return 0
+    if isinstance(expr, Call):
+        if any(_degree(c) for c in expr.children):
+            raise ValueError(
+                f"`{expr}` evaluates a network at a point that depends on the "
+                "conditional velocity: a network is non-linear in its input, so the "
+                "update is biased." + _WHY
+            )
+        return 0
+    if isinstance(expr, Derivative) and expr.lowered is None:
+        if any(_degree(c) for c in expr.at):
+            raise ValueError(
+                f"`{expr}` differentiates at a point that depends on the conditional "
+                "velocity, which is non-linear in it." + _WHY
+            )
+        return max(_degree(c) for c in expr.along)
+    if isinstance(expr, Mul):
+        return _degree(expr.left) + _degree(expr.right)
+    if isinstance(expr, Div):
+        if _degree(expr.right):
+            raise ValueError(f"`{expr}` divides by the conditional velocity." + _WHY)
+        return _degree(expr.left)
+    if isinstance(expr, Add | Sub | Neg | StopGradient | FlowMapCall | Derivative):
+        return max(_degree(c) for c in expr.children)
+    raise TypeError(f"Unknown node {type(expr).__name__}.")
+
+
+def _check_gradient_path(expr: AbstractExpr) -> None:
+    """Outside stop-gradients, the conditional velocity may only be added."""
+    if isinstance(expr, StopGradient):
+        return
+    if isinstance(expr, Mul):
+        for a, b in ((expr.left, expr.right), (expr.right, expr.left)):
+            if _degree(a) and carries_gradient(b):
+                raise ValueError(
+                    f"In `{expr}` the conditional velocity multiplies a term that "
+                    "carries gradient, so the gradient of the residual depends on it "
+                    "and the update 2 R ∇R is quadratic in it: biased. Put the "
+                    "product inside sg[...]." + _WHY
+                )
+    if isinstance(expr, Derivative) and expr.lowered is None:
+        if carries_gradient(expr) and any(_degree(c) for c in expr.along):
+            raise ValueError(
+                f"`{expr}` takes its tangent from the conditional velocity and is not "
+                "under a stop-gradient: backpropagating through the JVP makes ∇R "
+                "depend on it, and 2 R ∇R is quadratic in it: biased. Wrap the "
+                "derivative (or the whole target) in sg[...]." + _WHY
+            )
+    for child in expr.children:
+        _check_gradient_path(child)
+
+
+def _check_finite_differences(expr: AbstractExpr) -> None:
+    def visit(node):
+        if (
+            isinstance(node, Derivative)
+            and isinstance(node.strategy, FiniteDifference)
+            and any(_uses_conditional(d) for d in node.along)
+        ):
+            raise ValueError(
+                f"`{node}` is a finite difference along the conditional velocity: it "
+                "evaluates the network at x + h (eps - x0), which is non-linear in "
+                "eps - x0, so the update is biased at O(h). Use `fmcalc.JVP()` "
+                "(linear in its tangent), or a teacher / the model's diagonal "
+                "velocity as the tangent." + _WHY
+            )
+
+    walk(expr, visit)
+
+
+def validate(residual: AbstractExpr) -> AbstractExpr:
+    """Check a residual statically; raise a `ValueError` that explains what is wrong.
+
+    Checks that the conditional velocity `eps - x0` (if used) keeps the update
+    unbiased: evaluated only at `(x_s, s)`, entering the residual affinely (a JVP
+    tangent is fine, a finite difference or a network input is not), and not
+    multiplied into anything that carries gradient outside a stop-gradient. A
+    residual with a [`fmcalc.Teacher`][] or an analytic velocity needs none of this.
+
+    **Arguments:**
+
+    - `residual`: the expression to check.
+
+    **Returns:** `residual`, unchanged, so the call can be chained.
+    """
+    if not isinstance(residual, AbstractExpr):
+        raise TypeError(
+            f"Expected a residual expression; got {type(residual).__name__}."
+        )
+    if residual.kind != "vector":
+        raise TypeError(
+            f"A residual must be a vector shaped like x; `{residual}` is a time."
+        )
+    if not _uses_conditional(residual):
+        return residual
+    _check_finite_differences(residual)
+    if _degree(residual) > 1:
+        raise ValueError(
+            f"The residual `{residual}` is non-linear in the conditional velocity "
+            "(it multiplies it with itself), so the update is biased." + _WHY
+        )
+    _check_gradient_path(residual)
+    return residual
+
