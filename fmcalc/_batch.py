@@ -73,4 +73,4 @@ class Batch(eqx.Module):
     @property
     def x(self) -> Float[Array, "*batch dim"]:
         """The noisy input `x_s = (1 - s) x0 + s eps`."""
-        return interpolate(self.x0, self.eps, self.s[..., None])
+        return interpolate(self.x0, self.eps, self.s)

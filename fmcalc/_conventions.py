@@ -10,21 +10,27 @@ Every other parameterisation is converted to these by the functions below.
 """
 
 import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import Time, Vector
 
 
-def interpolate(x0: Vector, eps: Vector, t: Time) -> Vector:
+def interpolate(
+    x0: Float[Array, "*batch dim"],
+    eps: Float[Array, "*batch dim"],
+    t: Float[ArrayLike, "*batch"],
+) -> Float[Array, "*batch dim"]:
     """The linear interpolant `x_t = (1 - t) x0 + t eps`.
 
     **Arguments:**
 
-    - `x0`: a data sample (`t = 0`).
-    - `eps`: a noise sample (`t = 1`).
-    - `t`: the time, a scalar.
+    - `x0`: data (`t = 0`), one example `(dim,)` or a batch `(*batch, dim)`.
+    - `eps`: noise (`t = 1`), the same shape.
+    - `t`: the times, one per example: shape `(*batch,)`.
 
     **Returns:** `x_t`, shaped like `x0`.
     """
+    t = jnp.asarray(t)[..., None]
     return (1 - t) * x0 + t * eps
 
 
@@ -97,17 +103,3 @@ def score_from_velocity(x: Vector, t: Time, v: Vector) -> Vector:
 def velocity_from_score(x: Vector, t: Time, score: Vector) -> Vector:
     """The velocity `v(x, t) = -(x + t score(x, t)) / (1 - t)`; undefined at `t = 1`."""
     return -(x + t * score) / (1 - t)
-
-
-def _check_unit_interval(name: str, value) -> None:
-    """Raise if a concrete time lies outside [0, 1]; traced values are left alone."""
-    try:
-        v = jnp.asarray(value)
-        bad = bool(jnp.any((v < 0) | (v > 1)))
-    except Exception:  # traced: checked elsewhere at run time
-        return
-    if bad:
-        raise ValueError(
-            f"Time `{name}` must lie in [0, 1] (t = 0 is data, t = 1 is noise); "
-            f"got {value}."
-        )

@@ -11,8 +11,9 @@ the loss) unchanged and changes only the gradient:
 - `"target"`: `prediction - sg[target]`, the identity rearranged so that the
   prediction is isolated;
 - `"derivative"`: only the derivative term is under `sg`;
-- `"tangent"`: `P - sg[P - R]` where `P` is the plain network output: the value is
-  the residual `R`, the gradient `R ∇_θ P` (the "tangent" form of sCM and AYF);
+- `"tangent"` (`F` forms): `F - sg[F - R]`: the value is the residual `R`, the
+  gradient `R ∇_θ F(x, s, t)` (the "tangent" form of sCM and AYF; in the `V` forms
+  it would coincide with `"target"`);
 - `"spatial"` (Eulerian, `F` form): only the advective part `∇_x F · v` is under
   `sg` (ESD).
 """
@@ -96,7 +97,7 @@ def lagrangian(
     **Arguments:**
 
     - `form`: `"F"` or `"V"`.
-    - `stop_gradient`: `"none"`, `"target"`, `"derivative"` or `"tangent"`.
+    - `stop_gradient`: `"none"`, `"target"`, `"derivative"`, or `"tangent"` (F form).
     - `derivative`: [`fmcalc.JVP`][] or [`fmcalc.FiniteDifference`][].
     - `velocity`: [`fmcalc.Teacher`][] (default), [`fmcalc.Diagonal`][] or
       [`fmcalc.Analytic`][].
@@ -104,7 +105,8 @@ def lagrangian(
       the target (default the same, e.g. `Network("ema")` for an EMA target).
     """
     _check_choice("form", form, ("F", "V"))
-    _check_choice("stop_gradient", stop_gradient, ("none", "target", "derivative", "tangent"))
+    allowed = ("none", "target", "derivative") + (("tangent",) if form == "F" else ())
+    _check_choice(f"stop_gradient for form={form!r}", stop_gradient, allowed)
     target_net = network if target_network is None else target_network
     F = FlowMap(network)
     end = FlowMap(target_net)(X, S, T)
@@ -118,7 +120,6 @@ def lagrangian(
         elif stop_gradient == "target":
             v_end = sg(v_end)
         residual = dF - v_end
-        plain = F(X, S, T)
     else:
         dV = D(target_net, at=(X, S, T), along=(0, 0, 1), by=derivative)
         if stop_gradient == "derivative":
@@ -127,9 +128,8 @@ def lagrangian(
         if stop_gradient == "target":
             target = sg(target)
         residual = network(X, S, T) - target
-        plain = network(X, S, T)
     if stop_gradient == "tangent":
-        residual = _tangent_form(plain, residual)
+        residual = _tangent_form(F(X, S, T), residual)
     return validate(residual)
 
 
@@ -159,8 +159,8 @@ def eulerian(
     **Arguments:**
 
     - `form`: `"F"` or `"V"`.
-    - `stop_gradient`: `"none"`, `"target"` (V form), `"derivative"`, `"tangent"`,
-      or `"spatial"` (F form).
+    - `stop_gradient`: `"none"`, `"derivative"`, `"target"` (V form), or
+      `"tangent"` / `"spatial"` (F form).
     - `derivative`: [`fmcalc.JVP`][] or [`fmcalc.FiniteDifference`][].
     - `velocity`: the velocity at `(x, s)`: a teacher, the conditional velocity
       (marginal-from-conditional learning), the model's diagonal, or analytic.
@@ -170,7 +170,7 @@ def eulerian(
     allowed = (
         ("none", "derivative", "tangent", "spatial")
         if form == "F"
-        else ("none", "target", "derivative", "tangent")
+        else ("none", "target", "derivative")
     )
     _check_choice(f"stop_gradient for form={form!r}", stop_gradient, allowed)
     target_net = network if target_network is None else target_network
@@ -184,7 +184,8 @@ def eulerian(
         else:
             dF = D(F, at=(X, S, T), along=(v, 1, 0), by=derivative)
             residual = sg(dF) if stop_gradient == "derivative" else dF
-        plain = FlowMap(network)(X, S, T)
+        if stop_gradient == "tangent":
+            residual = _tangent_form(FlowMap(network)(X, S, T), residual)
     else:
         dV = D(target_net, at=(X, S, T), along=(v, 1, 0), by=derivative)
         if stop_gradient == "derivative":
@@ -192,10 +193,7 @@ def eulerian(
         target = v + (T - S) * dV
         if stop_gradient == "target":
             target = sg(target)
-        plain = network(X, S, T)
-        residual = plain - target
-    if stop_gradient == "tangent":
-        residual = _tangent_form(plain, residual)
+        residual = network(X, S, T) - target
     return validate(residual)
 
 

@@ -168,4 +168,4 @@ class Gaussian(AbstractFlow):
         if cond is not None:
             raise TypeError(f"`Gaussian` is unconditional; got cond={cond!r}.")
         z = jax.random.normal(key, (n, self.dim), dtype=self.mean.dtype)
-        return self.mean + (z * jnp.sqrt(self.eigvals)) @ self.eigvecs.T
+        return self.mean[None, :] + (z * jnp.sqrt(self.eigvals)[None, :]) @ self.eigvecs.T

@@ -1,0 +1,33 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fmcalc
+from fmcalc.flows import Gaussian
+
+
+def random_gaussian(key, dim: int, min_eigenvalue: float = 0.1) -> Gaussian:
+    """A full-covariance Gaussian with eigenvalues in [min_eigenvalue, 2]."""
+    k_q, k_mean = jax.random.split(key)
+    q, _ = jnp.linalg.qr(jax.random.normal(k_q, (dim, dim)))
+    lam = jnp.geomspace(min_eigenvalue, 2.0, dim)
+    cov = (q * lam[None, :]) @ q.T
+    return Gaussian(jax.random.normal(k_mean, (dim,)), (cov + cov.T) / 2)
+
+
+def random_batch(key, flow, n: int, *, with_u: bool = True) -> fmcalc.Batch:
+    """Data from `flow`, noise, and times `s >= u >= t` uniform on [0, 1]."""
+    k_data, k_noise, k_times = jax.random.split(key, 3)
+    x0 = flow.sample(k_data, n)
+    eps = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    times = jnp.sort(jax.random.uniform(k_times, (n, 3), x0.dtype), axis=1)
+    t, u, s = times[:, 0], times[:, 1], times[:, 2]
+    return fmcalc.Batch(x0, eps, s, t, u if with_u else None)
+
+
+def residuals(expr, batch, **networks):
+    return jax.vmap(lambda ex: fmcalc.evaluate(expr, ex, **networks))(batch)
+
+
+def loglog_slope(steps, errors) -> float:
+    return float(np.polyfit(np.log(steps), np.log(errors), 1)[0])
