@@ -18,9 +18,9 @@ from ._conventions import (
     velocity_from_score as velocity_from_score,
 )
 from ._derivative import (
+    JVP as JVP,
     AbstractDerivative as AbstractDerivative,
     FiniteDifference as FiniteDifference,
-    JVP as JVP,
 )
 from ._ema import ema_update as ema_update
 from ._evaluate import evaluate as evaluate, residual_loss as residual_loss

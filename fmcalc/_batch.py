@@ -9,8 +9,12 @@ from jaxtyping import Array, Float
 from ._conventions import interpolate
 
 
-def _is_concrete(a) -> bool:
-    return not isinstance(a, jax.core.Tracer)
+def _concrete(a) -> np.ndarray | None:
+    """The value of `a`, or `None` while it is traced (then checked at run time)."""
+    try:
+        return np.asarray(a)
+    except jax.errors.TracerArrayConversionError:
+        return None
 
 
 class Batch(eqx.Module):
@@ -30,17 +34,20 @@ class Batch(eqx.Module):
       teacher call; any pytree with a leading batch axis.
     """
 
-    x0: Float[Array, "*batch dim"]
-    eps: Float[Array, "*batch dim"]
-    s: Float[Array, "*batch"]
-    t: Float[Array, "*batch"]
-    u: Float[Array, "*batch"] | None = None
+    # Shapes are checked in `__check_init__`, which names what is wrong.
+    x0: Array
+    eps: Array
+    s: Array
+    t: Array
+    u: Array | None = None
     cond: Any = None
 
     def __check_init__(self):
         x0, eps = self.x0, self.eps
         if jnp.ndim(x0) < 1:
-            raise ValueError(f"`x0` must have a trailing data axis; got shape {x0.shape}.")
+            raise ValueError(
+                f"`x0` must have a trailing data axis; got shape {x0.shape}."
+            )
         if jnp.shape(x0) != jnp.shape(eps):
             raise ValueError(
                 f"`x0` and `eps` must have the same shape; got {jnp.shape(x0)} and "
@@ -61,8 +68,8 @@ class Batch(eqx.Module):
                     f"Times `{name}` must have the batch shape {batch_shape} of `x0` "
                     f"(one time per example); got shape {jnp.shape(a)}."
                 )
-            if _is_concrete(a):
-                values = np.asarray(a)
+            values = _concrete(a)
+            if values is not None:
                 bad = ~((values >= 0) & (values <= 1))
                 if bad.any():
                     raise ValueError(

@@ -4,7 +4,8 @@
 - Linear interpolant `x_t = (1 - t) x0 + t eps` with `eps ~ N(0, I)`.
 - Conditional velocity `eps - x0`; marginal velocity `v(x, t) = E[eps - x0 | x_t = x]`.
 - `s` is the source time, `t` the target time: `F(x_s, s, t) = x_t`.
-- Average velocity `V`; flow map `F(x, s, t) = x + (t - s) V(x, s, t)`; `V(x, t, t) = v(x, t)`.
+- Average velocity `V`; flow map `F(x, s, t) = x + (t - s) V(x, s, t)`;
+  `V(x, t, t) = v(x, t)`.
 
 Every other parameterisation is converted to these by the functions below.
 """

@@ -3,9 +3,9 @@ from typing import Any, TypeAlias
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 
-Vector: TypeAlias = Float[Array, "dim"]
-VectorLike: TypeAlias = Float[ArrayLike, "dim"]
-Time: TypeAlias = Float[ArrayLike, ""]
+Vector: TypeAlias = Float[Array, " dim"]
+VectorLike: TypeAlias = Float[ArrayLike, " dim"]
+Time: TypeAlias = Float[Array, ""] | float
 Scalar: TypeAlias = Float[Array, ""]
 Cond: TypeAlias = Any
 Label: TypeAlias = Int[ArrayLike, ""]

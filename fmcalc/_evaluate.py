@@ -1,13 +1,14 @@
 from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._batch import Batch
-from ._derivative import JVP
+from ._derivative import JVP, FiniteDifference
 from ._expr import (
-    Add,
     AbstractExpr,
+    Add,
     Analytic,
     Call,
     ConditionalVelocity,
@@ -78,7 +79,8 @@ class _Interpreter:
         net = self.networks.get(role)
         if net is None:
             raise ValueError(
-                f"The residual calls a network with role {role!r}, but none was passed; "
+                f"The residual calls a network with role {role!r}, but none was "
+                "passed; "
                 f"pass `{'model' if role == 'online' else role}=...`."
             )
         return net
@@ -125,6 +127,8 @@ class _Interpreter:
         if isinstance(node, Derivative):
             lowered = node.lowered
             if lowered is not None:
+                if isinstance(node.strategy, FiniteDifference):
+                    node.strategy.check_dtype(self.dtype)
                 return self(lowered)
             self.jvp_group(node.primal.key)
             return self.values[key]
@@ -162,9 +166,7 @@ class _Interpreter:
         assert isinstance(network, Network)
         net = self.network(network.role)
         cond = self.batch.cond
-        primal, tangents = jvp_many(
-            lambda x, a, b: net(x, a, b, cond=cond), at, alongs
-        )
+        primal, tangents = jvp_many(lambda x, a, b: net(x, a, b, cond=cond), at, alongs)
         self.values.setdefault(primal_key, primal)
         for node, tangent in zip(group, tangents, strict=True):
             self.values[node.key] = tangent
@@ -199,7 +201,7 @@ def evaluate(
     ema: Callable | None = None,
     teacher: Callable | None = None,
     aux: Callable | None = None,
-) -> Float[Array, "dim"] | Float[Array, ""]:
+) -> Float[Array, " dim"] | Float[Array, ""]:
     """Evaluate an expression on one example.
 
     Each distinct network call is computed once; a JVP's primal is reused wherever

@@ -702,7 +702,11 @@ class Derivative(AbstractExpr):
         f = self.function.name
         at = ", ".join(str(e) for e in self.at)
         along = ", ".join(str(e) for e in self.along)
-        by = "" if isinstance(self.strategy, JVP) else f"~{_strategy_name(self.strategy)}"
+        by = (
+            ""
+            if isinstance(self.strategy, JVP)
+            else f"~{_strategy_name(self.strategy)}"
+        )
         return f"D{by}[{f}]({at})·({along})"
 
 

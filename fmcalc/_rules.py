@@ -18,14 +18,8 @@ the loss) unchanged and changes only the gradient:
   `sg` (ESD).
 """
 
-from typing import Literal
-
 from ._derivative import JVP, AbstractDerivative
 from ._expr import (
-    S,
-    T,
-    U,
-    X,
     AbstractExpr,
     AbstractVelocity,
     ConditionalVelocity,
@@ -33,14 +27,15 @@ from ._expr import (
     Diagonal,
     FlowMap,
     Network,
+    S,
+    T,
     Teacher,
+    U,
     Variable,
+    X,
     sg,
 )
 from ._validate import validate
-
-
-Placement = Literal["none", "target", "derivative", "tangent", "spatial"]
 
 
 def _check_choice(name: str, value, allowed: tuple) -> None:
@@ -73,8 +68,8 @@ def flow_matching(
 
 def lagrangian(
     *,
-    form: Literal["F", "V"] = "V",
-    stop_gradient: Placement = "target",
+    form: str = "V",
+    stop_gradient: str = "target",
     derivative: AbstractDerivative = JVP(),
     velocity: AbstractVelocity = Teacher(),
     network: Network = Network(),
@@ -135,8 +130,8 @@ def lagrangian(
 
 def eulerian(
     *,
-    form: Literal["F", "V"] = "V",
-    stop_gradient: Placement = "target",
+    form: str = "V",
+    stop_gradient: str = "target",
     derivative: AbstractDerivative = JVP(),
     velocity: AbstractVelocity = Teacher(),
     network: Network = Network(),
@@ -261,8 +256,8 @@ def improved_meanflow(
 
 def compositional(
     *,
-    form: Literal["F", "V"] = "V",
-    stop_gradient: Literal["none", "target"] = "target",
+    form: str = "V",
+    stop_gradient: str = "target",
     u: float | Variable = 0.5,
     network: Network = Network(),
     target_network: Network | None = None,

@@ -17,8 +17,8 @@ learning"). That needs
 
 from ._derivative import FiniteDifference
 from ._expr import (
-    Add,
     AbstractExpr,
+    Add,
     Call,
     ConditionalVelocity,
     Constant,
@@ -183,4 +183,3 @@ def validate(residual: AbstractExpr) -> AbstractExpr:
         )
     _check_gradient_path(residual)
     return residual
-

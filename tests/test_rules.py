@@ -36,9 +36,7 @@ def _rules(derivative):
     out["improved-meanflow"] = fmcalc.improved_meanflow(
         derivative=derivative, velocity=Teacher()
     )
-    out["lsd"] = fmcalc.lagrangian(
-        form="F", velocity=Diagonal(), derivative=derivative
-    )
+    out["lsd"] = fmcalc.lagrangian(form="F", velocity=Diagonal(), derivative=derivative)
     return out
 
 
@@ -59,9 +57,7 @@ def setup():
     return flow, batch
 
 
-@pytest.mark.parametrize(
-    "name", sorted({**_rules(JVP()), **_derivative_free_rules()})
-)
+@pytest.mark.parametrize("name", sorted({**_rules(JVP()), **_derivative_free_rules()}))
 def test_exact_map_is_zero_residual(setup, name):
     flow, batch = setup
     expr = {**_rules(JVP()), **_derivative_free_rules()}[name]
@@ -107,7 +103,9 @@ def _loss_and_grad(expr, model, batch, teacher):
         return fmcalc.residual_loss(expr, m, batch, teacher=teacher, check=False)
 
     value, grad = eqx.filter_value_and_grad(loss)(model)
-    flat = jnp.concatenate([g.ravel() for g in jax.tree.leaves(eqx.filter(grad, eqx.is_inexact_array))])
+    flat = jnp.concatenate(
+        [g.ravel() for g in jax.tree.leaves(eqx.filter(grad, eqx.is_inexact_array))]
+    )
     return float(value), np.asarray(flat)
 
 
@@ -143,7 +141,10 @@ def test_moving_the_stop_gradient_changes_gradient_not_loss(setup, family, place
     for i in range(len(grads)):
         for j in range(i + 1, len(grads)):
             diff = np.linalg.norm(grads[i] - grads[j])
-            assert diff > 1e-3 * np.linalg.norm(grads[i]), (placements[i], placements[j])
+            assert diff > 1e-3 * np.linalg.norm(grads[i]), (
+                placements[i],
+                placements[j],
+            )
 
 
 @pytest.mark.parametrize(
@@ -169,10 +170,14 @@ def test_backprop_through_jvp_is_the_true_gradient(setup, expr):
         return fmcalc.residual_loss(expr, m, batch, teacher=flow.velocity)
 
     grad = theta(eqx.filter_grad(loss)(model))
-    slope = sum(float(jnp.vdot(g, d)) for g, d in zip(grad, theta(direction)))
+    slope = sum(
+        float(jnp.vdot(g, d)) for g, d in zip(grad, theta(direction), strict=True)
+    )
 
     def loss_at(h):
-        shifted = [p + h * d for p, d in zip(theta(model), theta(direction))]
+        shifted = [
+            p + h * d for p, d in zip(theta(model), theta(direction), strict=True)
+        ]
         return float(loss(eqx.tree_at(theta, model, shifted)))
 
     h = 1e-5
@@ -188,7 +193,9 @@ def test_backprop_through_jvp_matches_hand_written_jax(setup):
 
     def by_hand(m):
         def per_example(x, s, t):
-            F, dF = jax.jvp(lambda b: x + (b - s) * m(x, s, b), (t,), (jnp.ones_like(t),))
+            F, dF = jax.jvp(
+                lambda b: x + (b - s) * m(x, s, b), (t,), (jnp.ones_like(t),)
+            )
             return jnp.sum((dF - flow.velocity(F, t)) ** 2)
 
         return jnp.mean(jax.vmap(per_example)(batch.x, batch.s, batch.t))
@@ -261,9 +268,23 @@ def test_formulas_print():
         (fmcalc.lagrangian(form="F", velocity=Diagonal()), 7),
         (fmcalc.lagrangian(form="F", stop_gradient="none"), 9),
         (fmcalc.eulerian(form="F", stop_gradient="none"), 7),
-        (fmcalc.meanflow(derivative=FiniteDifference(1e-3, "central"), velocity=Diagonal()), 6),
+        (
+            fmcalc.meanflow(
+                derivative=FiniteDifference(1e-3, "central"), velocity=Diagonal()
+            ),
+            6,
+        ),
     ],
-    ids=["fm", "meanflow", "imf", "shortcut", "lsd", "lmd", "emd", "meanflow-central-fd"],
+    ids=[
+        "fm",
+        "meanflow",
+        "imf",
+        "shortcut",
+        "lsd",
+        "lmd",
+        "emd",
+        "meanflow-central-fd",
+    ],
 )
 def test_static_cost_estimate(expr, fpe):
     assert estimate(expr).total == fpe

@@ -58,7 +58,9 @@ def estimate(residual: AbstractExpr) -> CostEstimate:
     def mark(node):
         if isinstance(node, StopGradient):
             return
-        if isinstance(node, Call | VelocityCall | Derivative) and carries_gradient(node):
+        if isinstance(node, Call | VelocityCall | Derivative) and carries_gradient(
+            node
+        ):
             differentiated.add(node.key)
         for child in node.children:
             mark(child)

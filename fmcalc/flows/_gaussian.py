@@ -48,12 +48,13 @@ class Gaussian(AbstractFlow):
     and float64 (the computation runs in the dtype of `x`).
     """
 
-    mean: Float[Array, "dim"]
-    eigvals: Float[Array, "dim"]
+    mean: Float[Array, " dim"]
+    eigvals: Float[Array, " dim"]
     eigvecs: Float[Array, "dim dim"]
     singular: bool = eqx.field(static=True)
 
-    def __init__(self, mean: Float[ArrayLike, "dim"], cov: Float[ArrayLike, "dim dim"]):
+    # Shapes are checked in the body, which names what is wrong.
+    def __init__(self, mean: Float[ArrayLike, " _"], cov: Float[ArrayLike, "_ _"]):
         """**Arguments:**
 
         - `mean`: the data mean, shape `(dim,)`.
@@ -147,7 +148,7 @@ class Gaussian(AbstractFlow):
         c_s = (1 - s) ** 2 * lam + s**2
         c_t = (1 - t) ** 2 * lam + t**2
         y = q.T @ (x - (1 - s) * mean)
-        return (1 - t) * mean + q @ (jnp.sqrt(c_t / c_s) * y)
+        return (1 - t) * mean + q @ (jnp.sqrt(c_t / c_s) * y)  # pyright: ignore[reportReturnType]
 
     def average_velocity(
         self, x: Vector, s: Time, t: Time, *, cond: Cond = None
@@ -168,4 +169,6 @@ class Gaussian(AbstractFlow):
         if cond is not None:
             raise TypeError(f"`Gaussian` is unconditional; got cond={cond!r}.")
         z = jax.random.normal(key, (n, self.dim), dtype=self.mean.dtype)
-        return self.mean[None, :] + (z * jnp.sqrt(self.eigvals)[None, :]) @ self.eigvecs.T
+        return (
+            self.mean[None, :] + (z * jnp.sqrt(self.eigvals)[None, :]) @ self.eigvecs.T
+        )

@@ -31,9 +31,9 @@ class AffinePerturbation(eqx.Module):
 
     flow: AbstractFlow
     A: Float[Array, "dim dim"]
-    b: Float[Array, "dim"]
-    c: Float[Array, "dim"]
-    e: Float[Array, "dim"]
+    b: Float[Array, " dim"]
+    c: Float[Array, " dim"]
+    e: Float[Array, " dim"]
 
     def __call__(self, x: Vector, s: Time, t: Time, *, cond: Cond = None) -> Vector:
         flow = jax.lax.stop_gradient(self.flow)
@@ -59,7 +59,10 @@ def perturbed(
         parts = [jnp.zeros(shape) for shape in shapes]
     else:
         keys = jax.random.split(key, len(shapes))
-        parts = [scale * jax.random.normal(k, shape) for k, shape in zip(keys, shapes)]
+        parts = [
+            scale * jax.random.normal(k, shape)
+            for k, shape in zip(keys, shapes, strict=True)
+        ]
     return AffinePerturbation(flow, *parts)
 
 
