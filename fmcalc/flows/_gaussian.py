@@ -95,7 +95,9 @@ class Gaussian(AbstractFlow):
         self.mean = mean
         self.eigvals = jnp.asarray(lam, dtype=cov.dtype)
         self.eigvecs = jnp.asarray(q, dtype=cov.dtype)
-        self.singular = bool(lam[0] <= tol)
+        # Rounding `cov` to its dtype moves eigenvalues by ~eps * scale: below that
+        # an eigenvalue is numerically zero.
+        self.singular = bool(lam[0] <= 10 * float(jnp.finfo(cov.dtype).eps) * scale)
 
     @property
     def dim(self) -> int:

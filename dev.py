@@ -1,0 +1,54 @@
+"""Set up a virtual environment and run fmcalc's main job or its tests.
+
+    python3 dev.py check    # verify the library: identities on analytic flows
+    python3 dev.py test     # the test suite
+
+Needs only Python 3.11+; the first run creates `.venv` and installs fmcalc with its
+test extras (re-installed whenever pyproject.toml changes).
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / ".fmcalc-installed"
+
+
+def ensure_environment() -> None:
+    if sys.version_info < (3, 11):
+        sys.exit(f"fmcalc needs Python 3.11 or newer; this is {sys.version.split()[0]}.")
+    if not (BIN / "python").exists():
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == digest:
+        return
+    pip = [str(BIN / "python"), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[test,dev]"], check=True)
+    STAMP.write_text(digest)
+
+
+COMMANDS = {
+    "check": lambda extra: [str(BIN / "python"), "-m", "fmcalc", "check", *extra],
+    "test": lambda extra: [str(BIN / "python"), "-m", "pytest", "-n", "2", *extra],
+}
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(__doc__)
+        return 2
+    ensure_environment()
+    command = COMMANDS[sys.argv[1]](sys.argv[2:])
+    return subprocess.run(command, cwd=ROOT).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

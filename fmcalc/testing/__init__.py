@@ -1,0 +1,36 @@
+"""Property-testing kit: check any flow map, analytic or trained, against the
+identities of an exact flow.
+
+Requires `hypothesis` (the `test` extra) for the strategies.
+"""
+
+from ._checks import (
+    all_residuals as all_residuals,
+    boundary_residual as boundary_residual,
+    derivative_convergence as derivative_convergence,
+    diagonal_residual as diagonal_residual,
+    eulerian_residual as eulerian_residual,
+    inverse_residual as inverse_residual,
+    lagrangian_residual as lagrangian_residual,
+    parameterisation_residual as parameterisation_residual,
+    semigroup_residual as semigroup_residual,
+    tolerance as tolerance,
+)
+from ._strategies import (
+    EDGE_TIMES as EDGE_TIMES,
+    dimensions as dimensions,
+    gaussians as gaussians,
+    means as means,
+    seeds as seeds,
+    spd_covariances as spd_covariances,
+    time_pairs as time_pairs,
+    time_triples as time_triples,
+    times as times,
+)
+from ._unbiased import (
+    AffinePerturbation as AffinePerturbation,
+    UnbiasedResult as UnbiasedResult,
+    check_unbiased as check_unbiased,
+    hotelling as hotelling,
+    perturbed as perturbed,
+)
