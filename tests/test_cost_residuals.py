@@ -23,7 +23,7 @@ def _models():
     return {
         "mlp": MLP(16, width=256, depth=4, time_features=32, dtype=jnp.float32,
                    key=jr.key(0)),
-        "transformer": Transformer(64, patch_size=2, width=64, depth=2, heads=4,
+        "transformer": Transformer(64, patch_size=2, width=128, depth=2, heads=4,
                                    time_features=64, dtype=jnp.float32,
                                    key=jr.key(0)),
     }  # fmt: skip
@@ -48,9 +48,9 @@ def _forward(model, batch):
 
 
 RESIDUALS = {
-    "flow-matching": (fmcalc.flow_matching(), {"mlp": 3.1, "transformer": 3.2}),
+    "flow-matching": (fmcalc.flow_matching(), {"mlp": 3.1, "transformer": 3.1}),
     "meanflow": (fmcalc.meanflow(), {"mlp": 4.1, "transformer": 4.3}),
-    "shortcut": (fmcalc.compositional(), {"mlp": 5.1, "transformer": 5.3}),
+    "shortcut": (fmcalc.compositional(), {"mlp": 5.1, "transformer": 5.1}),
     "lsd": (
         fmcalc.lagrangian(form="F", velocity=Diagonal()),
         {"mlp": 7.3, "transformer": 7.5},
@@ -70,3 +70,5 @@ def test_measured_cost_matches_estimate(name, model_name):
     static = estimate(residual).total
     assert measured <= bound[model_name]
     assert abs(measured - static) <= 0.5, (measured, static)
+    if name == "lsd":
+        assert abs(measured - 7) <= 0.5
