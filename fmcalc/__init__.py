@@ -2,7 +2,7 @@
 
 import importlib.metadata
 
-from . import cost as cost, flows as flows
+from . import cost as cost, flows as flows, methods as methods, schedules as schedules
 from ._batch import Batch as Batch
 from ._conventions import (
     average_velocity_from_denoised as average_velocity_from_denoised,
@@ -29,6 +29,7 @@ from ._expr import (
     AbstractVelocity as AbstractVelocity,
     Analytic as Analytic,
     Call as Call,
+    Clip as Clip,
     ConditionalVelocity as ConditionalVelocity,
     Constant as Constant,
     D as D,
@@ -36,17 +37,40 @@ from ._expr import (
     Diagonal as Diagonal,
     FlowMap as FlowMap,
     FlowMapCall as FlowMapCall,
+    HasLabel as HasLabel,
+    Indicator as Indicator,
     Network as Network,
+    Normalize as Normalize,
+    Param as Param,
     S as S,
     StopGradient as StopGradient,
     T as T,
     Teacher as Teacher,
+    TimeFunction as TimeFunction,
     U as U,
     Variable as Variable,
     VelocityCall as VelocityCall,
     X as X,
     sg as sg,
 )
+from ._guidance import (
+    Autoguided as Autoguided,
+    Guided as Guided,
+    MeanFlowGuidance as MeanFlowGuidance,
+)
+from ._losses import (
+    AbstractLoss as AbstractLoss,
+    Adaptive as Adaptive,
+    Cosine as Cosine,
+    LogVariance as LogVariance,
+    PseudoHuber as PseudoHuber,
+    SquaredError as SquaredError,
+    Sum as Sum,
+    TimeWeighted as TimeWeighted,
+    drop_labels as drop_labels,
+    mask_nonfinite as mask_nonfinite,
+)
+from ._method import Method as Method, Term as Term
 from ._rules import (
     compositional as compositional,
     eulerian as eulerian,
@@ -54,6 +78,32 @@ from ._rules import (
     improved_meanflow as improved_meanflow,
     lagrangian as lagrangian,
     meanflow as meanflow,
+)
+from ._sampling import (
+    invert as invert,
+    model_velocity as model_velocity,
+    sample as sample,
+    sample_consistency as sample_consistency,
+    sample_euler as sample_euler,
+    sample_ode as sample_ode,
+)
+from ._times import (
+    AbstractTimeDistribution as AbstractTimeDistribution,
+    AbstractTimeSampler as AbstractTimeSampler,
+    ArctanLogNormal as ArctanLogNormal,
+    DyadicSteps as DyadicSteps,
+    Equal as Equal,
+    FixedSource as FixedSource,
+    FixedTarget as FixedTarget,
+    GapFirst as GapFirst,
+    KarrasGrid as KarrasGrid,
+    LogitNormal as LogitNormal,
+    SortedPair as SortedPair,
+    Times as Times,
+    Uniform as Uniform,
+    UniformSquare as UniformSquare,
+    UniformTriangle as UniformTriangle,
+    WithIntermediate as WithIntermediate,
 )
 from ._validate import validate as validate
 

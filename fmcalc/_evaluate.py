@@ -11,17 +11,23 @@ from ._expr import (
     Add,
     Analytic,
     Call,
+    Clip,
     ConditionalVelocity,
     Constant,
     Derivative,
     Div,
     FlowMapCall,
+    HasLabel,
+    Indicator,
     Mul,
     Neg,
     Network,
+    Normalize,
+    Param,
     StopGradient,
     Sub,
     Teacher,
+    TimeFunction,
     Variable,
     VelocityCall,
     _is_zero,
@@ -65,11 +71,12 @@ def primitive_jvps(expr: AbstractExpr) -> dict[tuple, list[Derivative]]:
 
 
 class _Interpreter:
-    def __init__(self, expr, batch, networks, teacher):
+    def __init__(self, expr, batch, networks, teacher, params):
         self.expr = expr
         self.batch = batch
         self.networks = networks
         self.teacher = teacher
+        self.params = params
         self.jvps = primitive_jvps(expr)
         self.values: dict[tuple, Array] = {}
         self.in_progress: set[tuple] = set()
@@ -85,9 +92,9 @@ class _Interpreter:
             )
         return net
 
-    def call_network(self, role, x, a, b):
-        cond = self.batch.cond
-        return self.network(role)(x, a, b, cond=cond)
+    def call_network(self, network: Network, x, a, b):
+        cond = None if network.unconditional else self.batch.cond
+        return self.network(network.role)(x, a, b, cond=cond)
 
     def __call__(self, node: AbstractExpr) -> Array:
         key = node.key
@@ -137,10 +144,37 @@ class _Interpreter:
                 self.jvp_group(key)
                 return self.values[key]
             return self.call_network(
-                node.network.role, self(node.x), self(node.a), self(node.b)
+                node.network, self(node.x), self(node.a), self(node.b)
             )
         if isinstance(node, VelocityCall):
             return self.velocity(node)
+        if isinstance(node, Param):
+            if node.name not in self.params:
+                raise ValueError(
+                    f"The residual uses the parameter `{node.name}`, but `params` has "
+                    f"only {sorted(self.params)}."
+                )
+            return jnp.asarray(self.params[node.name], self.dtype)
+        if isinstance(node, HasLabel):
+            cond = self.batch.cond
+            if cond is None:
+                return jnp.zeros((), self.dtype)
+            return (jnp.asarray(cond) >= 0).astype(self.dtype)
+        if isinstance(node, Indicator):
+            value = self(node.operand)
+            return ((value >= node.low) & (value <= node.high)).astype(self.dtype)
+        if isinstance(node, TimeFunction):
+            fn = (
+                jax.nn.sigmoid
+                if node.function == "sigmoid"
+                else getattr(jnp, node.function)
+            )
+            return fn(self(node.operand))
+        if isinstance(node, Normalize):
+            value = self(node.operand)
+            return value / (jnp.linalg.norm(value) + node.c)
+        if isinstance(node, Clip):
+            return jnp.clip(self(node.operand), node.low, node.high)
         raise TypeError(f"Cannot evaluate node of type {type(node).__name__}.")
 
     def jvp_group(self, primal_key: tuple) -> None:
@@ -165,7 +199,7 @@ class _Interpreter:
         network = first.function
         assert isinstance(network, Network)
         net = self.network(network.role)
-        cond = self.batch.cond
+        cond = None if network.unconditional else self.batch.cond
         primal, tangents = jvp_many(lambda x, a, b: net(x, a, b, cond=cond), at, alongs)
         self.values.setdefault(primal_key, primal)
         for node, tangent in zip(group, tangents, strict=True):
@@ -177,7 +211,7 @@ class _Interpreter:
         if isinstance(source, ConditionalVelocity):
             return self.batch.eps - self.batch.x0
         x, t = self(node.x), self(node.t)
-        cond = self.batch.cond
+        cond = None if node.unconditional else self.batch.cond
         if isinstance(source, Analytic):
             return source.flow.velocity(x, t, cond=cond)
         if isinstance(source, Teacher):
@@ -201,6 +235,7 @@ def evaluate(
     ema: Callable | None = None,
     teacher: Callable | None = None,
     aux: Callable | None = None,
+    params: dict | None = None,
 ) -> Float[Array, " dim"] | Float[Array, ""]:
     """Evaluate an expression on one example.
 
@@ -215,6 +250,7 @@ def evaluate(
     - `model`: the online network, called as `model(x, s, t, cond=...)`.
     - `ema`, `aux`: the networks of [`fmcalc.Network`][] roles `"ema"`, `"aux"`.
     - `teacher`: a per-example velocity `teacher(x, t)` for [`fmcalc.Teacher`][].
+    - `params`: values of the [`fmcalc.Param`][] leaves, by name.
 
     **Returns:** the value of `expr`: a vector shaped like `x`, or a scalar.
     """
@@ -226,7 +262,7 @@ def evaluate(
             f"{jnp.shape(example.x0)}. Use `jax.vmap` or `fmcalc.residual_loss`."
         )
     networks = {"online": model, "ema": ema, "aux": aux}
-    return _Interpreter(expr, example, networks, teacher)(expr)
+    return _Interpreter(expr, example, networks, teacher, params or {})(expr)
 
 
 def residual_loss(

@@ -325,10 +325,13 @@ class Network(eqx.Module):
 
     - `role`: one of `"online"`, `"ema"`, `"aux"`.
     - `symbol`: the name used when printing (default `"V"`, `"V_ema"`, `"V_aux"`).
+    - `unconditional`: call the network without the batch's conditioning
+      (`cond=None`), as classifier-free guidance needs; printed as `V(x, a, b | ∅)`.
     """
 
     role: str = eqx.field(static=True, default="online")
     symbol: str = eqx.field(static=True, default="")
+    unconditional: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
         if self.role not in _ROLES:
@@ -344,6 +347,10 @@ class Network(eqx.Module):
 
     def __call__(self, x, a, b) -> "Call":
         return Call(self, _wrap(x), _wrap(a), _wrap(b))
+
+    def without_condition(self) -> "Network":
+        """The same network called with `cond=None`."""
+        return Network(self.role, self.symbol, unconditional=True)
 
 
 class FlowMap(eqx.Module):
@@ -407,10 +414,12 @@ class Call(AbstractExpr):
 
     @property
     def key(self):
-        return ("call", self.network.role, self.x.key, self.a.key, self.b.key)
+        network = (self.network.role, self.network.unconditional)
+        return ("call", network, self.x.key, self.a.key, self.b.key)
 
     def _format(self):
-        return f"{self.network.name}({self.x}, {self.a}, {self.b})"
+        bar = " | ∅" if self.network.unconditional else ""
+        return f"{self.network.name}({self.x}, {self.a}, {self.b}{bar})"
 
 
 class FlowMapCall(AbstractExpr):
@@ -481,14 +490,20 @@ class Teacher(AbstractVelocity):
     **Arguments:**
 
     - `symbol`: printed name (default `"v"`).
+    - `unconditional`: call the teacher with `cond=None`.
     """
 
     symbol: str = eqx.field(static=True, default="v")
+    unconditional: bool = eqx.field(static=True, default=False)
     network_cost: ClassVar[int] = 1
 
     @property
     def name(self) -> str:
         return self.symbol
+
+    def without_condition(self) -> "Teacher":
+        """The same teacher called with `cond=None` (its unconditional velocity)."""
+        return Teacher(self.symbol, unconditional=True)
 
 
 class ConditionalVelocity(AbstractVelocity):
@@ -583,15 +598,191 @@ class VelocityCall(AbstractExpr):
 
     @property
     def key(self):
-        source_key = (
-            ("analytic", id(self.source.flow))
-            if isinstance(self.source, Analytic)
-            else (type(self.source).__name__,)
-        )
+        if isinstance(self.source, Analytic):
+            source_key = ("analytic", id(self.source.flow))
+        else:
+            source_key = (type(self.source).__name__, self.unconditional)
         return ("velocity", source_key, self.x.key, self.t.key)
 
+    @property
+    def unconditional(self) -> bool:
+        return bool(getattr(self.source, "unconditional", False))
+
     def _format(self):
-        return f"{self.source.name}({self.x}, {self.t})"
+        bar = " | ∅" if self.unconditional else ""
+        return f"{self.source.name}({self.x}, {self.t}{bar})"
+
+
+# Scalars from the batch or the training step and elementwise functions -------------
+
+_TIME_FUNCTIONS = ("sqrt", "cos", "sin", "exp", "log", "sigmoid")
+
+
+class Param(AbstractExpr):
+    """A named scalar supplied at evaluation (`params={name: value}`), for
+    hyperparameters that follow a curriculum (a tangent warm-up factor, a guidance
+    scale): a method evaluates its schedules at the training step."""
+
+    name: str = eqx.field(static=True)
+
+    @property
+    def kind(self) -> Kind:
+        return "time"
+
+    @property
+    def children(self):
+        return ()
+
+    @property
+    def key(self):
+        return ("param", self.name)
+
+    def _format(self):
+        return self.name
+
+
+class HasLabel(AbstractExpr):
+    """`1` for an example with a class label (`cond >= 0`), `0` for an unlabelled
+    or label-dropped one (`cond` negative or `None`)."""
+
+    @property
+    def kind(self) -> Kind:
+        return "time"
+
+    @property
+    def children(self):
+        return ()
+
+    @property
+    def key(self):
+        return ("has_label",)
+
+    def _format(self):
+        return "[y ≠ ∅]"
+
+
+class Indicator(AbstractExpr):
+    """`1` where `low <= operand <= high`, else `0` (e.g. a guidance interval)."""
+
+    operand: AbstractExpr
+    low: float = eqx.field(static=True)
+    high: float = eqx.field(static=True)
+
+    def __check_init__(self):
+        if self.operand.kind != "time":
+            raise TypeError(
+                f"An indicator takes a time; got the vector `{self.operand}`."
+            )
+        if not self.low <= self.high:
+            raise ValueError(
+                "Indicator interval must have low <= high; got "
+                f"[{self.low}, {self.high}]."
+            )
+
+    @property
+    def kind(self) -> Kind:
+        return "time"
+
+    @property
+    def children(self):
+        return (self.operand,)
+
+    @property
+    def key(self):
+        return ("indicator", self.low, self.high, self.operand.key)
+
+    def _format(self):
+        return f"[{self.low:g} <= {self.operand} <= {self.high:g}]"
+
+
+class TimeFunction(AbstractExpr):
+    """An elementwise function of a time expression: one of `sqrt`, `cos`, `sin`,
+    `exp`, `log`, `sigmoid`."""
+
+    function: str = eqx.field(static=True)
+    operand: AbstractExpr
+
+    def __check_init__(self):
+        if self.function not in _TIME_FUNCTIONS:
+            raise ValueError(
+                f"Unknown time function {self.function!r}; expected one of "
+                f"{_TIME_FUNCTIONS}."
+            )
+        if self.operand.kind != "time":
+            raise TypeError(
+                f"`{self.function}` applies to times; got the vector `{self.operand}`."
+            )
+
+    @property
+    def kind(self) -> Kind:
+        return "time"
+
+    @property
+    def children(self):
+        return (self.operand,)
+
+    @property
+    def key(self):
+        return ("fn", self.function, self.operand.key)
+
+    def _format(self):
+        return f"{self.function}({self.operand})"
+
+
+class Normalize(AbstractExpr):
+    """`operand / (‖operand‖ + c)`: the tangent normalisation of sCM and AYF."""
+
+    operand: AbstractExpr
+    c: float = eqx.field(static=True)
+
+    def __check_init__(self):
+        if self.operand.kind != "vector":
+            raise TypeError(f"Normalize takes a vector; got the time `{self.operand}`.")
+        if not self.c > 0:
+            raise ValueError(f"Normalize needs c > 0; got {self.c}.")
+
+    @property
+    def kind(self) -> Kind:
+        return "vector"
+
+    @property
+    def children(self):
+        return (self.operand,)
+
+    @property
+    def key(self):
+        return ("normalize", self.c, self.operand.key)
+
+    def _format(self):
+        return f"normalize[{self.operand}; {self.c:g}]"
+
+
+class Clip(AbstractExpr):
+    """`operand` clipped elementwise to `[low, high]` (shortcut models' magnitude
+    clipping, FACM's clamp)."""
+
+    operand: AbstractExpr
+    low: float = eqx.field(static=True)
+    high: float = eqx.field(static=True)
+
+    def __check_init__(self):
+        if not self.low < self.high:
+            raise ValueError(f"Clip needs low < high; got [{self.low}, {self.high}].")
+
+    @property
+    def kind(self) -> Kind:
+        return self.operand.kind
+
+    @property
+    def children(self):
+        return (self.operand,)
+
+    @property
+    def key(self):
+        return ("clip", self.low, self.high, self.operand.key)
+
+    def _format(self):
+        return f"clip[{self.operand}; {self.low:g}, {self.high:g}]"
 
 
 # Derivatives -------------------------------------------------------------------------
@@ -687,7 +878,7 @@ class Derivative(AbstractExpr):
         assert isinstance(network, Network)
         return (
             "jvp",
-            network.role,
+            (network.role, network.unconditional),
             tuple(e.key for e in self.at),
             tuple(e.key for e in self.along),
         )

@@ -20,15 +20,21 @@ from ._expr import (
     AbstractExpr,
     Add,
     Call,
+    Clip,
     ConditionalVelocity,
     Constant,
     Derivative,
     Div,
     FlowMapCall,
+    HasLabel,
+    Indicator,
     Mul,
     Neg,
+    Normalize,
+    Param,
     StopGradient,
     Sub,
+    TimeFunction,
     Variable,
     VelocityCall,
     walk,
@@ -79,7 +85,16 @@ def _degree(expr: AbstractExpr) -> int:
                 "is biased." + _WHY
             )
         return 0
-    if isinstance(expr, Variable | Constant):
+    if isinstance(
+        expr, Variable | Constant | Param | HasLabel | Indicator | TimeFunction
+    ):
+        return 0
+    if isinstance(expr, Normalize | Clip):
+        if _degree(expr.operand):
+            raise ValueError(
+                f"`{expr}` applies a non-linear function to an expression of the "
+                "conditional velocity, so the update is biased." + _WHY
+            )
         return 0
     if isinstance(expr, Call):
         if any(_degree(c) for c in expr.children):

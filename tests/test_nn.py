@@ -136,8 +136,10 @@ def test_class_conditioning(name):
     assert batched.shape == (4, DIM)
     with pytest.raises(RuntimeError, match=r"label in \[0, 3\]"):
         _call(model, x, s, t, cond=jnp.asarray(4))
-    with pytest.raises(RuntimeError, match=r"label in \[0, 3\]"):
-        _call(model, x, s, t, cond=jnp.asarray(-1))
+    # A negative label is "no label": the null embedding, like `cond=None`.
+    np.testing.assert_array_equal(
+        _call(model, x, s, t, cond=jnp.asarray(-1)), outputs[3]
+    )
     with pytest.raises((ValueError, TypeError), match="scalar integer label|cond"):
         model(x, s, t, cond=jnp.array([0, 1]))
 

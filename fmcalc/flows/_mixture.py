@@ -251,12 +251,15 @@ class GaussianMixture(AbstractFlow):
                 "`cond` must be one integer class label per example (batch with "
                 f"jax.vmap); got {cond.dtype} of shape {cond.shape}."
             )
-        in_class = self.labels == cond
+        # A negative label means "no label" (e.g. dropped for guidance training).
+        unlabelled = cond < 0
+        in_class = (self.labels == cond) | unlabelled
         log_weights = jnp.where(in_class, log_weights, -jnp.inf)
         return eqx.error_if(
             log_weights,
             ~jnp.any(in_class),
-            f"`cond` is not a class of this mixture; its classes are {self.classes}.",
+            f"`cond` is not a class of this mixture; its classes are {self.classes} "
+            "(or a negative label for none).",
         )
 
     def _components(self, x, t):

@@ -65,10 +65,10 @@ def embed_label(
     """The label embedding of `cond`, shared by the models' `cond` handling.
 
     `embedding` has `num_classes + 1` rows, the last being the null label used when
-    `cond is None` (unconditional or dropped labels). Returns `None` for an
-    unconditional model (`embedding is None`). A label outside `[0, num_classes]` is
-    an error at run time: a negative index would otherwise silently wrap around, and
-    a too-large one be clamped.
+    `cond is None` or negative (unconditional or dropped labels: fmcalc's convention
+    for "no label"). Returns `None` for an unconditional model (`embedding is None`).
+    A label above `num_classes` is an error at run time: it would otherwise be
+    silently clamped.
     """
     if embedding is None:
         if cond is not None:
@@ -88,8 +88,8 @@ def embed_label(
         )
     label = eqx.error_if(
         label,
-        (label < 0) | (label > num_classes),
-        f"`cond` must be a label in [0, {num_classes}] ({num_classes} is the null "
-        "label for unconditional samples).",
+        label > num_classes,
+        f"`cond` must be a label in [0, {num_classes}] ({num_classes} and negative "
+        "labels are the null label for unconditional samples).",
     )
-    return embedding(label)
+    return embedding(jnp.where(label < 0, num_classes, label))

@@ -16,6 +16,12 @@ from ._checks import (
     semigroup_residual as semigroup_residual,
     tolerance as tolerance,
 )
+from ._fixed_point import (
+    FixedPointResult as FixedPointResult,
+    TermCheck as TermCheck,
+    check_fixed_point as check_fixed_point,
+    uses_conditional_velocity as uses_conditional_velocity,
+)
 from ._strategies import (
     EDGE_TIMES as EDGE_TIMES,
     dimensions as dimensions,

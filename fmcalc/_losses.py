@@ -1,0 +1,415 @@
+"""Per-example losses: a distance on the residual and its weighting.
+
+A loss acts on one example's residual `R = prediction - target` and returns a scalar;
+batch it with `jax.vmap` and reduce by a mean. Each loss declares
+`depends_on_residual`: whether its per-example weight depends on the residual. Such
+a weight changes *what* a marginal-from-conditional loss learns (a robust location
+of the conditional velocity instead of its mean; see [`fmcalc.Adaptive`][]); a
+weight of the times alone does not.
+"""
+
+import abc
+from collections.abc import Callable
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ._custom_types import Time
+from ._times import _as_float, _check_positive, _check_real
+
+
+def _check_loss(owner: str, value) -> None:
+    if not isinstance(value, AbstractLoss):
+        raise TypeError(
+            f"`{owner}` takes losses such as `fmcalc.SquaredError()`; got {value!r}."
+        )
+
+
+def _squared_norm(x: Array) -> Array:
+    return jnp.sum(x**2)
+
+
+def _safe_norm(x: Array) -> Array:
+    """`‖x‖` with a zero (not NaN) gradient at `x = 0`."""
+    squared = jnp.sum(x**2)
+    positive = squared > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
+class AbstractLoss(eqx.Module):
+    """A per-example loss `ℓ(R; prediction, s, t)` of a residual `R`.
+
+    Called as `loss(residual, prediction=..., s=..., t=..., aux=None)` on one example
+    (batch with `jax.vmap`); returns a scalar. `residual = prediction - target`, so
+    `target = prediction - residual`; most losses read only the residual.
+
+    `depends_on_residual` says whether the per-example weight depends on the
+    residual. If it does, marginal-from-conditional learning (a target built from
+    the conditional velocity `eps - x0`) no longer converges to the conditional
+    *mean* (the marginal velocity) but to a robust location of the conditional law:
+    see [`fmcalc.Adaptive`][] for the size of the shift. With an exact teacher the
+    residual vanishes per example and no weighting moves the fixed point.
+    """
+
+    depends_on_residual: ClassVar[bool]
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        residual: Float[Array, " dim"],
+        *,
+        prediction: Float[Array, " dim"],
+        s: Time,
+        t: Time,
+        aux: Callable | None = None,
+    ) -> Float[Array, ""]:
+        """The loss of one example."""
+
+
+class SquaredError(AbstractLoss):
+    """The squared norm `‖R‖² = Σ_i R_i²`, summed over dimensions.
+
+    The sum (not the mean) over dimensions follows MeanFlow's code (Geng et al.
+    2025); it sets the scale at which the constants of [`fmcalc.Adaptive`][] and
+    [`fmcalc.PseudoHuber`][] act. Its minimiser in expectation is the conditional
+    mean, so marginal-from-conditional learning is unbiased.
+
+    **Arguments:** none.
+    """
+
+    depends_on_residual: ClassVar[bool] = False
+
+    def __call__(
+        self,
+        residual: Float[Array, " dim"],
+        *,
+        prediction: Float[Array, " dim"],
+        s: Time,
+        t: Time,
+        aux: Callable | None = None,
+    ) -> Float[Array, ""]:
+        return _squared_norm(residual)
+
+
+class PseudoHuber(AbstractLoss):
+    """The pseudo-Huber distance `√(‖R‖² + c²) - c` of iCT (Song & Dhariwal 2024).
+
+    Quadratic (`‖R‖²/(2c)`) for `‖R‖ ≪ c`, linear (`‖R‖`) for `‖R‖ ≫ c`. The
+    default `c = 0.00054 √dim` is the paper's (with pixel values in `[-1, 1]`).
+
+    The norm is of the **whole sample**, as in the paper: one `√` per example. Some
+    ports (e.g. Kinyugo/consistency_models) apply it per element and sum, which is a
+    different, per-coordinate robust loss.
+
+    Its gradient is `R / √(‖R‖² + c²)`, half that of
+    `Adaptive(p=0.5, c=c²)`: a per-example weight `1/(2√(‖R‖² + c²))` on
+    `‖R‖²` that depends on the residual, so `depends_on_residual = True`. It moves
+    the fixed point of marginal-from-conditional learning towards the conditional
+    median (see [`fmcalc.Adaptive`][]).
+
+    **Arguments:**
+
+    - `c`: the transition scale, positive; `None` (default) for `0.00054 √dim`.
+    """
+
+    c: float | None = eqx.field(static=True, default=None, converter=_as_float)
+
+    depends_on_residual: ClassVar[bool] = True
+
+    def __check_init__(self):
+        if self.c is not None:
+            _check_positive("PseudoHuber", "c", self.c)
+
+    def __call__(
+        self,
+        residual: Float[Array, " dim"],
+        *,
+        prediction: Float[Array, " dim"],
+        s: Time,
+        t: Time,
+        aux: Callable | None = None,
+    ) -> Float[Array, ""]:
+        c = 0.00054 * residual.shape[0] ** 0.5 if self.c is None else self.c
+        return jnp.sqrt(_squared_norm(residual) + c**2) - c
+
+
+class Adaptive(AbstractLoss):
+    """MeanFlow's adaptive weighting `‖R‖² / sg((‖R‖² + c)^p)`.
+
+    With `L = ‖R‖²` (summed over dimensions), the value is `L / (L + c)^p` with the
+    weight under a stop-gradient, so the gradient is `∇L / (L + c)^p`: that of
+    `log(L + c)` for `p = 1` and of `(L + c)^{1-p} / (1 - p)` otherwise. `p = 0` is
+    plain squared error. Settings of Geng et al. (2025): ImageNet `c = 0.01, p = 1`;
+    CIFAR-10 `c = 1e-3, p = 0.75`. FACM's consistency term uses `p = 0.5`; AlphaFlow
+    and iMF use `p = 1` (with the mean over dimensions, which rescales `c` by `dim`).
+
+    **This weighting moves the fixed point of marginal-from-conditional learning.**
+    With a target built from the conditional velocity `eps - x0`, plain squared
+    error converges to its conditional mean given `x_s`, the marginal velocity. A
+    weight that depends on the residual instead makes the loss estimate a *robust
+    location* of the conditional velocity (a mode-seeking one for `p = 1`, near the
+    median for `p = 0.5`). The two coincide only when the conditional law is
+    symmetric (e.g. Gaussian data) and differ otherwise. On one-dimensional data on
+    two points `±1` with equal weights, at `s = 0.5`, `x_s = 0.3` (posterior
+    0.77 / 0.23, conditional velocities −1.4 / 2.6), the conditional velocity's mean
+    is −0.47, but the fixed point of `p = 1` is −1.40 (`c = 1e-3` or `1e-2`) and of
+    `p = 0.5` −1.39: the dominant point's velocity, not the mean. (For `p = 1`,
+    `E log(L + c)` is not convex: a second, worse stable point sits near the other
+    point's velocity, +2.6.) [`fmcalc.SquaredError`][] and time-only weights
+    ([`fmcalc.TimeWeighted`][], [`fmcalc.LogVariance`][]) leave the fixed point at
+    the mean.
+
+    **Arguments:**
+
+    - `p`: the exponent, `≥ 0` (default 1).
+    - `c`: the constant, positive (default 1e-3).
+    """
+
+    p: float = eqx.field(static=True, default=1.0, converter=_as_float)
+    c: float = eqx.field(static=True, default=1e-3, converter=_as_float)
+
+    depends_on_residual: ClassVar[bool] = True
+
+    def __check_init__(self):
+        if not 0 <= _check_real("Adaptive", "p", self.p):
+            raise ValueError(f"`Adaptive(p=...)` must be ≥ 0; got {self.p!r}.")
+        _check_positive("Adaptive", "c", self.c)
+
+    def __call__(
+        self,
+        residual: Float[Array, " dim"],
+        *,
+        prediction: Float[Array, " dim"],
+        s: Time,
+        t: Time,
+        aux: Callable | None = None,
+    ) -> Float[Array, ""]:
+        squared = _squared_norm(residual)
+        weight = jax.lax.stop_gradient((squared + self.c) ** self.p)
+        return squared / weight
+
+
+class LogVariance(AbstractLoss):
+    """Learned log-variance (uncertainty) weighting `e^{-w} ‖R‖² + w`,
+    `w = aux(s, t)`.
+
+    `aux` is a learned scalar function of the times, e.g. a small network; it is
+    trained jointly with the model. For fixed times the optimum is
+    `w = log E[‖R‖² | s, t]`, so the weight `e^{-w}` normalises each time's loss to
+    about 1 (EDM2, Karras et al. 2024; Boffi et al. 2025's self-distillation;
+    FastGen's sCM, which divides `‖R‖²` by `dim`). Because `w` depends only on the
+    times, it does not move the fixed point of marginal-from-conditional learning
+    (`depends_on_residual = False`).
+
+    **Arguments:** none. Pass the learned function as `aux=` when calling.
+    """
+
+    depends_on_residual: ClassVar[bool] = False
+
+    def __call__(
+        self,
+        residual: Float[Array, " dim"],
+        *,
+        prediction: Float[Array, " dim"],
+        s: Time,
+        t: Time,
+        aux: Callable | None = None,
+    ) -> Float[Array, ""]:
+        if aux is None:
+            raise ValueError(
+                "`LogVariance` needs the learned log-variance `aux(s, t) -> scalar`; "
+                "got aux=None. Pass `aux=` when calling the loss."
+            )
+        w = aux(s, t)
+        if jnp.shape(w) != ():
+            raise ValueError(
+                f"`LogVariance`: `aux(s, t)` must return a scalar; got shape "
+                f"{jnp.shape(w)}."
+            )
+        return jnp.exp(-w) * _squared_norm(residual) + w
+
+
+class Cosine(AbstractLoss):
+    """The cosine distance `1 - ⟨P, T⟩ / (‖P‖ ‖T‖ + tiny)` of prediction `P` and
+    target `T = P - R`.
+
+    FACM's auxiliary flow-matching term (Peng et al. 2025), there taken along the
+    channels and averaged; here over the whole vector. Zero vectors give a distance
+    of 1 and a finite gradient. It is scale-invariant and its minimiser in
+    expectation is not the conditional mean (it is the direction of
+    `E[T/‖T‖]`), so it is tagged `depends_on_residual = True`; use it beside a
+    squared error, as FACM does: `Sum(SquaredError(), Cosine())`.
+
+    **Arguments:** none.
+    """
+
+    depends_on_residual: ClassVar[bool] = True
+
+    def __call__(
+        self,
+        residual: Float[Array, " dim"],
+        *,
+        prediction: Float[Array, " dim"],
+        s: Time,
+        t: Time,
+        aux: Callable | None = None,
+    ) -> Float[Array, ""]:
+        target = prediction - residual
+        tiny = jnp.finfo(jnp.result_type(prediction, residual)).tiny
+        scale = _safe_norm(prediction) * _safe_norm(target) + tiny
+        return 1 - jnp.dot(prediction, target) / scale
+
+
+class TimeWeighted(AbstractLoss):
+    """A loss times a weight of the times alone: `weight(s, t) · loss(R)`.
+
+    A time-only weight rescales each time's contribution but not which `V` a time's
+    loss is minimised by, so it does not move the fixed point of
+    marginal-from-conditional learning; `depends_on_residual` is that of `loss`.
+    Examples: FACM's consistency weight `cos(π(1 - s)/2)` (FACM's `cos(τπ/2)` with
+    `τ = 1 - s`), iCT's `1/(σ_{i+1} - σ_i)`.
+
+    **Arguments:**
+
+    - `loss`: the loss to weight.
+    - `weight`: a function `(s, t) -> scalar`, non-negative.
+    """
+
+    loss: AbstractLoss
+    weight: Callable
+
+    def __check_init__(self):
+        _check_loss("TimeWeighted", self.loss)
+        if not callable(self.weight):
+            raise TypeError(
+                f"`TimeWeighted(weight=...)` must be a function (s, t) -> scalar; "
+                f"got {self.weight!r}."
+            )
+
+    @property
+    def depends_on_residual(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.loss.depends_on_residual
+
+    def __call__(
+        self,
+        residual: Float[Array, " dim"],
+        *,
+        prediction: Float[Array, " dim"],
+        s: Time,
+        t: Time,
+        aux: Callable | None = None,
+    ) -> Float[Array, ""]:
+        weight = self.weight(s, t)
+        if jnp.shape(weight) != ():
+            raise ValueError(
+                f"`TimeWeighted`: `weight(s, t)` must return a scalar; got shape "
+                f"{jnp.shape(weight)}."
+            )
+        value = self.loss(residual, prediction=prediction, s=s, t=t, aux=aux)
+        return weight * value
+
+
+class Sum(AbstractLoss):
+    """The sum of several losses of the same residual.
+
+    FACM's flow-matching term is `Sum(SquaredError(), Cosine())`.
+    `depends_on_residual` is true if it is for any term.
+
+    **Arguments:**
+
+    - `*losses`: one or more losses.
+    """
+
+    losses: tuple[AbstractLoss, ...]
+
+    def __init__(self, *losses: AbstractLoss):
+        self.losses = losses
+
+    def __check_init__(self):
+        if not self.losses:
+            raise ValueError("`Sum` needs at least one loss; got none.")
+        for loss in self.losses:
+            _check_loss("Sum", loss)
+
+    @property
+    def depends_on_residual(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return any(loss.depends_on_residual for loss in self.losses)
+
+    def __call__(
+        self,
+        residual: Float[Array, " dim"],
+        *,
+        prediction: Float[Array, " dim"],
+        s: Time,
+        t: Time,
+        aux: Callable | None = None,
+    ) -> Float[Array, ""]:
+        values = [
+            loss(residual, prediction=prediction, s=s, t=t, aux=aux)
+            for loss in self.losses
+        ]
+        return sum(values[1:], start=values[0])
+
+
+def mask_nonfinite(
+    per_example: Float[Array, " n"],
+) -> tuple[Float[Array, " n"], Int[Array, ""]]:
+    """Replace non-finite per-example losses by 0 and count the finite ones.
+
+    The guard of rCM (NaN rows masked) and TVM (NaN → 0): one diverging example does
+    not poison the batch. Average over the kept rows with
+    `masked.sum() / jnp.maximum(count, 1)`, or over all rows with `masked.mean()`.
+
+    A masked row gets a zero cotangent, but if the row's own backward pass meets an
+    inf or NaN, `0 · NaN` is still NaN in the parameter gradient. Mask the row's
+    inputs as well where that can happen (the "double `where`" of JAX's FAQ).
+
+    **Arguments:**
+
+    - `per_example`: the losses of a batch, shape `(n,)`.
+
+    **Returns:** `(masked, count)`: the losses with non-finite entries set to 0, and
+    the number of finite entries.
+    """
+    finite = jnp.isfinite(per_example)
+    masked = jnp.where(finite, per_example, jnp.zeros_like(per_example))
+    return masked, jnp.sum(finite)
+
+
+def drop_labels(
+    key: PRNGKeyArray,
+    labels: Int[Array, " n"],
+    probability: float,
+    null: int = -1,
+) -> Int[Array, " n"]:
+    """Label dropout for classifier-free guidance: each label becomes `null` with
+    probability `probability`, independently.
+
+    The default `null = -1` follows the convention that a negative label means "no
+    label". Models whose unconditional embedding is an extra row (the `fmcalc.nn`
+    models use `num_classes`) take `null=num_classes`. Rows that already hold the
+    null label stay as they are. MeanFlow, iMF and TVM drop with probability 0.1.
+
+    **Arguments:**
+
+    - `key`: a PRNG key.
+    - `labels`: integer labels, shape `(n,)`.
+    - `probability`: the dropout probability, in `[0, 1]`.
+    - `null`: the label of a dropped row (default -1).
+
+    **Returns:** the labels with dropped rows set to `null`.
+    """
+    if isinstance(probability, bool) or not isinstance(probability, int | float):
+        raise TypeError(
+            f"`drop_labels(probability=...)` must be a Python float; got "
+            f"{probability!r}."
+        )
+    if not 0 <= probability <= 1:
+        raise ValueError(
+            f"`drop_labels(probability=...)` must lie in [0, 1]; got {probability!r}."
+        )
+    drop = jax.random.bernoulli(key, probability, labels.shape)
+    return jnp.where(drop, jnp.asarray(null, labels.dtype), labels)

@@ -1,0 +1,364 @@
+"""A training method: residual terms, how their rows are drawn, and how they are
+weighted, as one declarative object."""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._batch import Batch
+from ._derivative import AbstractDerivative
+from ._evaluate import _Interpreter
+from ._expr import AbstractExpr, Param, Sub, Variable, walk
+from ._losses import AbstractLoss, SquaredError, drop_labels
+from ._schedules import AbstractSchedule
+from ._times import AbstractTimeSampler
+from ._validate import validate
+from .cost._estimate import estimate
+
+
+RULES = ("compositional", "lagrangian", "eulerian", "diagonal")
+LEARNING = ("distillation", "self-distillation", "marginal-from-conditional")
+OUTPUTS = ("F", "V")
+
+
+class Term(eqx.Module):
+    """One term of a method's loss.
+
+    **Arguments:**
+
+    - `name`: a short name (`"anchor"`, `"consistency"`, ...), used in metrics.
+    - `residual`: the residual expression `R = prediction - target`.
+    - `times`: the time sampler for this term's rows.
+    - `loss`: the per-example loss of the residual (default `‖R‖²`).
+    - `weight`: a constant factor.
+    """
+
+    name: str = eqx.field(static=True)
+    residual: AbstractExpr
+    times: AbstractTimeSampler
+    loss: AbstractLoss = SquaredError()
+    weight: float = eqx.field(static=True, default=1.0)
+
+    def __check_init__(self):
+        if not isinstance(self.residual, AbstractExpr):
+            raise TypeError(
+                f"Term {self.name!r}: `residual` must be an expression; got "
+                f"{type(self.residual).__name__}."
+            )
+        if not isinstance(self.times, AbstractTimeSampler):
+            raise TypeError(
+                f"Term {self.name!r}: `times` must be a time sampler such as "
+                f"`fmcalc.UniformTriangle()`; got {self.times!r}."
+            )
+        if not isinstance(self.loss, AbstractLoss):
+            raise TypeError(
+                f"Term {self.name!r}: `loss` must be a per-example loss such as "
+                f"`fmcalc.SquaredError()`; got {self.loss!r}."
+            )
+        if "u" in _leaf_names(self.residual, Variable) and not self.times.uses_u:
+            raise ValueError(
+                f"Term {self.name!r} uses the intermediate time `u`, but its sampler "
+                f"{type(self.times).__name__} draws none; wrap it as "
+                "`fmcalc.WithIntermediate(...)` or use a sampler with `uses_u`."
+            )
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.residual}"
+
+
+def _leaf_names(expr: AbstractExpr, kind: type) -> set[str]:
+    names = set()
+
+    def visit(node):
+        if isinstance(node, kind):
+            names.add(node.name)
+
+    walk(expr, visit)
+    return names
+
+
+def _replace_leaves(tree, kind: type, new):
+    return jax.tree.map(
+        lambda leaf: new if isinstance(leaf, kind) else leaf,
+        tree,
+        is_leaf=lambda leaf: isinstance(leaf, kind),
+    )
+
+
+def _row_counts(n: int, split: tuple[float, ...]) -> list[int]:
+    counts = [int(round(f * n)) for f in split[:-1]]
+    counts.append(n - sum(counts))
+    if min(counts) < 0:
+        raise ValueError(f"Cannot split {n} rows as {split}.")
+    return counts
+
+
+class Method(eqx.Module):
+    """A flow-map training method as data: its terms, batch split and schedules.
+
+    **Arguments:**
+
+    - `name`: the registry name.
+    - `rule`: `"compositional"`, `"lagrangian"`, `"eulerian"` or `"diagonal"`.
+    - `learning`: `"distillation"`, `"self-distillation"` or
+      `"marginal-from-conditional"`.
+    - `output`: `"F"` or `"V"`, the parameterisation of the paper's network.
+    - `terms`: the [`fmcalc.Term`][]s.
+    - `split`: the fraction of the batch's rows given to each term (the cheapest
+      cost lever: public code gives the expensive term 1/8 to 1/4 of the rows), or
+      `None` to evaluate every term on every data row.
+    - `schedules`: values of the [`fmcalc.Param`][] leaves as functions of the
+      training step (curricula).
+    - `label_dropout`: the probability that `batch` drops an example's label.
+    - `biased`: why the method is biased by construction, if it is (consistency
+      training at finite `Δs`); such a method skips the marginal-from-conditional
+      validation of its residuals.
+
+    `method.batch(key, x0)` draws the noise, times and label dropout;
+    `method.loss(model, batch)` is deterministic given its inputs.
+    """
+
+    name: str = eqx.field(static=True)
+    rule: str = eqx.field(static=True)
+    learning: str = eqx.field(static=True)
+    output: str = eqx.field(static=True)
+    terms: tuple[Term, ...]
+    split: tuple[float, ...] | None = eqx.field(static=True, default=None)
+    schedules: Mapping[str, AbstractSchedule] = eqx.field(default_factory=dict)
+    label_dropout: float = eqx.field(static=True, default=0.0)
+    biased: str | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        for field, value, allowed in (
+            ("rule", self.rule, RULES),
+            ("learning", self.learning, LEARNING),
+            ("output", self.output, OUTPUTS),
+        ):
+            if value not in allowed:
+                raise ValueError(
+                    f"Unknown {field} {value!r}; expected one of {allowed}."
+                )
+        if not self.terms:
+            raise ValueError("A method needs at least one term.")
+        if self.split is not None:
+            if len(self.split) != len(self.terms):
+                raise ValueError(
+                    f"`split` has {len(self.split)} fractions for {len(self.terms)} "
+                    "terms; give one fraction per term."
+                )
+            if min(self.split) <= 0 or abs(sum(self.split) - 1) > 1e-9:
+                raise ValueError(
+                    "`split` fractions must be positive and sum to 1; got "
+                    f"{self.split}."
+                )
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(
+                f"`label_dropout` must lie in [0, 1); got {self.label_dropout}."
+            )
+        params = set().union(*(_leaf_names(t.residual, Param) for t in self.terms))
+        missing = sorted(params - set(self.schedules))
+        if missing:
+            raise ValueError(
+                f"Method {self.name!r} uses the parameter(s) {missing} but has no "
+                f"schedule for them (schedules: {sorted(self.schedules)}); pass "
+                "`schedules={name: fmcalc.schedules.Constant(value), ...}`."
+            )
+        if self.biased is None:
+            for term in self.terms:
+                validate(term.residual)
+
+    def __str__(self) -> str:
+        lines = [f"{self.name} ({self.rule}, {self.learning}, output {self.output})"]
+        for i, term in enumerate(self.terms):
+            share = "" if self.split is None else f" [{self.split[i]:.3g} of rows]"
+            lines.append(f"  {term}{share}")
+        return "\n".join(lines)
+
+    # ----------------------------------------------------------------- rows and batch
+
+    def row_counts(self, n_rows: int) -> list[int]:
+        """How many rows of a batch of `n_rows` belong to each term."""
+        if self.split is None:
+            k = len(self.terms)
+            if n_rows % k:
+                raise ValueError(
+                    f"A method without a split evaluates each of its {k} terms on "
+                    f"every data row, so its batches have a multiple of {k} rows; got "
+                    f"{n_rows}. Build batches with `method.batch`."
+                )
+            return [n_rows // k] * k
+        return _row_counts(n_rows, self.split)
+
+    def batch(
+        self, key: PRNGKeyArray, x0: Float[Array, "n dim"], *, cond: Any = None
+    ) -> Batch:
+        """Draw noise, times (each term's own sampler on its rows) and label dropout.
+
+        **Arguments:**
+
+        - `key`: PRNG key.
+        - `x0`: data, shape `(n, dim)`.
+        - `cond`: optional labels, shape `(n,)`; negative means "no label".
+
+        **Returns:** a [`fmcalc.Batch`][]. Without a split its rows are `x0` repeated
+        once per term.
+        """
+        if jnp.ndim(x0) != 2:
+            raise ValueError(f"`x0` must have shape (n, dim); got {jnp.shape(x0)}.")
+        if self.split is None:
+            reps = len(self.terms)
+            x0 = jnp.concatenate([x0] * reps)
+            if cond is not None:
+                cond = jnp.concatenate([jnp.asarray(cond)] * reps)
+        n = x0.shape[0]
+        counts = self.row_counts(n)
+        k_noise, k_labels, *k_terms = jax.random.split(key, 2 + len(self.terms))
+        dtype = x0.dtype
+        eps = jax.random.normal(k_noise, x0.shape, dtype)
+        draws = [
+            term.times(k, count, dtype=dtype)
+            for term, k, count in zip(self.terms, k_terms, counts, strict=True)
+        ]
+        s = jnp.concatenate([d.s for d in draws])
+        t = jnp.concatenate([d.t for d in draws])
+        uses_u = any(d.u is not None for d in draws)
+        u = (
+            jnp.concatenate([d.s if d.u is None else d.u for d in draws])
+            if uses_u
+            else None
+        )
+        if cond is not None and self.label_dropout > 0:
+            cond = drop_labels(k_labels, jnp.asarray(cond), self.label_dropout)
+        return Batch(x0, eps, s, t, u, cond)
+
+    # ----------------------------------------------------------------------- loss
+
+    def params(self, step) -> dict[str, Array]:
+        """The values of the method's schedules at `step`."""
+        return {name: schedule(step) for name, schedule in self.schedules.items()}
+
+    def loss(
+        self,
+        model: Callable,
+        batch: Batch,
+        *,
+        teacher: Callable | None = None,
+        ema: Callable | None = None,
+        aux: Callable | None = None,
+        step: int | Array = 0,
+    ) -> tuple[Float[Array, ""], dict[str, Array]]:
+        """The loss on a batch and per-term metrics.
+
+        Each term's per-example losses are summed over its rows; the total is divided
+        by the number of data rows, so a term on a fraction `f` of the rows weighs
+        `f` and, without a split, every term weighs 1.
+
+        **Arguments:**
+
+        - `model`: the online network.
+        - `batch`: from [`fmcalc.Method.batch`][] (any batch with the same row
+          layout works).
+        - `teacher`, `ema`, `aux`: the other networks the residuals call.
+        - `step`: the training step, for the method's schedules.
+
+        **Returns:** `(loss, metrics)`, where metrics hold each term's mean loss
+        (`"<term>/loss"`) and mean squared residual (`"<term>/residual"`).
+        """
+        params = self.params(step)
+        networks = {"online": model, "ema": ema, "aux": aux}
+        total = jnp.zeros((), batch.x0.dtype)
+        metrics = {}
+        n_data = self.data_rows(batch.x0.shape[0])
+        for term, rows in self.term_rows(batch):
+            losses, squared = jax.vmap(
+                lambda ex, term=term: term_loss(term, ex, networks, teacher, params)
+            )(rows)
+            total = total + term.weight * jnp.sum(losses) / n_data
+            metrics[f"{term.name}/loss"] = jnp.mean(losses)
+            metrics[f"{term.name}/residual"] = jnp.mean(squared)
+        return total, metrics
+
+    def data_rows(self, n_rows: int) -> int:
+        """The number of data rows in a batch of `n_rows` rows."""
+        counts = self.row_counts(n_rows)
+        return n_rows if self.split is not None else counts[0]
+
+    def term_rows(self, batch: Batch) -> list[tuple[Term, Batch]]:
+        """Each term with the rows of `batch` that pay for it (terms given no rows
+        are left out)."""
+        pairs = []
+        start = 0
+        for term, count in zip(
+            self.terms, self.row_counts(batch.x0.shape[0]), strict=True
+        ):
+            if count:
+                rows = jax.tree.map(lambda a, lo=start, n=count: a[lo : lo + n], batch)
+                pairs.append((term, rows))
+            start += count
+        return pairs
+
+    # ------------------------------------------------------------------ cost, axes
+
+    def cost(self) -> float:
+        """Static forward-pass equivalents per data row, with the batch split."""
+        shares = self.split if self.split is not None else (1.0,) * len(self.terms)
+        return sum(
+            share * estimate(term.residual).total
+            for share, term in zip(shares, self.terms, strict=True)
+        )
+
+    def replace(self, **changes) -> "Method":
+        """A copy with one or more axes moved.
+
+        - `derivative=`: replaces the derivative strategy in every residual;
+        - `loss=`: replaces every term's per-example loss;
+        - `times=`: replaces every term's time sampler;
+        - any field of the method (`split=`, `label_dropout=`, `name=`, ...).
+        """
+        terms = self.terms
+        derivative = changes.pop("derivative", None)
+        if derivative is not None:
+            if not isinstance(derivative, AbstractDerivative):
+                raise TypeError(
+                    f"`derivative` must be a derivative strategy; got {derivative!r}."
+                )
+            terms = tuple(
+                dataclasses.replace(
+                    term,
+                    residual=_replace_leaves(
+                        term.residual, AbstractDerivative, derivative
+                    ),
+                )
+                for term in terms
+            )
+        for field in ("loss", "times"):
+            value = changes.pop(field, None)
+            if value is not None:
+                terms = tuple(
+                    dataclasses.replace(term, **{field: value}) for term in terms
+                )
+        return dataclasses.replace(self, terms=terms, **changes)
+
+
+def evaluate_term(term: Term, example: Batch, networks, teacher, params):
+    """One example's residual and prediction (the left side of `R = P - target`, or
+    `R` itself when the residual is not a difference)."""
+    interpreter = _Interpreter(term.residual, example, networks, teacher, params)
+    residual = interpreter(term.residual)
+    top = term.residual
+    prediction = interpreter(top.left) if isinstance(top, Sub) else residual
+    return residual, prediction
+
+
+def term_loss(term: Term, example: Batch, networks, teacher, params):
+    """One example's loss under `term` and its squared residual."""
+    residual, prediction = evaluate_term(term, example, networks, teacher, params)
+    loss = term.loss(
+        residual, prediction=prediction, s=example.s, t=example.t, aux=networks["aux"]
+    )
+    return loss, jnp.sum(residual**2)

@@ -1,0 +1,422 @@
+"""Samplers: flow-map sampling (one or several jumps), its inverse, consistency
+multistep sampling, and the velocity baselines (adaptive ODE solve, Euler).
+
+Every sampler acts on one example (batch with `jax.vmap`), runs under `jit`, and is
+differentiable in the model's parameters and in the time grid: the number of steps is
+static, the times are array values, and there is no Python control flow on traced
+values.
+"""
+
+from collections.abc import Callable
+from typing import Literal
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+from ._batch import _concrete
+from ._conventions import flow_map_from_average_velocity, interpolate
+from ._custom_types import Cond, Time, Vector
+
+
+def _call(fn, *args, cond):
+    """Call a model or velocity, passing `cond=` only when there is one, so plain
+    `lambda x, t: ...` velocities work unconditionally."""
+    return fn(*args) if cond is None else fn(*args, cond=cond)
+
+
+def _check_example(name: str, x) -> None:
+    if jnp.ndim(x) != 1:
+        raise ValueError(
+            f"`{name}` must be one example of shape (dim,) (batch with jax.vmap); got "
+            f"shape {jnp.shape(x)}."
+        )
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise TypeError(
+            f"`{name}` must be a floating array; got dtype {jnp.result_type(x)}."
+        )
+
+
+def _time_grid(
+    steps, grid, direction: Literal["sample", "invert"], dtype
+) -> Float[Array, " n"]:
+    """The validated time grid: uniform with `steps` steps, or `grid`.
+
+    `direction="sample"` is strictly decreasing from 1 to 0, `"invert"` strictly
+    increasing from 0 to 1. A concrete grid is checked now (`ValueError`); a traced one
+    at run time (`eqx.error_if`).
+    """
+    start, end = (1, 0) if direction == "sample" else (0, 1)
+    order = "decreasing" if direction == "sample" else "increasing"
+    if isinstance(steps, bool) or not isinstance(steps, int | np.integer):
+        raise TypeError(f"`steps` must be a Python int; got {steps!r}.")
+    if grid is None:
+        if steps < 1:
+            raise ValueError(f"`steps` must be at least 1; got steps={steps}.")
+        return jnp.linspace(start, end, steps + 1, dtype=dtype)
+    if steps != 1:
+        raise ValueError(
+            f"Pass either `steps` or `grid`, not both; got steps={steps} and a grid "
+            "(its length sets the number of steps)."
+        )
+    grid = jnp.asarray(grid)
+    if grid.ndim != 1 or grid.shape[0] < 2:
+        raise ValueError(
+            f"`grid` must be a 1-d array of at least 2 times; got shape {grid.shape}."
+        )
+    if not jnp.issubdtype(grid.dtype, jnp.floating):
+        raise TypeError(f"`grid` must be a floating array; got dtype {grid.dtype}.")
+    # Checked in the working dtype: distinct float64 times may round to one float32.
+    grid = grid.astype(dtype)
+    ascending = direction == "invert"
+    values = _concrete(grid)
+    if values is None:
+        diffs = jnp.diff(grid) if ascending else -jnp.diff(grid)
+        bad = (
+            (grid[0] != start)
+            | (grid[-1] != end)
+            | jnp.any(diffs <= 0)
+            | ~jnp.all((grid >= 0) & (grid <= 1))
+        )
+        grid = eqx.error_if(
+            grid,
+            bad,
+            f"`grid` must be strictly {order} from {start} to {end}.",
+        )
+    else:
+        outside = ~((values >= 0) & (values <= 1))
+        if outside.any():
+            raise ValueError(
+                f"`grid` times must lie in [0, 1] (t = 0 is data, t = 1 is noise); got "
+                f"{values[outside][:5]} among them."
+            )
+        if values[0] != start or values[-1] != end:
+            raise ValueError(
+                f"`grid` must run from t = {start} to t = {end} when used to "
+                f"{direction}; got grid[0] = {values[0]} and grid[-1] = {values[-1]}."
+            )
+        diffs = np.diff(values) if ascending else -np.diff(values)
+        if np.any(diffs <= 0):
+            i = int(np.argmax(diffs <= 0))
+            raise ValueError(
+                f"`grid` must be strictly {order}; got grid[{i}] = {values[i]} and "
+                f"grid[{i + 1}] = {values[i + 1]}."
+            )
+    return grid
+
+
+def _jump(model, x, s, t, cond):
+    """`F(x, s, t) = x + (t - s) V(x, s, t)`."""
+    return flow_map_from_average_velocity(x, s, t, _call(model, x, s, t, cond=cond))
+
+
+def _along(model, x, grid, cond):
+    def step(x, times):
+        s, t = times
+        return _jump(model, x, s, t, cond), None
+
+    x, _ = jax.lax.scan(step, x, (grid[:-1], grid[1:]))
+    return x
+
+
+def sample(
+    model: Callable[..., Vector],
+    noise: Vector,
+    *,
+    steps: int = 1,
+    grid: Float[ArrayLike, " _"] | None = None,
+    cond: Cond = None,
+) -> Vector:
+    """Multi-step flow-map sampling, from noise at `t = 1` to data at `t = 0`.
+
+    Along a decreasing grid `1 = t_0 > t_1 > ... > t_K = 0`,
+
+    `x_{i+1} = F(x_i, t_i, t_{i+1}) = x_i + (t_{i+1} - t_i) V(x_i, t_i, t_{i+1})`,
+
+    from `x_0 = noise`; one step is `F(noise, 1, 0)`. For an exact flow map every grid
+    gives the same sample (the semigroup rule); for a learned one, more steps trade
+    cost for accuracy.
+
+    **Arguments:**
+
+    - `model`: the average velocity, called per example as
+      `model(x, s, t, cond=cond)` (any fmcalc model, or an analytic flow).
+    - `noise`: one example of noise `eps`, shape `(dim,)`; batch with `jax.vmap`.
+    - `steps`: the number of uniform steps, `t_i = 1 - i / steps`.
+    - `grid`: instead of `steps`, the times `t_0, ..., t_K`: a 1-d array strictly
+      decreasing from `1` to `0` (checked, at run time when traced). Its length is
+      static; its values may be traced and differentiated.
+    - `cond`: conditioning passed on to every model call as `cond=` (when not
+      `None`).
+
+    **Returns:** the sample `x_K` at `t = 0`, shaped like `noise`.
+
+    **Example:**
+
+    ```python
+    flow = fmcalc.flows.Gaussian(jnp.zeros(2), jnp.eye(2))
+    eps = jax.random.normal(jax.random.key(0), (16, 2))
+    x0 = jax.vmap(lambda e: fmcalc.sample(flow, e, steps=2))(eps)
+    ```
+    """
+    _check_example("noise", noise)
+    times = _time_grid(steps, grid, "sample", noise.dtype)
+    return _along(model, noise, times, cond)
+
+
+def invert(
+    model: Callable[..., Vector],
+    x0: Vector,
+    *,
+    steps: int = 1,
+    grid: Float[ArrayLike, " _"] | None = None,
+    cond: Cond = None,
+) -> Vector:
+    """The inverse of [`fmcalc.sample`][]: data at `t = 0` to noise at `t = 1`.
+
+    Along an increasing grid `0 = t_0 < t_1 < ... < t_K = 1`,
+    `x_{i+1} = F(x_i, t_i, t_{i+1})`, from `x_0 = x0`. For an exact flow map,
+    `invert(sample(eps)) = eps` and `sample(invert(x0)) = x0` on any grids; a learned
+    map is invertible only as far as it satisfies the semigroup rule
+    `F(F(x, s, t), t, s) = x`.
+
+    **Arguments:**
+
+    - `model`: the average velocity, called per example as
+      `model(x, s, t, cond=cond)`.
+    - `x0`: one data example, shape `(dim,)`; batch with `jax.vmap`.
+    - `steps`: the number of uniform steps, `t_i = i / steps`.
+    - `grid`: instead of `steps`, the times: a 1-d array strictly increasing from `0`
+      to `1` (a sampling grid reversed, `grid[::-1]`).
+    - `cond`: conditioning passed on to every model call as `cond=` (when not
+      `None`).
+
+    **Returns:** the noise `x_K` at `t = 1`, shaped like `x0`.
+    """
+    _check_example("x0", x0)
+    times = _time_grid(steps, grid, "invert", x0.dtype)
+    return _along(model, x0, times, cond)
+
+
+def sample_consistency(
+    model: Callable[..., Vector],
+    noise: Vector,
+    *,
+    key: PRNGKeyArray,
+    grid: Float[ArrayLike, " _"],
+    cond: Cond = None,
+) -> Vector:
+    """Consistency multistep sampling, for maps trained only to reach data (consistency
+    training / distillation, which learn `F(x, s, 0)` alone).
+
+    With `grid = (1 = t_0 > t_1 > ... > t_K = 0)`, `x_0 = noise` and for
+    `i = 0, ..., K - 1`:
+
+    - `x̂_i = F(x_i, t_i, 0)` — jump to data;
+    - `x_{i+1} = (1 - t_{i+1}) x̂_i + t_{i+1} eps_{i+1}` with fresh noise
+      `eps_{i+1} ~ N(0, I)` — re-noise to the next time (skipped after the last jump,
+      since `t_K = 0`).
+
+    Returns `x̂_{K-1}`. The grid has the same format as [`fmcalc.sample`][]'s, and both
+    make `K = len(grid) - 1` model calls; `grid = [1, 0]` is `F(noise, 1, 0)` in both.
+    Every model call jumps to `t = 0`; the last time is not visited.
+
+    **This sampler is stochastic**: with two or more jumps the result depends on `key`.
+    For an exact map every `x̂_i` is a sample of the data distribution, but the chain
+    forgets part of the initial noise, so unlike [`fmcalc.sample`][] it is not a
+    deterministic (or invertible) function of `noise`. In the original papers
+    (Song et al. 2023), `x_{t_{i+1}} = x̂ + sqrt(σ²_{i+1} - σ²_min) z` in the EDM scale
+    `x_σ = x0 + σ z`; here the noise level is the time of the linear interpolant.
+
+    The noise `eps_i` is drawn from `jax.random.fold_in(key, i)`, so truncating the
+    grid, `concatenate([grid[:k], [0]])` with the same `key`, returns the
+    intermediate estimate `x̂_{k-1}`.
+
+    **Arguments:**
+
+    - `model`: the average velocity, called per example as
+      `model(x, s, t, cond=cond)` (only ever with `t = 0`).
+    - `noise`: one example of the initial noise, shape `(dim,)`.
+    - `key`: the PRNG key of the re-noising. Give every example its own key (vmap
+      over `jax.random.split(key, n)`); a shared key re-noises all examples with the
+      same `eps_i`.
+    - `grid`: a 1-d array strictly decreasing from `1` to `0`.
+    - `cond`: conditioning passed on to every model call as `cond=` (when not
+      `None`).
+
+    **Returns:** the last estimate `x̂_{K-1}`, shaped like `noise`.
+    """
+    _check_example("noise", noise)
+    if grid is None:
+        raise TypeError(
+            "`sample_consistency` needs a `grid` of times from 1 to 0, e.g. "
+            "`jnp.array([1.0, 0.5, 0.0])` for two jumps."
+        )
+    times = _time_grid(1, grid, "sample", noise.dtype)
+    zero = jnp.zeros((), noise.dtype)
+    first = _jump(model, noise, times[0], zero, cond)
+
+    def step(x0_hat, inputs):
+        i, t = inputs
+        eps = jax.random.normal(jax.random.fold_in(key, i), noise.shape, noise.dtype)
+        x = interpolate(x0_hat, eps, t)
+        return _jump(model, x, t, zero, cond), None
+
+    renoise_times = times[1:-1]
+    indices = jnp.arange(1, renoise_times.shape[0] + 1)
+    x0_hat, _ = jax.lax.scan(step, first, (indices, renoise_times))
+    return x0_hat
+
+
+class _ModelDiagonal(eqx.Module):
+    """The velocity `v(x, t) = V(x, t, t)` of a model."""
+
+    model: Callable[..., Vector]
+
+    def __call__(self, x: Vector, t: Time, *, cond: Cond = None) -> Vector:
+        return _call(self.model, x, t, t, cond=cond)
+
+
+def model_velocity(model: Callable[..., Vector]) -> Callable[..., Vector]:
+    """A model's own velocity, its diagonal `v(x, t) = V(x, t, t)`, as a per-example
+    velocity `v(x, t, cond=None)` for [`fmcalc.sample_ode`][] and
+    [`fmcalc.sample_euler`][].
+
+    (This is the concrete callable; the expression node of a residual is
+    [`fmcalc.Diagonal`][].)
+
+    **Arguments:**
+
+    - `model`: the average velocity, called per example as `model(x, s, t, cond=cond)`.
+
+    **Returns:** a velocity, an `eqx.Module` holding `model` (so gradients reach the
+    model's parameters through it).
+    """
+    return _ModelDiagonal(model)
+
+
+def _ode_field(t, x, args):
+    velocity, cond = args
+    return _call(velocity, x, t, cond=cond)
+
+
+def sample_ode(
+    velocity: Callable[..., Vector],
+    noise: Vector,
+    *,
+    t1: Time = 1.0,
+    t0: Time = 0.0,
+    solver: diffrax.AbstractSolver | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_steps: int = 4096,
+    adjoint: diffrax.AbstractAdjoint | None = None,
+    cond: Cond = None,
+) -> Vector:
+    """Reference sampler: an adaptive solve of the probability-flow ODE
+    `dx/dt = v(x, t)` from `t1` down to `t0`.
+
+    This is the flow map `F(noise, t1, t0)` of the velocity itself, up to the solver's
+    tolerance: the yardstick for few-step samplers. Use it with an analytic flow's
+    `flow.velocity`, a teacher, or a model's own diagonal
+    ([`fmcalc.model_velocity`][]`(model)`).
+
+    **Arguments:**
+
+    - `velocity`: the velocity, called per example as `velocity(x, t)`, or
+      `velocity(x, t, cond=cond)` when `cond` is given.
+    - `noise`: one example at time `t1`, shape `(dim,)`; batch with `jax.vmap`.
+    - `t1`: the start time (default `1`, noise).
+    - `t0`: the end time (default `0`, data). `t0 > t1` integrates forwards (the
+      inverse map).
+    - `solver`: a diffrax solver; default `diffrax.Tsit5()`.
+    - `rtol`, `atol`: tolerances of the PID step-size controller. `None` (default)
+      picks by the dtype of `noise`: `1e-10` in float64 (the result then matches an
+      exact flow map to ~1e-9), `1e-6` in float32.
+    - `max_steps`: the most steps the solve may take (an error beyond).
+    - `adjoint`: how diffrax differentiates the solve; default
+      `diffrax.RecursiveCheckpointAdjoint()` (`jax.grad`). Use
+      `diffrax.DirectAdjoint()` to support `jax.jvp` as well.
+    - `cond`: conditioning passed on to `velocity` as `cond=` (when not `None`).
+
+    **Returns:** `x(t0)`, shaped like `noise`.
+    """
+    _check_example("noise", noise)
+    dtype = noise.dtype
+    for name, t in (("t1", t1), ("t0", t0)):
+        if jnp.ndim(t) != 0:
+            raise ValueError(
+                f"Time `{name}` must be a scalar (batch with jax.vmap); got shape "
+                f"{jnp.shape(t)}."
+            )
+        value = _concrete(t)
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(
+                f"Time `{name}` must lie in [0, 1] (t = 0 is data, t = 1 is noise); "
+                f"got {name}={value}."
+            )
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if tol is not None and not tol > 0:
+            raise ValueError(f"`{name}` must be positive or None; got {tol!r}.")
+    # Reference accuracy in float64; float32 cannot resolve much below 1e-6.
+    default = 1e-10 if dtype == jnp.float64 else 1e-6
+    controller = diffrax.PIDController(
+        rtol=default if rtol is None else rtol,
+        atol=default if atol is None else atol,
+    )
+    solution = diffrax.diffeqsolve(
+        diffrax.ODETerm(_ode_field),
+        diffrax.Tsit5() if solver is None else solver,
+        t0=jnp.asarray(t1, dtype),
+        t1=jnp.asarray(t0, dtype),
+        dt0=None,
+        y0=noise,
+        args=(velocity, cond),
+        stepsize_controller=controller,
+        adjoint=diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint,
+        max_steps=max_steps,
+    )
+    assert solution.ys is not None  # SaveAt(t1=True), the default
+    return solution.ys[0]
+
+
+def sample_euler(
+    velocity: Callable[..., Vector],
+    noise: Vector,
+    *,
+    steps: int = 1,
+    grid: Float[ArrayLike, " _"] | None = None,
+    cond: Cond = None,
+) -> Vector:
+    """Euler's method on the probability-flow ODE, from `t = 1` to `t = 0`: the plain
+    flow-matching sampler, the baseline of few-step flow maps.
+
+    `x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i)` along `1 = t_0 > ... > t_K = 0`.
+    This is [`fmcalc.sample`][] with `V(x, s, t)` replaced by `v(x, s)`; its error is
+    `O(1 / K)`.
+
+    **Arguments:**
+
+    - `velocity`: the velocity, called per example as `velocity(x, t)`, or
+      `velocity(x, t, cond=cond)` when `cond` is given (e.g. `flow.velocity`, or
+      [`fmcalc.model_velocity`][]`(model)`).
+    - `noise`: one example of noise, shape `(dim,)`; batch with `jax.vmap`.
+    - `steps`: the number of uniform steps.
+    - `grid`: instead of `steps`, the times: a 1-d array strictly decreasing from `1`
+      to `0`.
+    - `cond`: conditioning passed on to `velocity` as `cond=` (when not `None`).
+
+    **Returns:** the sample at `t = 0`, shaped like `noise`.
+    """
+    _check_example("noise", noise)
+    times = _time_grid(steps, grid, "sample", noise.dtype)
+
+    def step(x, times):
+        s, t = times
+        return x + (t - s) * _call(velocity, x, s, cond=cond), None
+
+    x, _ = jax.lax.scan(step, noise, (times[:-1], times[1:]))
+    return x

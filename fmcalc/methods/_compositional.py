@@ -1,0 +1,132 @@
+"""Compositional methods: `F(F(x, s, u), u, t) = F(x, s, t)`."""
+
+from .. import _rules as rules
+from .._derivative import JVP, AbstractDerivative
+from .._expr import ConditionalVelocity, D, Network, Teacher, U
+from .._losses import AbstractLoss, SquaredError
+from .._method import Method, Term
+from .._times import (
+    AbstractTimeSampler,
+    DyadicSteps,
+    UniformSquare,
+    UniformTriangle,
+    WithIntermediate,
+)
+from ._common import F, anchor, s, t, x
+from ._registry import register
+
+
+@register("shortcut")
+def shortcut(
+    *,
+    times: AbstractTimeSampler = DyadicSteps(7),
+    split: tuple[float, float] = (7 / 8, 1 / 8),
+    target_network: Network = Network("ema"),
+    loss: AbstractLoss = SquaredError(),
+) -> Method:
+    """Shortcut models (Frans et al. 2025):
+
+    - flow matching on 7/8 of the rows (`bootstrap_every=8`),
+    - `R = V(x, s, t) - sg[½ V_ema(x, s, u) + ½ V_ema(F_ema(x, s, u), u, t)]`,
+      `u = (s + t)/2`, on the rest, with the step `s - t = 2^-k` on a dyadic grid.
+
+    Their time runs from noise (0) to data (1) and they condition on `k = log2(1/d)`
+    rather than on `t`; here the network sees `(s, t)`. The EMA target (0.999)
+    follows `bootstrap_ema=1`; their magnitude clipping of the target to ±4 is
+    `fmcalc.Clip` in a custom spec.
+    """
+    residual = rules.compositional(form="V", u=0.5, target_network=target_network)
+    terms = (anchor(), Term("compositional", residual, times, loss))
+    return Method(
+        "shortcut", "compositional", "self-distillation", "V", terms, split=split
+    )
+
+
+@register("splitmeanflow")
+def splitmeanflow(
+    *,
+    times: AbstractTimeSampler = WithIntermediate(UniformTriangle()),
+    split: tuple[float, float] = (0.5, 0.5),
+) -> Method:
+    """SplitMeanFlow (Guo et al. 2025), interval splitting with a teacher boundary:
+
+    - boundary: `V(x, s, s) - v(x, s)` (teacher velocity),
+    - `R = V(x, s, t) - sg[r V(x, s, u) + (1 - r) V(F(x, s, u), u, t)]` with
+      `u = s + r (t - s)`, `r ~ U[0, 1]` (their `λ`).
+
+    The public re-implementations choose the branch per step with probability
+    1/2; here each batch gives half its rows to each (same expectation). The split
+    targets use the online weights under stop-gradient.
+    """
+    residual = rules.compositional(form="V", u=U)
+    terms = (anchor(velocity=Teacher()), Term("compositional", residual, times))
+    return Method(
+        "splitmeanflow", "compositional", "distillation", "V", terms, split=split
+    )
+
+
+@register("psd")
+def psd(
+    *,
+    midpoint: bool = False,
+    times: AbstractTimeSampler = UniformTriangle(),
+    split: tuple[float, float] = (0.75, 0.25),
+) -> Method:
+    """Progressive self-distillation (Boffi et al. 2025): the flow-matching anchor on
+    75% of the rows and, on the rest,
+
+    `R = V(x, s, t) - sg[r V(x, s, u) + (1 - r) V(F(x, s, u), u, t)]`,
+
+    `u = s + r (t - s)` with `r ~ U[0, 1]` (`psd_type="uniform"`, the SplitMeanFlow
+    identity) or `r = 1/2` (`midpoint=True`, a continuous-time shortcut model). The
+    target uses the online weights under stop-gradient, as in the official code.
+    """
+    residual = rules.compositional(form="V", u=0.5 if midpoint else U)
+    sampler = times if midpoint else WithIntermediate(times)
+    terms = (anchor(), Term("compositional", residual, sampler))
+    return Method("psd", "compositional", "self-distillation", "V", terms, split=split)
+
+
+@register("fmm")
+def fmm(
+    *,
+    derivative: AbstractDerivative = JVP(),
+    times: AbstractTimeSampler = UniformSquare(),
+) -> Method:
+    """Flow map matching (Boffi et al. 2024), trained directly (`losses.lagrangian`):
+
+    `R = ∂_a F(F(x, s, t), t, a)|_{a = s} - (eps - x0)`,
+
+    the velocity at `x_s` recovered by mapping `x_s` to `t` and differentiating the
+    way back at its end. The conditional velocity enters only additively, so the
+    learning is marginal-from-conditional with no stop-gradient at all; both
+    network calls get gradients (9 FPE). Times cover the full square (backward
+    maps are learned too). The paper's invertibility term is omitted, as in the
+    code.
+    """
+    back = D(F, at=(F(x, s, t), t, s), along=(0, 0, 1), by=derivative)
+    residual = back - ConditionalVelocity()(x, s)
+    return Method(
+        "fmm", "compositional", "marginal-from-conditional", "V",
+        (Term("compositional", residual, times),),
+    )  # fmt: skip
+
+
+@register("pfmm")
+def pfmm(
+    *,
+    times: AbstractTimeSampler = UniformTriangle(),
+) -> Method:
+    """Progressive flow map matching (Boffi et al. 2024): distil a pre-trained
+    partial flow map `F_aux` (passed as `aux=`) into one that jumps twice as far,
+
+    `R = F(x, s, t) - sg[F_aux(F_aux(x, s, u), u, t)]`, `u = (s + t)/2`.
+
+    In the code the teacher is a frozen snapshot refreshed every `distill_steps`
+    and the window `|t - s|` doubles each phase: restrict `times` accordingly.
+    """
+    residual = rules.compositional(form="F", u=0.5, target_network=Network("aux"))
+    return Method(
+        "pfmm", "compositional", "distillation", "V",
+        (Term("compositional", residual, times),),
+    )  # fmt: skip

@@ -1,0 +1,350 @@
+"""Eulerian methods: `∂_s F(x, s, t) + ∇_x F(x, s, t) · v(x, s) = 0`."""
+
+import jax.numpy as jnp
+
+from .. import _rules as rules
+from .._derivative import JVP, AbstractDerivative, FiniteDifference
+from .._expr import (
+    AbstractVelocity,
+    Clip,
+    ConditionalVelocity,
+    D,
+    Diagonal,
+    Normalize,
+    Param,
+    Teacher,
+    TimeFunction,
+    sg,
+)
+from .._guidance import MeanFlowGuidance
+from .._losses import (
+    AbstractLoss,
+    Adaptive,
+    Cosine,
+    SquaredError,
+    Sum,
+    TimeWeighted,
+)
+from .._method import Method, Term
+from .._schedules import AbstractSchedule, LinearWarmup
+from .._times import (
+    AbstractTimeSampler,
+    ArctanLogNormal,
+    Equal,
+    FixedTarget,
+    KarrasGrid,
+    LogitNormal,
+    SortedPair,
+    UniformTriangle,
+)
+from ._common import F, F_aux, F_ema, V, anchor, s, t, u, x
+from ._registry import register
+
+
+@register("flow-matching")
+def flow_matching(
+    *,
+    times: AbstractTimeSampler = Equal(LogitNormal(0.0, 1.0)),
+    loss: AbstractLoss = SquaredError(),
+) -> Method:
+    """Flow matching (Lipman et al. 2023; Liu et al. 2023), the baseline:
+    `R = V(x, s, s) - (eps - x0)`; its minimiser is the marginal velocity, which a
+    flow map holds on its diagonal. Sample with many Euler steps of `V(x, t, t)`."""
+    term = Term("flow-matching", rules.flow_matching(), times, loss)
+    return Method(
+        "flow-matching", "diagonal", "marginal-from-conditional", "V", (term,)
+    )
+
+
+@register("ct")
+def ct(
+    *,
+    times: AbstractTimeSampler = KarrasGrid(18),
+    loss: AbstractLoss = SquaredError(),
+) -> Method:
+    """Consistency training (Song et al. 2023), a map to data (`t = 0` only):
+
+    `R = F(x, s, 0) - sg[F_ema(x + (u - s)(eps - x0), u, 0)]`,
+
+    `u` the adjacent, less noisy point of the Karras grid (their `σ_n < σ_{n+1}`
+    map to our `u < s` by `s = σ / (1 + σ)`); `x + (u - s)(eps - x0)` is exactly
+    `x_u` on the same noise. The target uses an EMA network. Biased at finite
+    `Δs = s - u`: the conditional velocity moves the point the network is evaluated
+    at, so the expected update at the exact map is `O(Δs²)` (relative `O(Δs)`),
+    vanishing as `Δs -> 0`. iCT's pseudo-Huber is `loss=fmcalc.PseudoHuber()`.
+    """
+    v = ConditionalVelocity()(x, s)
+    residual = F(x, s, t) - sg(F_ema(x + (u - s) * v, u, t))
+    return Method(
+        "ct",
+        "eulerian",
+        "self-distillation",
+        "F",
+        (Term("consistency", residual, times, loss),),
+        biased="finite Δs: the target network is evaluated at x + (u - s)(eps - x0)",
+    )
+
+
+@register("cd")
+def cd(
+    *,
+    velocity: AbstractVelocity = Teacher(),
+    times: AbstractTimeSampler = KarrasGrid(18),
+    loss: AbstractLoss = SquaredError(),
+) -> Method:
+    """Consistency distillation (Song et al. 2023), `t = 0` only:
+
+    `R = F(x, s, 0) - sg[F_ema(x + (u - s) v(x, s), u, 0)]`,
+
+    one Euler step of the teacher from `s` to the adjacent grid point `u` (the
+    original uses Heun: two teacher calls). At the exact map the residual is the
+    Euler step's local error, `O(Δs²)`.
+    """
+    residual = F(x, s, t) - sg(F_ema(x + (u - s) * velocity(x, s), u, t))
+    return Method(
+        "cd",
+        "eulerian",
+        "distillation",
+        "F",
+        (Term("consistency", residual, times, loss),),
+    )
+
+
+@register("ctm")
+def ctm(
+    *,
+    times: AbstractTimeSampler = UniformTriangle(),
+    fraction: float = 0.1,
+    loss: AbstractLoss = SquaredError(),
+) -> Method:
+    """Consistency trajectory models (Kim et al. 2024), compared at `t = 0`:
+
+    `R = F_ema(F(x, s, t), t, 0) - sg[F_ema(F(F_aux(x, s, u), u, t), t, 0)]`,
+
+    with `u = s + r (t - s)` a short teacher solve (`r = fraction`). `F_aux` is the
+    teacher's ODE solver as a flow map (pass e.g. a diffrax solve of the teacher, or
+    an analytic flow, as `aux=`); the outer network is the EMA (no parameter
+    gradient, but gradients flow through its input); the inner target uses the
+    online weights under stop-gradient (`ctm_target_inner_type='model_sg'`). Their
+    `G(x_t, t, s)` with `t > s` is our `F(x_s, s, t)`. DSM and GAN terms omitted.
+    """
+    mid = s + fraction * (t - s)
+    target = F_ema(F(F_aux(x, s, mid), mid, t), t, 0)
+    residual = F_ema(F(x, s, t), t, 0) - sg(target)
+    return Method(
+        "ctm",
+        "eulerian",
+        "distillation",
+        "F",
+        (Term("consistency", residual, times, loss),),
+    )
+
+
+@register("emd")
+def emd(
+    *,
+    derivative: AbstractDerivative = JVP(),
+    velocity: AbstractVelocity = Teacher(),
+    times: AbstractTimeSampler = UniformTriangle(),
+) -> Method:
+    """Eulerian map distillation (Boffi et al. 2024):
+    `R = ∂_s F(x, s, t) + ∇_x F(x, s, t) · v(x, s)`, no stop-gradient (a full
+    space-time JVP, backpropagated)."""
+    residual = rules.eulerian(
+        form="F", stop_gradient="none", derivative=derivative, velocity=velocity
+    )
+    return Method(
+        "emd", "eulerian", "distillation", "V", (Term("eulerian", residual, times),)
+    )
+
+
+@register("esd")
+def esd(
+    *,
+    derivative: AbstractDerivative = JVP(),
+    times: AbstractTimeSampler = UniformTriangle(),
+    split: tuple[float, float] = (0.75, 0.25),
+) -> Method:
+    """Eulerian self-distillation (Boffi et al. 2025), `"full"` stop-gradient:
+
+    `R = ∂_s F(x, s, t) + sg[∇_x F(x, s, t) · V(x, s, s)]` on 25% of the rows, with
+    the flow-matching anchor on the rest. The temporal derivative keeps its gradient;
+    the advective term is a spatial JVP under stop-gradient (two JVPs at one point
+    share the primal). Reported "highly unstable" without heavy engineering.
+    """
+    residual = rules.eulerian(
+        form="F", stop_gradient="spatial", derivative=derivative, velocity=Diagonal()
+    )
+    terms = (anchor(), Term("eulerian", residual, times))
+    return Method("esd", "eulerian", "self-distillation", "V", terms, split=split)
+
+
+@register("ayf-emd")
+def ayf_emd(
+    *,
+    derivative: AbstractDerivative = JVP(),
+    velocity: AbstractVelocity = Teacher(),
+    c: float = 0.1,
+    warmup: AbstractSchedule = LinearWarmup(0.0, 1.0, 10_000),
+    times: AbstractTimeSampler = SortedPair(LogitNormal(-0.8, 1.0)),
+) -> Method:
+    """Align Your Flow, Eulerian form (Sabour et al. 2025), the sCM-style tangent
+    loss with a teacher:
+
+    `g = V(x, s, t) - v(x, s) - r (t - s) D[V](x, s, t)·(v(x, s), 1, 0)`,
+    `R = V(x, s, t) - sg[V(x, s, t) - g / (‖g‖ + c)]`,
+
+    whose update is MeanFlow's with a teacher and a normalised tangent. `r` is the
+    tangent warm-up (0 -> 1; the unofficial code stops at 0.99, which keeps a
+    flow-matching pull towards straight maps). The JVP runs under the stop-gradient
+    and its primal is the prediction. Autoguidance: `velocity=Autoguided(...)`.
+    """
+    v = velocity(x, s)
+    dV = D(V, at=(x, s, t), along=(v, 1, 0), by=derivative)
+    g = V(x, s, t) - v - Param("r") * (t - s) * dV
+    residual = V(x, s, t) - sg(V(x, s, t) - Normalize(g, c))
+    term = Term("eulerian", residual, times)
+    return Method(
+        "ayf-emd", "eulerian", "distillation", "V", (term,), schedules={"r": warmup}
+    )
+
+
+@register("soflow")
+def soflow(
+    *,
+    derivative: AbstractDerivative = FiniteDifference(1e-3),
+    times: AbstractTimeSampler = SortedPair(
+        LogitNormal(0.2, 0.8), LogitNormal(-1.0, 0.8)
+    ),
+    anchor_times: AbstractTimeSampler = Equal(LogitNormal(-0.2, 1.0)),
+    split: tuple[float, float] = (0.75, 0.25),
+    loss: AbstractLoss = SquaredError(),
+) -> Method:
+    """Solution flow models (Luo et al. 2026): MeanFlow with a finite-difference
+    derivative and a flow-matching anchor on 75% of the rows (ImageNet config):
+
+    `R = V(x, s, t) - sg[v + (t - s) (V(x + h v, s + h, t) - V(x, s, t)) / h]`,
+    `v = eps - x0`. SoFlow's `(t, s)` is our `(s, t)`. The difference quotient
+    evaluates the network at `x + h (eps - x0)`, so the update is biased at `O(h)`;
+    SoFlow anneals the step (`r_k` from 0.1 to 0.002 of `s - t`), here a fixed `h`.
+    Its adaptive weight is `loss=fmcalc.Adaptive(...)`.
+    """
+    residual = rules.eulerian(
+        form="V",
+        stop_gradient="target",
+        derivative=JVP(),
+        velocity=ConditionalVelocity(),
+    )
+    terms = (anchor(anchor_times), Term("eulerian", residual, times, loss))
+    method = Method("soflow", "eulerian", "self-distillation", "V", terms, split=split)
+    return method.replace(
+        derivative=derivative,
+        biased="finite difference along eps - x0: O(h), vanishing as h -> 0",
+    )
+
+
+@register("facm")
+def facm(
+    *,
+    derivative: AbstractDerivative = JVP(),
+    velocity: AbstractVelocity = Teacher(),
+    times: AbstractTimeSampler = FixedTarget(ArctanLogNormal(-0.8, 1.6)),
+) -> Method:
+    """Flow-anchored consistency models (Peng et al. 2025), on every row:
+
+    - anchor: `V(x, s, s) - v(x, s)`, squared error plus cosine distance;
+    - consistency, to data (`t = 0`), with `g = V(x, s, 0) - [v + (0 - s) D_s V]`:
+      `R = V(x, s, 0) - sg[V(x, s, 0) - (1 - √(1 - s)) clip(g, -1, 1)]`,
+      weighted by `cos(π (1 - s) / 2)` and adaptively with `p = 0.5`.
+
+    FACM's time `τ = 1 - s` runs from noise (0) to data (1); its FM branch's time
+    input `2 - τ` is our diagonal `V(x, s, s)`, its CM branch our `V(x, s, 0)`. The
+    JVP's primal is the prediction.
+    """
+    v = velocity(x, s)
+    target = v + (t - s) * D(V, at=(x, s, t), along=(v, 1, 0), by=derivative)
+    relax = 1 - TimeFunction("sqrt", 1 - s)
+    g = Clip(V(x, s, t) - target, -1.0, 1.0)
+    residual = V(x, s, t) - sg(V(x, s, t) - relax * g)
+    weight = TimeWeighted(Adaptive(p=0.5, c=1e-3), _facm_weight)
+    terms = (
+        anchor(
+            Equal(ArctanLogNormal(-0.8, 1.6)),
+            Sum(SquaredError(), Cosine()),
+            velocity=velocity,
+        ),
+        Term("consistency", residual, times, weight),
+    )
+    return Method("facm", "eulerian", "distillation", "V", terms)
+
+
+def _facm_weight(s, t):
+    del t
+    return jnp.cos(jnp.pi * (1 - s) / 2)
+
+
+@register("meanflow")
+def meanflow(
+    *,
+    derivative: AbstractDerivative = JVP(),
+    times: AbstractTimeSampler = SortedPair(
+        LogitNormal(-0.4, 1.0), equal_fraction=0.75
+    ),
+    loss: AbstractLoss = Adaptive(p=1.0, c=1e-3),
+    guidance: MeanFlowGuidance | None = None,
+    label_dropout: float = 0.0,
+) -> Method:
+    """MeanFlow (Geng et al. 2025):
+
+    `R = V(x, s, t) - sg[v + (t - s) D[V](x, s, t)·(v, 1, 0)]`, `v = eps - x0`,
+
+    marginal-from-conditional: the target is affine in `v` (a JVP is linear in its
+    tangent) and evaluated at `(x_s, s)`, and the stop-gradient keeps the update
+    affine. Their `u(z_t, r, t)` with `(t, r)` is our `V(x, s, t)` with `(s, t)`.
+    Defaults: both times logit-normal(-0.4, 1), sorted, 75% of rows with `t = s`
+    (ImageNet); adaptive weight `1/sg(‖R‖² + c)^p`, `p = 1` (ImageNet `c = 0.01`,
+    CIFAR `c = 1e-3, p = 0.75`). The adaptive weight makes the fixed point a robust
+    location of `eps - x0 | x_s`, not its mean, on non-Gaussian data (DESIGN.md);
+    `loss=fmcalc.SquaredError()` removes it. CFG folded into the target:
+    `guidance=fmcalc.MeanFlowGuidance(omega, kappa)` with `label_dropout=0.1`.
+    """
+    velocity = ConditionalVelocity() if guidance is None else guidance
+    residual = rules.meanflow(derivative=derivative, velocity=velocity)
+    term = Term("meanflow", residual, times, loss)
+    return Method(
+        "meanflow",
+        "eulerian",
+        "marginal-from-conditional",
+        "V",
+        (term,),
+        label_dropout=label_dropout,
+    )
+
+
+@register("imf")
+def imf(
+    *,
+    derivative: AbstractDerivative = JVP(),
+    times: AbstractTimeSampler = SortedPair(LogitNormal(-0.4, 1.0), equal_fraction=0.5),
+    loss: AbstractLoss = Adaptive(p=1.0, c=0.01),
+) -> Method:
+    """Improved MeanFlow (Geng et al. 2025b): the compound velocity predictor
+
+    `W = V(x, s, t) - (t - s) sg[D[V](x, s, t)·(V(x, s, s), 1, 0)]`,
+    `R = W - (eps - x0)`,
+
+    trained by flow matching; the JVP's tangent is the model's own diagonal, so the
+    conditional velocity only enters additively (unbiased even without the
+    stop-gradient, which saves the second-order backward). iMF writes
+    `V + (s - t) sg(D_s V)` in their `(t, r)`; same sign in ours. Its auxiliary
+    velocity head is the diagonal here. Defaults: logit-normal(-0.4, 1) sorted, 50%
+    of rows `t = s`, adaptive `c = 0.01, p = 1`.
+    """
+    residual = rules.improved_meanflow(derivative=derivative)
+    return Method(
+        "imf",
+        "eulerian",
+        "marginal-from-conditional",
+        "V",
+        (Term("imf", residual, times, loss),),
+    )
