@@ -26,6 +26,21 @@ def _scale(value: float | str) -> AbstractExpr:
     return Param(value) if isinstance(value, str) else _wrap(value)
 
 
+def _combination(pairs: list[tuple[float, AbstractExpr]]) -> AbstractExpr | None:
+    """`Σ c e` over the pairs, printed readably: zero coefficients dropped, unit
+    ones left implicit, negative ones subtracted."""
+    total = None
+    for c, e in pairs:
+        if c == 0:
+            continue
+        term = e if abs(c) == 1 else abs(c) * e
+        if total is None:
+            total = term if c > 0 else -term
+        else:
+            total = total + term if c > 0 else total - term
+    return total
+
+
 def _unconditional(source: AbstractVelocity) -> AbstractVelocity:
     if isinstance(source, Teacher):
         return source.without_condition()
@@ -71,9 +86,14 @@ class Guided(AbstractVelocity):
     def __call__(self, x, t) -> AbstractExpr:
         conditional = self.source(x, t)
         unconditional = _unconditional(self.source)(x, t)
-        w = _scale(self.scale)
-        if (self.low, self.high) != (0.0, 1.0):
-            w = 1 + Indicator(_wrap(t), self.low, self.high) * (w - 1)
+        if (self.low, self.high) == (0.0, 1.0):
+            w = _scale(self.scale)
+        else:
+            excess = _scale(self.scale) - 1 if isinstance(self.scale, str) else None
+            gate = Indicator(_wrap(t), self.low, self.high)
+            if excess is None:
+                excess = _wrap(self.scale - 1)
+            w = 1 + (gate if self.scale == 2 else gate * excess)
         return unconditional + w * (conditional - unconditional)
 
 
@@ -112,12 +132,18 @@ class MeanFlowGuidance(AbstractVelocity):
         v_c = ConditionalVelocity()(x, t)
         conditional = sg(self.network(X, S, S))
         unconditional = sg(self.network.without_condition()(X, S, S))
-        correction = (
-            (self.omega - 1) * v_c
-            + self.kappa * conditional
-            + (1 - self.omega - self.kappa) * unconditional
+        correction = _combination(
+            [
+                (self.omega - 1, v_c),
+                (self.kappa, conditional),
+                (1 - self.omega - self.kappa, unconditional),
+            ]
         )
-        gate = HasLabel() * Indicator(S, self.low, self.high)
+        if correction is None:  # ω = 1, κ = 0: no guidance
+            return v_c
+        gate = HasLabel()
+        if (self.low, self.high) != (0.0, 1.0):
+            gate = gate * Indicator(S, self.low, self.high)
         return v_c + gate * correction
 
 
