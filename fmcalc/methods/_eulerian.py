@@ -41,21 +41,6 @@ from ._common import F, F_aux, F_ema, V, anchor, s, t, u, x
 from ._registry import register
 
 
-@register("flow-matching")
-def flow_matching(
-    *,
-    times: AbstractTimeSampler = Equal(LogitNormal(0.0, 1.0)),
-    loss: AbstractLoss = SquaredError(),
-) -> Method:
-    """Flow matching (Lipman et al. 2023; Liu et al. 2023), the baseline:
-    `R = V(x, s, s) - (eps - x0)`; its minimiser is the marginal velocity, which a
-    flow map holds on its diagonal. Sample with many Euler steps of `V(x, t, t)`."""
-    term = Term("flow-matching", rules.flow_matching(), times, loss)
-    return Method(
-        "flow-matching", "diagonal", "marginal-from-conditional", "V", (term,)
-    )
-
-
 @register("ct")
 def ct(
     *,
