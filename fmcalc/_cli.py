@@ -3,8 +3,9 @@
 Every row is computed now, on this machine: the flow-map identities on the exact
 Gaussian and on a Gaussian mixture (diffrax reference), in float64 and float32, with
 each derivative strategy; every consistency rule built from primitives evaluated on
-the exact map; and the marginal-from-conditional test. The exit status is non-zero
-if any row fails.
+the exact map; the marginal-from-conditional test; and the fixed-point test of every
+registered training method (the exact map must not move under its update). The
+exit status is non-zero if any row fails.
 """
 
 import argparse
@@ -212,6 +213,57 @@ def _unbiased_rows() -> list[Row]:
     ]
 
 
+# Biased by construction at a finite step (their tests measure the order instead).
+_FINITE_STEP = ("ct", "cd", "ect")
+
+
+def _method_rows(n: int) -> list[Row]:
+    """The fixed-point test of every registered method on the exact Gaussian map."""
+    from . import FiniteDifference, methods
+    from .testing import check_fixed_point
+
+    flow = _gaussian(jnp.float64)
+    rows = []
+    for name in methods.names():
+        if name in _FINITE_STEP:
+            continue
+        method = methods.get(name)
+        strategy = "default"
+        if any(isinstance(d, FiniteDifference) for d in _derivatives(method)):
+            method = method.replace(derivative=FiniteDifference(1e-5, "central"))
+            strategy = "fd-central 1e-5"
+        result = check_fixed_point(
+            method, flow, key=jax.random.PRNGKey(6), n=n, step=10**6
+        )
+        residual = max(c.relative_residual for c in result.terms)
+        p_values = [c.p_value for c in result.terms if c.conditional]
+        criterion = "rel. residual ≤ 1e-6" + (", p > 1e-6" if p_values else "")
+        rows.append(
+            Row(
+                "gaussian",
+                f"method {name}: exact map is a fixed point",
+                "float64",
+                strategy,
+                residual,
+                criterion,
+                result.passed,
+            )
+        )
+    return rows
+
+
+def _derivatives(method):
+    from . import AbstractDerivative
+
+    return [
+        leaf
+        for leaf in jax.tree.leaves(
+            method, is_leaf=lambda x: isinstance(x, AbstractDerivative)
+        )
+        if isinstance(leaf, AbstractDerivative)
+    ]
+
+
 def check(*, quick: bool = False) -> list[Row]:
     """Run every check and return the rows of the table."""
     n = 64 if quick else 256
@@ -229,6 +281,7 @@ def check(*, quick: bool = False) -> list[Row]:
         )
     rows += _order_rows("mixture", _mixture(jnp.float64))
     rows += _unbiased_rows()
+    rows += _method_rows(500 if quick else 2000)
     return rows
 
 
