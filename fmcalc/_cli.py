@@ -309,6 +309,47 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def methods_table(verbose: bool = False) -> str:
+    """The registered methods: taxonomy, terms with their share of rows, static cost
+    in forward-pass equivalents per data row (with the default split, and with every
+    term on every row); with `verbose`, each method's residuals."""
+    from . import methods
+
+    header = ("method", "rule", "learning", "output", "terms", "FPE split", "FPE all")
+    body = []
+    texts = []
+    for name in methods.names():
+        m = methods.get(name)
+        shares = m.split or (1.0,) * len(m.terms)
+        terms = ", ".join(
+            f"{t.name} {share:.3g}" if m.split else t.name
+            for t, share in zip(m.terms, shares, strict=True)
+        )
+        full = m.replace(split=None).cost() if m.split else m.cost()
+        body.append(
+            (
+                name,
+                m.rule,
+                m.learning,
+                m.output,
+                terms,
+                f"{m.cost():.2f}",
+                f"{full:.2f}",
+            )
+        )
+        texts.append(str(m))
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(7)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(header, widths, strict=True))]
+    lines.append("-|-".join("-" * w for w in widths))
+    lines += [
+        " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True))
+        for line in body
+    ]
+    if verbose:
+        lines += ["", *texts]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fmcalc",
@@ -322,7 +363,16 @@ def main(argv: list[str] | None = None) -> int:
     check_parser.add_argument(
         "--quick", action="store_true", help="smaller batches (same checks)"
     )
+    methods_parser = sub.add_parser(
+        "methods", help="list the registered training methods and their static cost"
+    )
+    methods_parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also print every residual"
+    )
     args = parser.parse_args(argv)
+    if args.command == "methods":
+        print(methods_table(args.verbose))
+        return 0
     jax.config.update("jax_enable_x64", True)
     start = time.perf_counter()
     rows = check(quick=args.quick)
