@@ -264,7 +264,9 @@ class Method(eqx.Module):
         - `batch`: from [`fmcalc.Method.batch`][] (any batch with the same row
           layout works).
         - `teacher`, `ema`, `aux`: the other networks the residuals call.
-        - `step`: the training step, for the method's schedules.
+        - `step`: the training step, for the method's schedules. Under `jax.jit`
+          pass it as an array (`jnp.asarray(step)`): a Python int is static and
+          recompiles the step function at every step.
 
         **Returns:** `(loss, metrics)`, where metrics hold each term's mean loss
         (`"<term>/loss"`) and mean squared residual (`"<term>/residual"`).
