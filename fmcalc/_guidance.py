@@ -89,9 +89,10 @@ class Guided(AbstractVelocity):
         if (self.low, self.high) == (0.0, 1.0):
             w = _scale(self.scale)
         else:
-            excess = _scale(self.scale) - 1 if isinstance(self.scale, str) else None
             gate = Indicator(_wrap(t), self.low, self.high)
-            if excess is None:
+            if isinstance(self.scale, str):
+                excess = Param(self.scale) - 1
+            else:
                 excess = _wrap(self.scale - 1)
             w = 1 + (gate if self.scale == 2 else gate * excess)
         return unconditional + w * (conditional - unconditional)

@@ -11,9 +11,12 @@ the loss) unchanged and changes only the gradient:
 - `"target"`: `prediction - sg[target]`, the identity rearranged so that the
   prediction is isolated;
 - `"derivative"`: only the derivative term is under `sg`;
-- `"tangent"` (`F` forms): `F - sg[F - R]`: the value is the residual `R`, the
-  gradient `R ∇_θ F(x, s, t)` (the "tangent" form of sCM and AYF; in the `V` forms
-  it would coincide with `"target"`);
+- `"tangent"` (`F` forms): `F - sg[F + g]` with `g` the `V`-form residual (the
+  Lagrangian `F`-form residual, minus the Eulerian one): the value is `-g`, the
+  gradient `(s - t) g ∇_θ V(x, s, t)`, the `V`-form update weighted by `s - t` (the
+  "tangent" form of sCM and AYF; in the `V` forms it would coincide with
+  `"target"`). The sign matters: `F - sg[F - g]` has the same loss value and the
+  fixed point, but for `s > t` it pushes the map away from it;
 - `"spatial"` (Eulerian, `F` form): only the advective part `∇_x F · v` is under
   `sg` (ESD).
 """
@@ -43,8 +46,11 @@ def _check_choice(name: str, value, allowed: tuple) -> None:
         raise ValueError(f"Unknown {name} {value!r}; expected one of {allowed}.")
 
 
-def _tangent_form(plain: AbstractExpr, residual: AbstractExpr) -> AbstractExpr:
-    return plain - sg(plain - residual)
+def _tangent_form(flow_map: AbstractExpr, g: AbstractExpr) -> AbstractExpr:
+    """sCM's tangent surrogate `F - sg[F + g]`, `g` the `V`-form residual: its value
+    is `-g` and its semigradient `(s - t) g ∇_θ V`, the `V`-form update weighted by
+    `s - t` (a descent direction for `s > t`)."""
+    return flow_map - sg(flow_map + g)
 
 
 def flow_matching(
@@ -84,7 +90,8 @@ def lagrangian(
     Both have the same value; `∂_t` is the derivative along the tangent `(0, 0, 1)`.
     With `stop_gradient="target"` the `F` form is LSD's (Boffi et al. 2025) and the
     `V` form needs no backpropagation through the derivative; `"none"` with a teacher
-    is LMD (Boffi et al. 2024); `"tangent"` is AYF-LMD's form (Sabour et al. 2025).
+    is LMD (Boffi et al. 2024); `"tangent"` is sCM's tangent surrogate in `F` space
+    (the `ayf-lmd` spec writes it in `V` space).
 
     The velocity at `F(x, s, t)` must be a teacher, an analytic flow or the model's
     diagonal: the conditional velocity is only valid at `(x_s, s)`.
@@ -124,6 +131,7 @@ def lagrangian(
             target = sg(target)
         residual = network(X, S, T) - target
     if stop_gradient == "tangent":
+        # The F-form residual ∂_t F - v(F, t) equals the V-form one.
         residual = _tangent_form(F(X, S, T), residual)
     return validate(residual)
 
@@ -180,7 +188,9 @@ def eulerian(
             dF = D(F, at=(X, S, T), along=(v, 1, 0), by=derivative)
             residual = sg(dF) if stop_gradient == "derivative" else dF
         if stop_gradient == "tangent":
-            residual = _tangent_form(FlowMap(network)(X, S, T), residual)
+            # The F-form residual is minus the V-form one: F - sg[F - R].
+            flow_map = FlowMap(network)(X, S, T)
+            residual = flow_map - sg(flow_map - residual)
     else:
         dV = D(target_net, at=(X, S, T), along=(v, 1, 0), by=derivative)
         if stop_gradient == "derivative":

@@ -13,7 +13,7 @@ from test_mixture import random_mixture
 
 import fmcalc
 from fmcalc import D, S, T, U, X, methods, sg
-from fmcalc.testing import check_fixed_point, perturbed
+from fmcalc.testing import check_fixed_point, descent_alignment, perturbed
 
 
 # (rule, learning, output) from the seed's table: 🐶🐱🐔 / 🧑‍🏫🪃🌊 / 🎯🚀.
@@ -258,6 +258,30 @@ def test_consistency_bias_shrinks_at_first_order(gaussian):
         result = check_fixed_point(method, gaussian, key=jax.random.key(2), n=200)
         residuals.append(result.terms[0].relative_residual)
     assert abs(loglog_slope(gaps, residuals) - 2) < 0.3, residuals
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_update_points_back_to_the_exact_map(name, gaussian):
+    """Near the exact map the expected update points back to it (the fixed-point
+    test cannot see an update's sign)."""
+    method = methods.get(name)
+    for seed in range(3):
+        cosine = descent_alignment(
+            method, gaussian, key=jax.random.key(seed), step=LATE
+        )
+        assert cosine > 0.05, (seed, cosine)
+
+
+def test_flipped_tangent_surrogate_points_away(gaussian):
+    """AYF-LMD's tangent surrogate written `F - sg[F - ĝ]` has the same loss value
+    and fixed point but pushes the map away from it for `s > t`."""
+    F = fmcalc.FlowMap(fmcalc.Network())
+    g = D(F, at=(X, S, T), along=(0, 0, 1)) - fmcalc.Teacher()(F(X, S, T), T)
+    flipped = F(X, S, T) - sg(F(X, S, T) - fmcalc.Normalize(g, 0.1))
+    term = fmcalc.Term("lagrangian", flipped, fmcalc.UniformTriangle())
+    method = fmcalc.Method("flipped", "lagrangian", "distillation", "V", (term,))
+    assert check_fixed_point(method, gaussian, key=jax.random.key(0)).passed
+    assert descent_alignment(method, gaussian, key=jax.random.key(0)) < -0.05
 
 
 # ------------------------------------------------------------- broken variants

@@ -20,6 +20,7 @@ from ._fixed_point import (
     FixedPointResult as FixedPointResult,
     TermCheck as TermCheck,
     check_fixed_point as check_fixed_point,
+    descent_alignment as descent_alignment,
     uses_conditional_velocity as uses_conditional_velocity,
 )
 from ._strategies import (

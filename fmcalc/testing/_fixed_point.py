@@ -247,3 +247,60 @@ def check_fixed_point(
         )
     checks = tuple(checks)
     return FixedPointResult(checks, all(c.passed for c in checks))
+
+
+def descent_alignment(
+    method: Method,
+    flow: AbstractFlow,
+    *,
+    key: PRNGKeyArray,
+    n: int = 4000,
+    scale: float = 0.02,
+    teacher: Callable | None = None,
+    aux: Callable | None = None,
+    step: int = 0,
+) -> float:
+    """The cosine between `method`'s expected update and the way back to the exact
+    map, near it.
+
+    The model is the exact map of `flow` plus a small random affine perturbation
+    `θ` ([`fmcalc.testing.perturbed`][]; its EMA is the model itself). A fixed-point
+    test cannot see the sign of an update (at the fixed point every residual is
+    zero either way); this can: gradient descent moves `θ` along `-E[∇_θ loss]`,
+    which points back to `θ = 0` when the cosine of `E[∇_θ loss]` with `θ` is
+    positive. A flipped surrogate (e.g. sCM's tangent form with the wrong sign)
+    gives a negative cosine.
+
+    **Arguments:**
+
+    - `method`: the [`fmcalc.Method`][].
+    - `flow`: an analytic flow.
+    - `key`: PRNG key (the perturbation, the data and the batch).
+    - `n`: the number of data rows.
+    - `scale`: the size of the perturbation (small: the linear regime).
+    - `teacher`, `aux`: as in [`fmcalc.testing.check_fixed_point`][].
+    - `step`: the training step, for the method's curricula.
+
+    **Returns:** the cosine, in `[-1, 1]`.
+    """
+    k_model, k_data, k_batch = jax.random.split(key, 3)
+    x0 = flow.sample(k_data, n)
+    model = perturbed(flow, x0.shape[-1], key=k_model, scale=scale)
+    teacher = flow.velocity if teacher is None else teacher
+    aux = flow if aux is None else aux
+    batch = method.batch(k_batch, x0)
+
+    @jax.jit
+    def mean_update(model):
+        def loss(m):
+            return method.loss(
+                m, batch, teacher=teacher, ema=model, aux=aux, step=step
+            )[0]
+
+        return eqx.filter_grad(loss)(model)
+
+    grads = mean_update(model)
+    fields = ("A", "b", "c", "e")
+    g = jnp.concatenate([getattr(grads, f).ravel() for f in fields])
+    theta = jnp.concatenate([getattr(model, f).ravel() for f in fields])
+    return float(g @ theta / (jnp.linalg.norm(g) * jnp.linalg.norm(theta)))
