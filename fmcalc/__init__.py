@@ -2,7 +2,14 @@
 
 import importlib.metadata
 
-from . import cost as cost, flows as flows, methods as methods, schedules as schedules
+from . import (
+    cost as cost,
+    flows as flows,
+    methods as methods,
+    nn as nn,
+    schedules as schedules,
+    train as train,
+)
 from ._batch import Batch as Batch
 from ._conventions import (
     average_velocity_from_denoised as average_velocity_from_denoised,

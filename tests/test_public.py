@@ -6,7 +6,16 @@ import inspect
 import pytest
 
 
-NAMESPACES = ["fmcalc", "fmcalc.flows", "fmcalc.testing", "fmcalc.cost", "fmcalc.nn"]
+NAMESPACES = [
+    "fmcalc",
+    "fmcalc.flows",
+    "fmcalc.testing",
+    "fmcalc.cost",
+    "fmcalc.nn",
+    "fmcalc.methods",
+    "fmcalc.schedules",
+    "fmcalc.train",
+]
 
 
 def _public(namespace):

@@ -1,0 +1,339 @@
+"""The training loop: bit-for-bit resumption, the non-finite guard, atomic
+checkpoints, interruption, hooks and argument checks.
+
+Models are small float32 MLPs on 2-D data; every test of one configuration reuses the
+same optimiser object, so the step compiles once per configuration and worker.
+"""
+
+import os
+import re
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fmcalc
+from fmcalc import train
+from fmcalc.nn import MLP
+
+
+DTYPE = jnp.float32
+OPTIMIZER = optax.adam(1e-2)
+FLOW_MATCHING = fmcalc.methods.get("flow-matching")
+SHORTCUT = fmcalc.methods.get("shortcut")
+
+
+def _model(key=0, **kwargs) -> MLP:
+    options = dict(width=16, depth=2, time_features=8, dtype=DTYPE) | kwargs
+    return MLP(2, key=jax.random.key(key), **options)
+
+
+def _data(n: int = 64) -> jax.Array:
+    return jax.random.normal(jax.random.key(1), (n, 2), DTYPE)
+
+
+def _fit(method=FLOW_MATCHING, model=None, data=None, **kwargs) -> train.TrainResult:
+    options: dict[str, Any] = dict(
+        key=jax.random.key(2),
+        steps=20,
+        batch_size=16,
+        optimizer=OPTIMIZER,
+        progress=False,
+    )
+    model = _model() if model is None else model
+    data = _data() if data is None else data
+    return train.fit(method, model, data, **(options | kwargs))
+
+
+def _state(model: MLP, step: int = 1) -> train.TrainState:
+    """A state as `fit` builds it (gradient clipping keeps no arrays of its own)."""
+    opt_state = OPTIMIZER.init(eqx.filter(model, eqx.is_inexact_array))
+    return train.TrainState(model, model, opt_state, step, jax.random.key(0))
+
+
+def _leaves(tree) -> list[np.ndarray]:
+    def as_numpy(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.asarray(x)
+
+    return [as_numpy(x) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array))]
+
+
+def _assert_trees_equal(a, b):
+    left, right = _leaves(a), _leaves(b)
+    assert len(left) == len(right)
+    for x, y in zip(left, right, strict=True):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def straight():
+    """20 uninterrupted steps of the shortcut method (an EMA target)."""
+    return _fit(SHORTCUT)
+
+
+def test_public_names_are_documented():
+    for name in [
+        "fit",
+        "TrainState",
+        "TrainResult",
+        "NonFiniteError",
+        "save_checkpoint",
+        "load_checkpoint",
+    ]:
+        assert (getattr(fmcalc.train, name).__doc__ or "").strip(), name
+    assert fmcalc.train.__doc__ and "fit(" in fmcalc.train.__doc__
+
+
+def test_fit_records_every_step():
+    result = _fit(eval_every=8, evaluate=lambda state: {"step": state.step})
+    assert result.step == 20 and result.skipped == 0
+    assert result.losses.shape == (20,) and np.isfinite(result.losses).all()
+    assert set(result.metrics) == {
+        "flow-matching/loss",
+        "flow-matching/residual",
+        "grad_norm",
+    }
+    assert all(v.shape == (20,) for v in result.metrics.values())
+    np.testing.assert_allclose(result.metrics["flow-matching/loss"], result.losses)
+    assert result.evaluations == [
+        (8, {"step": 8.0}),
+        (16, {"step": 16.0}),
+        (20, {"step": 20.0}),
+    ]
+    # The EMA lags the model.
+    model, ema = _leaves(result.model), _leaves(result.ema)
+    assert not all(np.array_equal(m, e) for m, e in zip(model, ema, strict=True))
+    _assert_trees_equal(result.state.model, result.model)
+
+
+def test_step_compiles_once():
+    traces = []
+    flow = fmcalc.flows.Gaussian(jnp.zeros(2, DTYPE), jnp.eye(2, dtype=DTYPE))
+
+    def data(key, n):
+        traces.append(n)
+        return flow.sample(key, n)
+
+    result = _fit(data=data, steps=6)
+    assert traces == [16] and np.isfinite(result.losses).all()
+
+
+def test_no_ema_tracks_the_model():
+    result = _fit(ema_decay=None, steps=5, clip_norm=None)
+    _assert_trees_equal(result.ema, result.model)
+
+
+def test_labels_reach_the_model():
+    class NeedsLabel(eqx.Module):
+        inner: MLP
+
+        def __call__(self, x, s, t, *, cond=None):
+            if cond is None:
+                raise AssertionError("no label passed")
+            return self.inner(x, s, t, cond=cond)
+
+    labels = jnp.arange(64) % 3
+    model = NeedsLabel(_model(num_classes=3))
+    result = _fit(model=model, labels=labels, steps=3)
+    assert np.isfinite(result.losses).all()
+
+
+def test_resume_is_bit_for_bit(straight, tmp_path):
+    path = tmp_path / "run.eqx"
+    first = _fit(SHORTCUT, steps=10, checkpoint=path, checkpoint_every=4)
+    assert train.load_checkpoint(path, first.state).step == 10
+    # A different key is ignored in favour of the checkpoint's.
+    second = _fit(SHORTCUT, steps=20, checkpoint=path, key=jax.random.key(9))
+    losses = np.concatenate([first.losses, second.losses])
+    assert np.array_equal(losses, straight.losses)
+    for name, values in straight.metrics.items():
+        both = np.concatenate([first.metrics[name], second.metrics[name]])
+        assert np.array_equal(both, values), name
+    assert second.step == 20
+    _assert_trees_equal(second.state, straight.state)
+    done = _fit(SHORTCUT, steps=20, checkpoint=path)
+    assert done.losses.shape == (0,) and done.step == 20
+
+
+def test_interrupt_saves_and_resumes(straight, tmp_path):
+    path = tmp_path / "run.eqx"
+
+    def interrupt(state):
+        if state.step == 7:
+            raise KeyboardInterrupt
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(SHORTCUT, checkpoint=path, evaluate=interrupt, eval_every=1)
+    saved = train.load_checkpoint(path, straight.state)
+    assert saved.step == 7
+    resumed = _fit(SHORTCUT, checkpoint=path)
+    assert np.array_equal(resumed.losses, straight.losses[7:])
+    _assert_trees_equal(resumed.state, straight.state)
+
+
+def test_nonfinite_rows_are_skipped():
+    data = _data().at[5].set(jnp.nan)
+    snapshots = []
+
+    def record(state):
+        snapshots.append(_leaves((state.model, state.ema, state.opt_state)))
+        return {}
+
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        result = _fit(data=data, steps=30, evaluate=record, eval_every=1)
+    skipped = np.flatnonzero(np.isnan(result.losses))
+    assert 0 < result.skipped == skipped.size < 30
+    assert np.isfinite(np.delete(result.losses, skipped)).all()
+    initial = _state(_model())
+    before = [_leaves((initial.model, initial.ema, initial.opt_state)), *snapshots]
+    for i in skipped:
+        for x, y in zip(before[i], before[i + 1], strict=True):
+            assert np.array_equal(x, y), f"step {i} changed the state"
+
+
+def test_nonfinite_data_rows_are_named():
+    data = _data().at[3::4].set(jnp.nan).at[7].set(jnp.inf)
+    with pytest.raises(train.NonFiniteError) as error:
+        with pytest.warns(RuntimeWarning):
+            _fit(data=data, max_nonfinite=3)
+    assert isinstance(error.value, FloatingPointError)
+    message = str(error.value)
+    assert error.value.terms == ["flow-matching"] and error.value.step == 2
+    assert "steps 0 to 2" in message and "'flow-matching'" in message
+    named = re.search(r"rows \[([\d, ]+)\] of `data`", message)
+    assert named is not None, message
+    assert all(int(row) % 4 == 3 for row in named.group(1).split(","))
+
+
+def test_nonfinite_model_times_are_named():
+    class NaNLate(eqx.Module):
+        inner: MLP
+
+        def __call__(self, x, s, t, *, cond=None):
+            out = self.inner(x, s, t, cond=cond)
+            return jnp.where(s > 0.7, jnp.nan, out)
+
+    with pytest.raises(train.NonFiniteError) as error:
+        with pytest.warns(RuntimeWarning):
+            _fit(model=NaNLate(_model()), max_nonfinite=2)
+    message = str(error.value)
+    assert "'flow-matching'" in message and "loss" in message
+    times = re.search(r"at s = \[([\d., ]+)\]", message)
+    assert times is not None, message
+    assert all(float(s) > 0.7 for s in times.group(1).split(","))
+    assert error.value.rows["flow-matching"]
+
+
+@pytest.mark.parametrize("key", [jax.random.key(3), jax.random.PRNGKey(3)])
+def test_checkpoint_round_trip(tmp_path, key):
+    state = eqx.tree_at(lambda s: s.key, _state(_model(), step=12), key)
+    path = tmp_path / "sub" / "state.eqx"
+    train.save_checkpoint(path, state)
+    like = eqx.tree_at(lambda s: s.key, _state(_model(5), step=0), key)
+    loaded = train.load_checkpoint(str(path), like)
+    assert loaded.step == 12 and type(loaded.step) is int
+    _assert_trees_equal(loaded, state)
+    assert loaded.key.dtype == key.dtype
+    assert np.array_equal(jax.random.normal(loaded.key), jax.random.normal(key))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "state.eqx"
+    first = _state(_model())
+    train.save_checkpoint(path, first)
+    contents = path.read_bytes()
+
+    def fail_midway(f, tree):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(eqx, "tree_serialise_leaves", fail_midway)
+    later = _state(_model(4), step=2)
+    with pytest.raises(OSError, match="disk full"):
+        train.save_checkpoint(path, later)
+    assert path.read_bytes() == contents
+    assert os.listdir(tmp_path) == ["state.eqx"]
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (
+            dict(model=_model(width=8)),
+            r"`\.model\.layers\[0\]\.weight` has shape \(16, 18\)",
+        ),
+        (
+            dict(model=_model(depth=3)),
+            r"`\.model\.layers\[2\]\.weight` has shape \(2, 16\)",
+        ),
+        (dict(model=_model(dtype=jnp.float64)), "has dtype float32 there but float64"),
+        (dict(optimizer=optax.sgd(1e-2)), r"`\.key` has shape \(16, 18\) there"),
+    ],
+)
+def test_checkpoint_of_another_model_is_rejected(tmp_path, change, match):
+    path = tmp_path / "state.eqx"
+    state = _state(_model())
+    train.save_checkpoint(path, state)
+    with pytest.raises(ValueError, match="does not fit") as error:
+        _fit(checkpoint=path, **change)
+    assert re.search(match, str(error.value)), error.value
+
+
+def test_damaged_checkpoint_is_rejected(tmp_path):
+    path = tmp_path / "state.eqx"
+    state = _state(_model())
+    train.save_checkpoint(path, state)
+    contents = path.read_bytes()
+    path.write_bytes(contents[: len(contents) // 2])
+    with pytest.raises(ValueError, match="does not fit.*damaged"):
+        train.load_checkpoint(path, state)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a file of arrays"):
+        train.load_checkpoint(path, state)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(steps=0), ValueError, "steps=0"),
+        (dict(batch_size=-2), ValueError, "batch_size=-2"),
+        (dict(checkpoint_every=0), ValueError, "checkpoint_every=0"),
+        (dict(eval_every=0), ValueError, "eval_every=0"),
+        (dict(max_nonfinite=0), ValueError, "max_nonfinite=0"),
+        (dict(ema_decay=1.5), ValueError, "1.5"),
+        (dict(clip_norm=0.0), ValueError, "0.0"),
+        (dict(data=jnp.zeros((4, 2, 2))), ValueError, r"\(4, 2, 2\)"),
+        (dict(data=jnp.zeros((0, 2))), ValueError, r"\(0, 2\)"),
+        (dict(data=jnp.zeros((4, 2), int)), TypeError, "int"),
+        (dict(labels=jnp.zeros(5, int)), ValueError, r"\(64,\).*\(5,\)"),
+        (dict(labels=jnp.zeros(64)), TypeError, "float"),
+        (
+            dict(data=lambda k, n: jnp.zeros((n, 2)), labels=jnp.zeros(3, int)),
+            ValueError,
+            "function",
+        ),
+        (dict(method=SHORTCUT, batch_size=4), ValueError, "'compositional' no rows"),
+        (dict(method="shortcut"), TypeError, "'shortcut'"),
+        (dict(optimizer="adam"), TypeError, "'adam'"),
+    ],
+)
+def test_bad_arguments(change, error, match):
+    with pytest.raises(error, match=match):
+        _fit(**change)
+
+
+def test_bad_callable_data():
+    with pytest.raises(ValueError, match=r"shape \(16, 2, 1\)"):
+        _fit(data=lambda key, n: jnp.zeros((n, 2, 1), DTYPE), steps=1)
+
+
+def test_progress_bar(capsys):
+    _fit(steps=2, progress=True)
+    assert "2/2" in capsys.readouterr().err
