@@ -22,8 +22,10 @@ STAMP = VENV / ".fmcalc-installed"
 
 
 def ensure_environment() -> None:
-    if sys.version_info < (3, 11):
-        sys.exit(f"fmcalc needs Python 3.11 or newer; this is {sys.version.split()[0]}.")
+    # Run by whatever python3 the user has, so the version floor is checked here.
+    if sys.version_info < (3, 11):  # noqa: UP036
+        found = sys.version.split()[0]
+        sys.exit(f"fmcalc needs Python 3.11 or newer; this is {found}.")
     if not (BIN / "python").exists():
         venv.EnvBuilder(with_pip=True).create(VENV)
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
