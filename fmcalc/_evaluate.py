@@ -189,10 +189,19 @@ class _Interpreter:
         group = self.jvps[primal_key]
         first = group[0]
         at = tuple(self(e) for e in first.at)
+        # Arguments with a zero tangent in every JVP of the group are closed over
+        # rather than differentiated, so no zero tangent is propagated through them.
+        moving = [
+            i
+            for i in range(len(at))
+            if not all(_is_zero(node.along[i]) for node in group)
+        ] or list(range(len(at)))
         alongs = [
             tuple(
-                jnp.zeros_like(p) if _is_zero(d) else self(d)
-                for p, d in zip(at, node.along, strict=True)
+                jnp.zeros_like(at[i])
+                if _is_zero(node.along[i])
+                else self(node.along[i])
+                for i in moving
             )
             for node in group
         ]
@@ -200,7 +209,14 @@ class _Interpreter:
         assert isinstance(network, Network)
         net = self.network(network.role)
         cond = None if network.unconditional else self.batch.cond
-        primal, tangents = jvp_many(lambda x, a, b: net(x, a, b, cond=cond), at, alongs)
+
+        def fn(*args):
+            point = list(at)
+            for i, arg in zip(moving, args, strict=True):
+                point[i] = arg
+            return net(*point, cond=cond)
+
+        primal, tangents = jvp_many(fn, tuple(at[i] for i in moving), alongs)
         self.values.setdefault(primal_key, primal)
         for node, tangent in zip(group, tangents, strict=True):
             self.values[node.key] = tangent
