@@ -33,7 +33,7 @@ from ._expr import (
     _is_zero,
     walk,
 )
-from ._validate import validate
+from ._validate import differentiated, validate
 
 
 def jvp_many(fn: Callable, primals: tuple, tangents: list[tuple]):
@@ -43,16 +43,27 @@ def jvp_many(fn: Callable, primals: tuple, tangents: list[tuple]):
     if len(tangents) == 1:
         primal, tangent = JVP()(fn, primals, tangents[0])
         return primal, [tangent]
-    stacked = tuple(
+    stacked = _stack_tangents(primals, tangents)
+    primal, out = jax.vmap(
+        lambda tangent: jax.jvp(fn, primals, tangent), out_axes=(None, 0)
+    )(stacked)
+    return primal, list(out)
+
+
+def _stack_tangents(primals: tuple, tangents: list[tuple]) -> tuple:
+    """Tangents stacked along a new leading axis, each shaped and typed like its
+    primal."""
+    return tuple(
         jnp.stack([jnp.broadcast_to(d, jnp.shape(p)) for d in parts]).astype(
             jnp.result_type(p)
         )
         for p, parts in zip(primals, zip(*tangents, strict=True), strict=True)
     )
-    primal, out = jax.vmap(
-        lambda tangent: jax.jvp(fn, primals, tangent), out_axes=(None, 0)
-    )(stacked)
-    return primal, list(out)
+
+
+def _push_many(linear: Callable, primals: tuple, tangents: list[tuple]) -> list:
+    """A linearised function applied to several tangents, batched with `jax.vmap`."""
+    return list(jax.vmap(linear)(*_stack_tangents(primals, tangents)))
 
 
 def primitive_jvps(expr: AbstractExpr) -> dict[tuple, list[Derivative]]:
@@ -78,6 +89,7 @@ class _Interpreter:
         self.teacher = teacher
         self.params = params
         self.jvps = primitive_jvps(expr)
+        self.differentiated = differentiated(expr)
         self.values: dict[tuple, Array] = {}
         self.in_progress: set[tuple] = set()
         self.dtype = jnp.result_type(batch.x0)
@@ -216,7 +228,22 @@ class _Interpreter:
                 point[i] = arg
             return net(*point, cond=cond)
 
-        primal, tangents = jvp_many(fn, tuple(at[i] for i in moving), alongs)
+        primals = tuple(at[i] for i in moving)
+        live = [i for i, d in enumerate(group) if d.key in self.differentiated]
+        if 0 < len(live) < len(group):
+            # Lanes under a stop-gradient are pushed through the linearisation
+            # apart from the others: batched with them, the backward pass would
+            # run through the stopped lanes too (with zero cotangents) and on into
+            # their tangents. The primal is still computed once.
+            primal, linear = jax.linearize(fn, *primals)
+            stopped = [i for i in range(len(group)) if i not in live]
+            tangents: list = [None] * len(group)
+            for lanes in (live, stopped):
+                pushed = _push_many(linear, primals, [alongs[i] for i in lanes])
+                for i, tangent in zip(lanes, pushed, strict=True):
+                    tangents[i] = tangent
+        else:
+            primal, tangents = jvp_many(fn, primals, alongs)
         self.values.setdefault(primal_key, primal)
         for node, tangent in zip(group, tangents, strict=True):
             self.values[node.key] = tangent

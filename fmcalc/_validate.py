@@ -72,6 +72,26 @@ def carries_gradient(expr: AbstractExpr) -> bool:
     return any(carries_gradient(c) for c in expr.children)
 
 
+def differentiated(expr: AbstractExpr) -> set[tuple]:
+    """Keys of the network calls, velocity calls and derivatives in `expr` that
+    gradients with respect to the online network flow through: reachable from the
+    root outside every `sg[...]` and depending on the online network."""
+    keys: set[tuple] = set()
+
+    def mark(node: AbstractExpr) -> None:
+        if isinstance(node, StopGradient):
+            return
+        if isinstance(node, Call | VelocityCall | Derivative) and carries_gradient(
+            node
+        ):
+            keys.add(node.key)
+        for child in node.children:
+            mark(child)
+
+    mark(expr)
+    return keys
+
+
 def _degree(expr: AbstractExpr) -> int:
     """Polynomial degree of `expr` in the conditional velocity (raises if it is
     evaluated inside a network call)."""

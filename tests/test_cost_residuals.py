@@ -38,8 +38,12 @@ def _batch(dim):
 
 
 def _step(residual, model, batch):
+    # The teacher has its own weights: a copy of the model, closed over.
+    teacher = jax.tree.map(lambda a: a, model)
     return eqx.filter_value_and_grad(
-        lambda m: fmcalc.residual_loss(residual, m, batch)
+        lambda m: fmcalc.residual_loss(
+            residual, m, batch, teacher=lambda x, t: teacher(x, t, t)
+        )
     )(model)
 
 
@@ -54,6 +58,17 @@ RESIDUALS = {
     "lsd": (
         fmcalc.lagrangian(form="F", velocity=Diagonal()),
         {"mlp": 7.3, "transformer": 7.5},
+    ),
+    # Two JVPs at one point, one under a stop-gradient (ESD's residual): the
+    # stopped lane must not be backpropagated.
+    "esd": (
+        fmcalc.eulerian(form="F", stop_gradient="spatial", velocity=Diagonal()),
+        {"mlp": 8.3, "transformer": 8.5},
+    ),
+    # A teacher whose input carries the gradient: an input-only backward (1 FPE).
+    "lmd": (
+        fmcalc.lagrangian(form="F", stop_gradient="none"),
+        {"mlp": 8.3, "transformer": 8.5},
     ),
 }
 

@@ -1,8 +1,8 @@
 from typing import NamedTuple
 
 from .._evaluate import primitive_jvps
-from .._expr import AbstractExpr, Call, Derivative, StopGradient, VelocityCall, walk
-from .._validate import carries_gradient
+from .._expr import AbstractExpr, Call, Derivative, Network, VelocityCall, walk
+from .._validate import differentiated
 
 
 class CostEstimate(NamedTuple):
@@ -10,8 +10,9 @@ class CostEstimate(NamedTuple):
     of one network.
 
     - `forward`: network forward passes (a JVP with its primal counts 2).
-    - `backward`: backward passes (2 per forward that gradients flow through, 4 for
-      a JVP whose tangent is backpropagated).
+    - `backward`: backward passes (2 per online forward that gradients flow through,
+      4 for an online JVP whose tangent is backpropagated; half that for a network
+      whose weights get no gradient, where only the input gradient is computed).
     - `total`: `forward + backward`, the figure compared with the compiled program.
     """
 
@@ -31,10 +32,12 @@ def estimate(residual: AbstractExpr) -> CostEstimate:
     backward through a JVP 4. Each distinct network call counts once; the primal of
     a JVP is free wherever the same call appears; `k` JVPs at one point share their
     primal (`1 + k` forward, and 2 more backward per extra differentiated tangent);
-    teacher calls count as one network forward each; the conditional velocity and
-    analytic velocities are free. Gradients flow into every network call reachable
-    from the root outside `sg[...]` that depends on the online network (also through
-    a frozen teacher's input).
+    a backward through a network other than the online one (an EMA copy, a teacher
+    at a point that depends on the online network) computes only the input gradient
+    and counts half; teacher calls count as one network forward each; the
+    conditional velocity and analytic velocities are free. Gradients flow into every
+    network call reachable from the root outside `sg[...]` that depends on the
+    online network (also through a frozen teacher's input).
 
     **Arguments:**
 
@@ -53,27 +56,22 @@ def estimate(residual: AbstractExpr) -> CostEstimate:
 
     walk(residual, collect)
 
-    differentiated: set[tuple] = set()
-
-    def mark(node):
-        if isinstance(node, StopGradient):
-            return
-        if isinstance(node, Call | VelocityCall | Derivative) and carries_gradient(
-            node
-        ):
-            differentiated.add(node.key)
-        for child in node.children:
-            mark(child)
-
-    mark(residual)
-
+    through = differentiated(residual)
     forward = float(len(calls))
-    backward = 2.0 * len(calls.keys() & differentiated)
+    backward = sum(_backward(calls[key]) for key in calls.keys() & through)
     for primal_key, group in groups.items():
         forward += 1 + len(group)
-        tangents = sum(d.key in differentiated for d in group)
-        if tangents:
-            backward += 2 + 2 * tangents
-        elif primal_key in differentiated:
-            backward += 2
+        tangents = sum(d.key in through for d in group)
+        if tangents or primal_key in through:
+            backward += _backward(group[0]) * (1 + tangents)
     return CostEstimate(forward=forward, backward=backward)
+
+
+def _backward(node: AbstractExpr) -> float:
+    """Backward cost of one pass through `node`: 2 for the online network (input and
+    weight gradients), 1 for any other network, whose weights get no gradient."""
+    network = node.function if isinstance(node, Derivative) else node
+    if isinstance(network, Call):
+        network = network.network
+    online = isinstance(network, Network) and network.role == "online"
+    return 2.0 if online else 1.0
