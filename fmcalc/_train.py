@@ -520,43 +520,58 @@ def fit(
             )
         evaluations.append((state.step, {k: float(v) for k, v in results.items()}))
 
+    def record(before: TrainState, outputs) -> None:
+        """Read one step's loss, metrics and finiteness back from the device."""
+        nonlocal skipped, consecutive
+        loss, metrics, finite = jax.device_get(outputs)
+        if finite:
+            consecutive = 0
+        else:
+            skipped, consecutive, loss = skipped + 1, consecutive + 1, math.nan
+            if consecutive >= max_nonfinite:
+                first = before.step - consecutive + 1
+                raise _diagnose(problem, before, metrics, first)
+            bad = [k for k, v in metrics.items() if not np.isfinite(v)]
+            warnings.warn(
+                f"Step {before.step} skipped: non-finite loss or gradient "
+                f"(non-finite metrics: {bad}).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        losses.append(float(loss))
+        history.append(metrics)
+        bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+        bar.update()
+
     bar = tqdm(total=steps, initial=state.step, disable=not progress, unit="step")
     with bar:
         try:
+            # Step i's outputs are read after step i + 1 has been dispatched, so the
+            # host's bookkeeping overlaps the device's work instead of idling it.
+            pending = None
             while state.step < steps:
+                before = state
                 updated, outputs = _step(
-                    state.model,
-                    state.ema,
-                    state.opt_state,
-                    jnp.asarray(state.step),
-                    state.key,
+                    before.model,
+                    before.ema,
+                    before.opt_state,
+                    jnp.asarray(before.step),
+                    before.key,
                     problem,
                 )
-                loss, metrics, finite = jax.device_get(outputs)
-                if finite:
-                    consecutive = 0
-                else:
-                    skipped, consecutive, loss = skipped + 1, consecutive + 1, math.nan
-                    if consecutive >= max_nonfinite:
-                        first = state.step - consecutive + 1
-                        raise _diagnose(problem, state, metrics, first)
-                    bad = [k for k, v in metrics.items() if not np.isfinite(v)]
-                    warnings.warn(
-                        f"Step {state.step} skipped: non-finite loss or gradient "
-                        f"(non-finite metrics: {bad}).",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                state = TrainState(*updated, step=state.step + 1, key=state.key)
-                losses.append(float(loss))
-                history.append(metrics)
-                bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
-                bar.update()
+                state = TrainState(*updated, step=before.step + 1, key=before.key)
+                if pending is not None:
+                    record(*pending)
+                pending = (before, outputs)
                 if checkpoint is not None and state.step % checkpoint_every == 0:
+                    record(*pending)
+                    pending = None
                     save_checkpoint(checkpoint, state)
                     saved = state.step
                 if evaluate is not None and eval_every and state.step % eval_every == 0:
                     run_evaluation()
+            if pending is not None:
+                record(*pending)
         except KeyboardInterrupt:
             if checkpoint is not None:
                 save_checkpoint(checkpoint, state)
