@@ -1,0 +1,101 @@
+"""`benchmarks/cost.py` on tiny networks: flow matching costs ≈ 3 FPE per data row,
+MeanFlow at most the acceptance bound, a split method is measured in both layouts,
+and the report files are written."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+
+PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "cost.py"
+_spec = importlib.util.spec_from_file_location("fmcalc_benchmark_cost", PATH)
+assert _spec is not None and _spec.loader is not None
+cost = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cost)
+
+TINY = cost.Settings(
+    rows=8,
+    # Width 256: the input layer, whose input gradient is not needed, is a small
+    # share of the FLOPs, so flow matching is close to the textbook 3.
+    mlp=dict(width=256, depth=3, time_features=16),
+    transformer=dict(patch_size=4, width=64, depth=1, heads=2, time_features=16),
+    repeats=1,
+)
+# The transformer's compilation is the slow part: two methods, no building blocks.
+METHODS = {"mlp": ("flow-matching", "meanflow", "lsd"),
+           "transformer": ("flow-matching", "meanflow")}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def report():
+    networks = {
+        kind: cost.run_network(
+            kind, TINY, names, repeats=0, jobs=2, units=kind == "mlp", log=print
+        )
+        for kind, names in METHODS.items()
+    }
+    return {
+        kind: (result, cost.checks(kind, result)) for kind, result in networks.items()
+    }
+
+
+@pytest.mark.parametrize("kind", list(cost.NETWORKS))
+def test_flow_matching_and_meanflow(report, kind):
+    result, check = report[kind]
+    methods = result["methods"]
+    assert list(methods) == list(METHODS[kind])
+    assert 2.7 <= methods["flow-matching"]["full"]["fpe"] <= 3.2
+    assert methods["meanflow"]["full"]["fpe"] <= cost.MEANFLOW_LIMIT[kind]
+    assert check["meanflow"]["ok"]
+    assert methods["flow-matching"]["why"] is None
+
+
+def test_building_blocks(report):
+    units = report["mlp"][0]["units"]
+    assert 1.9 <= units["jvp"] <= 2.1
+    assert 5.5 <= units["jvp_backward"] <= 6.2
+    assert report["transformer"][0]["units"] is None
+
+
+def test_split_is_cheaper_per_data_row(report):
+    lsd = report["mlp"][0]["methods"]["lsd"]
+    assert lsd["default_split"] == [0.75, 0.25]
+    # Anchor and Lagrangian term on every row vs on 3/4 and 1/4 of them.
+    assert lsd["full"]["static"] == 10.0
+    assert lsd["split"]["static"] == pytest.approx(4.0)
+    assert lsd["split"]["fpe"] < 0.5 * lsd["full"]["fpe"]
+    assert abs(lsd["split"]["fpe"] - lsd["split"]["static"]) <= cost.STATIC_SLACK
+
+
+def test_wall_ratio_of_a_step_with_itself():
+    model, others = cost.networks("mlp", TINY.mlp)
+    (case,) = cost.cases(["flow-matching"], model, others, TINY.rows)
+    step = cost.compile_step(case)
+    wall = cost.wall_ratio(step, step, repeats=3)
+    assert wall["ratio"] > 0 and wall["baseline_ms"] > 0
+
+
+def test_report_files(report, tmp_path):
+    networks = {kind: result for kind, (result, _) in report.items()}
+    full = {
+        "quick": True,
+        "command": "python benchmarks/cost.py --quick",
+        "date": "today",
+        "machine": cost.machine(),
+        "repeats": 0,
+        "seed_slack": cost.SEED_SLACK,
+        "static_slack": cost.STATIC_SLACK,
+        "networks": networks,
+        "checks": {kind: check for kind, (_, check) in report.items()},
+        "runtime_s": 1.0,
+    }
+    cost.write_report(full, tmp_path)
+    assert json.loads((tmp_path / "cost.json").read_text())["networks"].keys() == {
+        "mlp",
+        "transformer",
+    }
+    text = (tmp_path / "cost.md").read_text()
+    assert "## MLP" in text and "## Transformer" in text and "| meanflow |" in text
+    assert (tmp_path / "cost.png").stat().st_size > 0
