@@ -1,0 +1,426 @@
+"""The report of the quality benchmark (`benchmarks/quality.py`): the markdown
+tables, the acceptance checks, the sample figures and the machine description.
+
+Everything here is a function of the run's report dictionary (what `quality.json`
+holds), so a report can be rewritten from a saved `quality.json`.
+"""
+
+import importlib.metadata
+import os
+import pathlib
+import platform
+import subprocess
+
+import jax
+import numpy as np
+
+
+ROOT = pathlib.Path(__file__).resolve().parent
+NFE = (1, 2, 4)
+GUARD_STEPS = 128
+BASELINE = "flow-matching"
+KINDS = {
+    "velocity": "flow matching: Euler steps of the velocity `V(x, t, t)`",
+    "two-time": "a map for all `s > t`: k jumps `fmcalc.sample(steps=k)`",
+    "to-data": "a map to data only (`t = 0`): one jump `F(eps, 1, 0)`; 2 and 4 "
+    "steps by consistency multistep sampling (`fmcalc.sample_consistency`, "
+    "stochastic re-noising), so its paired errors at 2 and 4 steps compare against "
+    "the end point of the first noise only and include the re-noising",
+    "from-noise": "a map from noise only (`s = 1`): one jump; 2 and 4 steps are not "
+    "defined (n/a)",
+}
+
+
+def _cell(entry: dict, key: str, digits: int = 3, seeds: int = 1) -> str:
+    if key not in entry["mean"]:
+        column = key.split("@")[-1]
+        nonfinite = entry["mean"].get(f"nonfinite@{column}")
+        if nonfinite is not None:
+            return f"non-finite ({100 * nonfinite:.0f} % of rows)"
+        return "n/a"
+    value = entry["mean"][key]
+    text = f"{value:.{digits}g}"
+    if seeds > 1:
+        text += f" ± {entry['spread'][key]:.2g}"
+    return text
+
+
+def _triple(entry, metric, digits=3):
+    return " / ".join(_cell(entry, f"{metric}@nfe{k}", digits) for k in NFE)
+
+
+def _kind_label(entry: dict) -> str:
+    kind: str = entry["kind"]
+    return {"to-data": "to-data †", "from-noise": "from-noise ‡"}.get(kind, kind)
+
+
+def _guard_column(entry: dict) -> str:
+    return f"nfe{GUARD_STEPS}" if entry["kind"] == "velocity" else f"diag{GUARD_STEPS}"
+
+
+def _train_cell(entry: dict) -> str:
+    times = [s["train_s"] for s in entry["seeds"] if "train_s" in s]
+    return f"{np.mean(times):.0f}" if times else "–"
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in body]
+
+
+def dataset_table(report: dict, seeds: int) -> list[str]:
+    """The main table of one data set (samples at 1, 2 and 4 steps) and the guard
+    table (each method's diagonal with 128 Euler steps)."""
+    rows = report["rows"]
+    kind = report["kind"]
+    has_components = any("component@nfe1" in e["mean"] for e in rows.values())
+    if kind == "analytic":
+        header = ["RMSE 1", "RMSE 2", "RMSE 4", "×FM128 1", "×FM128 2"]
+        header.append("median 1 / 2 / 4")
+        if has_components:
+            header.append("right comp. 1 / 2 / 4")
+        header += ["energy 1 / 2 / 4", "map err"]
+        guard_metrics = ["rmse", "median"]
+        guard_metrics += ["component"] if has_components else []
+        guard_metrics.append("energy")
+    elif kind == "toy":
+        header = ["energy 1", "energy 2", "energy 4"]
+        guard_metrics = ["energy"]
+    else:
+        header = ["FD 1", "FD 2", "FD 4", "×FM128 1", "×FM128 2", "acc. 1 / 2 / 4"]
+        guard_metrics = ["fd", "accuracy"]
+    main, guard = [], []
+    for row, entry in rows.items():
+        errors = [s["error"] for s in entry["seeds"] if "error" in s]
+        name = row + (" (some seeds failed)" if errors and entry["mean"] else "")
+        if errors and not entry["mean"]:
+            failed = [row, _kind_label(entry), f"failed: {errors[0]}"]
+            main.append(failed + [""] * (len(header) - 1))
+            guard.append([row, f"failed: {errors[0]}"] + [""] * len(guard_metrics))
+            continue
+        c = lambda key, e=entry: _cell(e, key, 3, seeds)
+        cells = [name, _kind_label(entry)]
+        if kind == "analytic":
+            cells += [c("rmse@nfe1"), c("rmse@nfe2"), c("rmse@nfe4")]
+            cells += [c("rmse_ratio@nfe1"), c("rmse_ratio@nfe2")]
+            cells.append(_triple(entry, "median"))
+            if has_components:
+                cells.append(_triple(entry, "component"))
+            cells += [_triple(entry, "energy", 2), c("map_error")]
+        elif kind == "toy":
+            cells += [c("energy@nfe1"), c("energy@nfe2"), c("energy@nfe4")]
+        else:
+            cells += [c("fd@nfe1"), c("fd@nfe2"), c("fd@nfe4")]
+            cells += [c("fd_ratio@nfe1"), c("fd_ratio@nfe2")]
+            cells.append(_triple(entry, "accuracy"))
+        main.append(cells + [_train_cell(entry)])
+        column = _guard_column(entry)
+        guard.append(
+            [name, "Euler on V(x, t, t)" if entry["kind"] == "velocity" else "diag."]
+            + [c(f"{metric}@{column}") for metric in guard_metrics]
+        )
+    titles = {
+        "rmse": "RMSE",
+        "median": "median",
+        "component": "right comp.",
+        "energy": "energy",
+        "fd": "FD",
+        "accuracy": "acc.",
+    }
+    lines = _table(["method", "kind", *header, "train s"], main)
+    lines += [
+        "",
+        f"Guard rows: each method's own diagonal `V(x, t, t)` sampled with "
+        f"{GUARD_STEPS} Euler steps (for flow matching, its {GUARD_STEPS}-step "
+        "baseline).",
+        "",
+    ]
+    lines += _table(["method", "sampler", *(titles[m] for m in guard_metrics)], guard)
+    return lines
+
+
+def acceptance(report: dict) -> dict:
+    """The acceptance checks of the full run, evaluated on whatever ran."""
+    checks = {}
+    for name, ds in report["datasets"].items():
+        rows = ds["rows"]
+        if ds["kind"] == "analytic":
+            passing = [
+                row
+                for row, e in rows.items()
+                if e["kind"] == "two-time"
+                and e["mean"].get("rmse_ratio@nfe2", np.inf) <= 1.7
+                and e["mean"].get("rmse_ratio@nfe1", np.inf) <= 3.5
+            ]
+            checks[name] = {
+                "rule": "≥ 2 two-time flow maps with 2-step paired RMSE ≤ 1.7× and "
+                "1-step ≤ 3.5× that of 128-step flow matching (to-data maps are "
+                "left out: their 2-step sampler re-noises)",
+                "passing": passing,
+                "ok": len(passing) >= 2,
+            }
+        elif name == "digits":
+            passing = [
+                row
+                for row, e in rows.items()
+                if row != BASELINE and e["mean"].get("fd_ratio@nfe1", np.inf) <= 2.0
+            ]
+            checks[name] = {
+                "rule": "≥ 1 method with 1-step Fréchet distance ≤ 2× that of "
+                "128-step flow matching",
+                "passing": passing,
+                "ok": len(passing) >= 1,
+            }
+    return checks
+
+
+def _versions() -> dict:
+    names = ("fmcalc", "jax", "jaxlib", "equinox", "optax", "diffrax", "numpy")
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _git() -> dict:
+    def git(*args) -> str | None:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    status = git("status", "--porcelain")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status)}
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax_backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "versions": _versions(),
+        "git": _git(),
+    }
+
+
+def write_markdown(report: dict, path: pathlib.Path) -> None:
+    """Write the report as markdown to `path`."""
+    seeds = report["seeds"]
+    protocol = report["protocol"]
+    lines = ["# Flow-map sample quality", ""]
+    mode = "quick" if report["quick"] else "full"
+    lines.append(
+        f"Run: **{mode}**, {seeds} seed(s), {report['runtime_s'] / 60:.1f} min on "
+        f"{report['machine']['cpu_count']} CPU core(s), "
+        f"{report['machine']['jax_backend']} ({report['finished']}); fmcalc "
+        f"{report['machine']['versions']['fmcalc']}, jax "
+        f"{report['machine']['versions']['jax']}, commit "
+        f"{(report['machine']['git']['commit'] or '?')[:10]}"
+        f"{' (dirty tree)' if report['machine']['git']['dirty'] else ''}."
+    )
+    lines.append("")
+    lines.append("Command: `" + report["command"] + "`")
+    lines.append("")
+    lines += [
+        "Each data set trains one fmcalc MLP (`fmcalc.nn.MLP`, SiLU, sinusoidal "
+        "`s`, `t` embeddings; with a label embedding on images) per method with "
+        "`fmcalc.train.fit`: same architecture, initialisation, step budget, batch "
+        "size and optimiser (Adam, cosine decay from the learning rate, gradient "
+        "clipping at 1) for every method. Samples come from the EMA weights. An MLP "
+        "rather than `fmcalc.nn.Transformer` is used for the images too: on 2 CPU "
+        "cores a transformer step costs about 10× more, which would leave it "
+        "under-trained within the budget.",
+        "",
+        "Columns: `RMSE k` is the paired RMSE `sqrt(mean_i ‖x_i - F*(eps_i, 1, 0)‖²)` "
+        "of the k-step sample from noise row `i`; `×FM128 k` that RMSE (or "
+        "Fréchet distance) over the 128-step flow-matching one (per seed, then "
+        "averaged); `median` the median paired error; `right comp.` the share of "
+        "rows whose sample has the same most probable mixture component as the "
+        "exact end point; `energy` the unbiased energy distance to fresh data "
+        "(about 0 for a perfect sampler; negative values are noise); `map err` "
+        "`mean ‖F_θ(x_s, s, t) - F*(x_s, s, t)‖²` over data-noise interpolants "
+        "with `(s, t)` uniform on the method's domain (`s > t`; `t = 0` for "
+        "to-data maps, `s = 1` for from-noise maps); `guard` the method's own "
+        "diagonal `V(x, t, t)` sampled with 128 Euler steps; `FD` the Fréchet "
+        "distance between classifier features of the class-conditional samples and "
+        "of the data; `acc.` the classifier's accuracy on the conditioning labels; "
+        "`train s` the training wall time (compilation included). With several "
+        "seeds a single-value cell is mean ± half the range over seeds, and a "
+        "`1 / 2 / 4` cell shows means (the spreads are in `quality.json`).",
+        "",
+        "Rows: `flow-matching` is the baseline, sampled with Euler on its "
+        "velocity at 1, 2, 4 steps (its guard column is 128 Euler steps). "
+        "`meanflow-mse` is MeanFlow with the plain squared error instead of its "
+        "adaptive weight.",
+        "",
+        "Kinds:",
+        "",
+    ]
+    lines += [f"- `{k}`: {v}." for k, v in KINDS.items()]
+    lines += ["", "† / ‡ mark those kinds in the tables.", ""]
+    lines += [
+        "Teachers and auxiliary maps: on analytic sets the teacher of distillation "
+        "methods is the exact velocity `flow.velocity`; elsewhere it is the "
+        "diagonal of the flow-matching network of the same seed (trained first, "
+        "same budget). The `aux` map of `ctm` and `pfmm` is the exact flow for the "
+        "Gaussian, and otherwise Heun steps of the teacher velocity "
+        f"({protocol['aux_substeps']['ctm']} substeps for `ctm`'s short jumps, "
+        f"{protocol['aux_substeps']['pfmm']} for `pfmm`'s half-interval jumps) "
+        "standing in for "
+        "a pre-trained partial flow map; a diffrax solve per call of the mixture "
+        "is too slow to train against.",
+        "",
+    ]
+    checks = report["acceptance"]
+    if checks:
+        lines += ["## Acceptance checks", ""]
+        lines.append("| data set | rule | passing methods | ok |")
+        lines.append("|---|---|---|---|")
+        for name, check in checks.items():
+            passing = ", ".join(check["passing"]) or "none"
+            ok = "yes" if check["ok"] else "**no**"
+            lines.append(f"| {name} | {check['rule']} | {passing} | {ok} |")
+        if report["quick"]:
+            lines += [
+                "",
+                "These thresholds are calibrated for the full run; a quick run "
+                "trains far shorter and a smaller network.",
+            ]
+        lines.append("")
+    for name, ds in report["datasets"].items():
+        s = ds["settings"]
+        lines += [f"## {name}", "", ds["description"] + ".", ""]
+        lines.append(
+            f"MLP {s['depth']}×{s['width']}, {s['steps']} steps, batch "
+            f"{s['batch_size']}, lr {s['lr']}, EMA {s['ema_decay']:.4g}, "
+            f"{s['n_eval']} evaluation rows."
+        )
+        floors = ds["floors"]
+        if "energy_fresh_vs_fresh" in floors:
+            lines.append(
+                "Energy distance between two fresh data samples of this size: "
+                f"{floors['energy_fresh_vs_fresh']:.2g}."
+            )
+        if "fd_real" in floors:
+            a, b = floors["fd_real_sizes"]
+            lines.append(
+                f"Classifier test accuracy {floors['classifier_test_accuracy']:.3f}; "
+                f"Fréchet distance between {a} real images and the {b} others: "
+                f"{floors['fd_real']:.3g} (samples are compared with all "
+                f"{a + b})."
+            )
+        lines.append("")
+        lines += dataset_table(ds, seeds)
+        lines.append("")
+        if ds.get("figure"):
+            lines += [f"![samples on {name}]({ds['figure']})", ""]
+    lines += ["## Full run", "", protocol["full_run_estimate"], ""]
+    lines.append("| data set | MLP | steps | batch | eval rows |")
+    lines.append("|---|---|---|---|---|")
+    for name, s in protocol["full"].items():
+        lines.append(
+            f"| {name} | {s['depth']}×{s['width']} | {s['steps']} | "
+            f"{s['batch_size']} | {s['n_eval']} |"
+        )
+    quick = "; ".join(
+        f"{name}: MLP {s['depth']}×{s['width']}, {s['steps']} steps, "
+        + ", ".join(protocol["quick_methods"].get(name, ["every method"]))
+        for name, s in protocol["quick"].items()
+    )
+    lines += [
+        "",
+        f"Quick run (`--quick`, 1 seed): {quick}.",
+        "",
+        "Every sample file is in `samples/<dataset>/`: `noise.npy`, "
+        "`<method>-nfe<k>.npy` (same row order, seed 0), `<method>-diag128.npy` "
+        "(guard), `<method>-map.npy` with `map-points-<kind>.npz` (the flow-map "
+        "error points and exact values), `data.npy`, `exact.npy` (analytic sets), "
+        "`labels.npy` (image conditioning labels), `mixture.json`.",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def _column_title(column: str) -> str:
+    if column.startswith("diag"):
+        return f"{GUARD_STEPS} Euler steps of V(x, t, t)"
+    return f"{column[3:]} step(s)"
+
+
+def write_figure(ds: dict, folder: pathlib.Path, path: pathlib.Path) -> None:
+    """A grid of samples (methods × steps) from the saved seed-0 samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(ds["rows"])
+    if ds["kind"] == "images":
+        return _image_figure(ds, folder, path, plt)
+    columns = [f"nfe{k}" for k in NFE] + [f"diag{GUARD_STEPS}"]
+    data = np.load(folder / "data.npy")
+    lim = np.quantile(np.abs(data), 0.995) * 1.3
+    fig, axes = plt.subplots(
+        len(rows), len(columns), figsize=(1.6 * len(columns), 1.6 * len(rows))
+    )
+    axes = np.atleast_2d(axes)
+    for i, row in enumerate(rows):
+        for j, column in enumerate(columns):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlim(-lim, lim)
+            ax.set_ylim(-lim, lim)
+            ax.scatter(data[:, 0], data[:, 1], s=0.3, c="0.85", rasterized=True)
+            if i == 0:
+                ax.set_title(_column_title(column), fontsize=7)
+            if row == BASELINE and column.startswith("diag"):
+                column = f"nfe{GUARD_STEPS}"
+            file = folder / f"{row}-{column}.npy"
+            if file.exists():
+                x = np.load(file)
+                ax.scatter(x[:, 0], x[:, 1], s=0.3, c="C0", rasterized=True)
+            else:
+                ax.text(0, 0, "n/a", ha="center", va="center", fontsize=7)
+            if j == 0:
+                ax.set_ylabel(row, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _image_figure(ds, folder, path, plt):
+    rows = list(ds["rows"])
+    side = int(round(np.sqrt(ds["dim"])))
+    labels = np.load(folder / "labels.npy")
+    picks = [int(np.flatnonzero(labels == c)[0]) for c in range(10)]
+    columns = [f"nfe{k}" for k in NFE]
+    fig, axes = plt.subplots(
+        len(rows), len(columns), figsize=(4 * len(columns), 0.5 * len(rows) + 0.4)
+    )
+    axes = np.atleast_2d(axes)
+    for i, row in enumerate(rows):
+        for j, column in enumerate(columns):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            file = folder / f"{row}-{column}.npy"
+            if file.exists():
+                x = np.load(file)[picks].reshape(10, side, side)
+                strip = np.concatenate(list(np.clip(x, -1, 1)), axis=1)
+                ax.imshow(strip, cmap="gray", vmin=-1, vmax=1)
+            if i == 0:
+                ax.set_title(_column_title(column), fontsize=8)
+            if j == 0:
+                ax.set_ylabel(row, fontsize=6, rotation=0, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
