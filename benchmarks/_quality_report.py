@@ -5,13 +5,8 @@ Everything here is a function of the run's report dictionary (what `quality.json
 holds), so a report can be rewritten from a saved `quality.json`.
 """
 
-import importlib.metadata
-import os
 import pathlib
-import platform
-import subprocess
 
-import jax
 import numpy as np
 
 
@@ -172,43 +167,6 @@ def acceptance(report: dict) -> dict:
                 "ok": len(passing) >= 1,
             }
     return checks
-
-
-def _versions() -> dict:
-    names = ("fmcalc", "jax", "jaxlib", "equinox", "optax", "diffrax", "numpy")
-    out = {}
-    for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def _git() -> dict:
-    def git(*args) -> str | None:
-        try:
-            return subprocess.run(
-                ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    status = git("status", "--porcelain")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status)}
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax_backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "versions": _versions(),
-        "git": _git(),
-    }
 
 
 def write_markdown(report: dict, path: pathlib.Path) -> None:

@@ -32,11 +32,9 @@ import concurrent.futures
 import dataclasses
 import datetime
 import functools
-import importlib.metadata
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -48,6 +46,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+from _machine import machine
 
 import fmcalc
 import fmcalc.cost
@@ -472,27 +471,6 @@ def checks(kind: str, result: dict) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------- output
-
-
-def _versions() -> dict[str, str | None]:
-    out = {}
-    for name in ("fmcalc", "jax", "jaxlib", "equinox", "numpy", "matplotlib"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "processor": platform.processor() or platform.machine(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "devices": [str(d) for d in jax.devices()],
-        "versions": _versions(),
-    }
 
 
 def _number(value: float | None, digits: int = 2) -> str:

@@ -27,13 +27,9 @@ into `--out` (default `benchmarks/results`).
 
 import argparse
 import dataclasses
-import importlib.metadata
 import json
-import os
 import pathlib
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +39,7 @@ import handwritten
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _machine import machine
 
 import fmcalc
 import fmcalc.nn
@@ -319,48 +316,6 @@ def checks(row: dict) -> dict[str, bool]:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def _versions() -> dict:
-    names = ("fmcalc", "jax", "jaxlib", "equinox", "numpy")
-    out = {}
-    for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def _git() -> dict:
-    def git(*args):
-        try:
-            return subprocess.run(
-                ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    status = git("status", "--porcelain")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status)}
-
-
-def machine() -> dict:
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "load_average": load,
-        "python": platform.python_version(),
-        "jax_backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "versions": _versions(),
-        "git": _git(),
-    }
 
 
 def _load(load) -> str:

@@ -5,11 +5,13 @@ and the report files are written."""
 import importlib.util
 import json
 import pathlib
+import sys
 
 import pytest
 
 
 PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "cost.py"
+sys.path.insert(0, str(PATH.parent))
 _spec = importlib.util.spec_from_file_location("fmcalc_benchmark_cost", PATH)
 assert _spec is not None and _spec.loader is not None
 cost = importlib.util.module_from_spec(_spec)

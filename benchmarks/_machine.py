@@ -1,0 +1,59 @@
+"""What produced a benchmark's numbers: machine, load, versions and commit."""
+
+import importlib.metadata
+import os
+import pathlib
+import platform
+import subprocess
+from typing import Any
+
+import jax
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("fmcalc", "jax", "jaxlib", "equinox", "optax", "diffrax", "numpy")
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of the packages a benchmark's numbers depend on."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git() -> dict[str, Any]:
+    """The checked-out commit and whether the working tree has changes."""
+
+    def run(*args) -> str | None:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "-s"))}
+
+
+def machine() -> dict[str, Any]:
+    """The machine, its load average at the call, the JAX devices, the package
+    versions and the commit."""
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average": load,
+        "python": platform.python_version(),
+        "jax_backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "versions": versions(),
+        "git": git(),
+    }
