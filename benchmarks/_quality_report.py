@@ -1,5 +1,5 @@
 """The report of the quality benchmark (`benchmarks/quality.py`): the markdown
-tables, the acceptance checks, the sample figures and the machine description.
+tables, the acceptance checks and the sample figures.
 
 Everything here is a function of the run's report dictionary (what `quality.json`
 holds), so a report can be rewritten from a saved `quality.json`.

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _machine import machine
 from _quality_report import BASELINE, GUARD_STEPS, NFE
 
 import fmcalc
@@ -612,7 +613,7 @@ def main(argv=None) -> dict:
         "command": "python benchmarks/quality.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "seeds": seeds,
-        "machine": reporting.machine(),
+        "machine": machine(),
         "protocol": {
             "nfe": NFE,
             "guard_steps": GUARD_STEPS,
