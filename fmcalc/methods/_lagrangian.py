@@ -31,7 +31,8 @@ def lmd(
     `R = ∂_t F(x, s, t) - v(F(x, s, t), t)`, no stop-gradient anywhere.
 
     The loss is minimised by backpropagating through the JVP and through the
-    teacher's input (9 FPE). Paper symbols: their `X_{s,t}` is our `F(·, s, t)`;
+    teacher's input (8 FPE: the seed counts 9, but the teacher's backward needs
+    only its input gradient). Paper symbols: their `X_{s,t}` is our `F(·, s, t)`;
     they sample the full square, we default to `s >= t` (sampling direction). The
     2024 code's `lagrangian_distill` takes `∂_t` at `F(x_s)` instead of `x_s` (an
     unused function; not followed).
