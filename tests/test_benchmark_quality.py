@@ -90,7 +90,6 @@ def test_right_component_share():
 
 
 def test_tiny_end_to_end_run(tmp_path):
-    pytest.importorskip("matplotlib")
     import quality
 
     report = quality.main(
