@@ -5,7 +5,9 @@ Everything here is a function of the run's report dictionary (what `quality.json
 holds), so a report can be rewritten from a saved `quality.json`.
 """
 
+import json
 import pathlib
+import sys
 
 import numpy as np
 
@@ -24,6 +26,54 @@ KINDS = {
     "from-noise": "a map from noise only (`s = 1`): one jump; 2 and 4 steps are not "
     "defined (n/a)",
 }
+
+
+# The bars of the full run, relative to 128-step flow matching.
+BARS = {"analytic": {1: 3.5, 2: 1.7}, "images": {1: 2.0}}
+# A method whose 1-step error exceeds this multiple of flow matching's own 1-step
+# Euler error (about the spread of the data) has diverged rather than missed.
+DIVERGED = 10.0
+
+# What is known, and what was tried, for methods that miss the bars at the full
+# settings. Printed under each data set's table for the rows that miss.
+FAILURE_NOTES = {
+    "meanflow": "its target carries `eps - x0` through the JVP tangent and the "
+    "additive term, which keeps the fixed point but adds the conditional "
+    "velocity's variance to every update; with the exact velocity in its place "
+    "(same spec, same times) it passes (README, 'Few-step quality'). Tried at "
+    "the ring's full settings with plain MSE: the ImageNet times (logit-normal "
+    "(-0.4, 1), 75 % of rows `t = s`), CIFAR's (logit-normal (-2, 2), 25 %), and "
+    "uniform pairs with 25 % and 50 % `t = s`: 1-step 3.9-11×, 2-step 4.0-5.9×. "
+    "The adaptive weight `p = 1` is worse still (shifted fixed point)",
+    "meanflow-mse": "see `meanflow`",
+    "imf": "the same conditional-velocity target as MeanFlow (additive only), "
+    "with the adaptive weight",
+    "esd": "diverges: the temporal derivative is trained without a "
+    "stop-gradient, which its authors report as highly unstable without heavy "
+    "engineering (Boffi et al. 2025); gradient clipping at 1, as for every "
+    "method, does not hold it",
+}
+
+
+def verdict(entry: dict, baseline: dict | None, kind: str) -> str:
+    """Which bars a row meets: `yes` / `no` per step count that has a bar (`n/a`
+    where the sampler makes the paired error meaningless), or `diverged`."""
+    if entry["kind"] == "velocity" or kind not in BARS:
+        return "–"
+    mean = entry["mean"]
+    metric = "rmse" if kind == "analytic" else "fd"
+    first = mean.get(f"{metric}@nfe1")
+    reference = (baseline or {}).get("mean", {}).get(f"{metric}@nfe1")
+    if first is None or (reference and first > DIVERGED * reference):
+        return "diverged"
+    cells = []
+    for k, bar in BARS[kind].items():
+        value = mean.get(f"{metric}_ratio@nfe{k}")
+        if k > 1 and entry["kind"] != "two-time" or value is None:
+            cells.append("n/a")
+        else:
+            cells.append("yes" if value <= bar else "no")
+    return " / ".join(cells)
 
 
 def _cell(entry: dict, key: str, digits: int = 3, seeds: int = 1) -> str:
@@ -95,6 +145,8 @@ def dataset_table(report: dict, seeds: int) -> list[str]:
             continue
         c = lambda key, e=entry: _cell(e, key, 3, seeds)
         cells = [name, _kind_label(entry)]
+        if kind in BARS:
+            cells.append(verdict(entry, rows.get(BASELINE), kind))
         if kind == "analytic":
             cells += [c("rmse@nfe1"), c("rmse@nfe2"), c("rmse@nfe4")]
             cells += [c("rmse_ratio@nfe1"), c("rmse_ratio@nfe2")]
@@ -122,7 +174,11 @@ def dataset_table(report: dict, seeds: int) -> list[str]:
         "fd": "FD",
         "accuracy": "acc.",
     }
-    lines = _table(["method", "kind", *header, "train s"], main)
+    bars = []
+    if kind in BARS:
+        limits = " / ".join(f"≤ {b}×" for b in BARS[kind].values())
+        bars = [f"bars {limits}"]
+    lines = _table(["method", "kind", *bars, *header, "train s"], main)
     lines += [
         "",
         f"Guard rows: each method's own diagonal `V(x, t, t)` sampled with "
@@ -131,6 +187,40 @@ def dataset_table(report: dict, seeds: int) -> list[str]:
         "",
     ]
     lines += _table(["method", "sampler", *(titles[m] for m in guard_metrics)], guard)
+    return lines + _failure_notes(report)
+
+
+def _failure_notes(report: dict) -> list[str]:
+    """The known cause, and what was tried, for each row that misses a bar."""
+    kind = report["kind"]
+    if kind not in BARS:
+        return []
+    rows = report["rows"]
+    missing = [
+        row
+        for row, entry in rows.items()
+        if entry["mean"]
+        and any(
+            word in verdict(entry, rows.get(BASELINE), kind)
+            for word in ("no", "diverged")
+        )
+    ]
+    if not missing:
+        return []
+    lines = [
+        "",
+        "Rows that miss a bar (the acceptance asks for two methods per mixture "
+        "and one on images, not every method; each method runs its paper's "
+        "defaults on the shared budget, and where a note follows, more was "
+        "tried):",
+        "",
+    ]
+    for row in missing:
+        note = FAILURE_NOTES.get(row)
+        reason = f": {note}." if note else "."
+        lines.append(
+            f"- `{row}` ({verdict(rows[row], rows.get(BASELINE), kind)})" + reason
+        )
     return lines
 
 
@@ -197,7 +287,12 @@ def write_markdown(report: dict, path: pathlib.Path) -> None:
         "cores a transformer step costs about 10× more, which would leave it "
         "under-trained within the budget.",
         "",
-        "Columns: `RMSE k` is the paired RMSE `sqrt(mean_i ‖x_i - F*(eps_i, 1, 0)‖²)` "
+        "Columns: `bars` whether a row meets the full run's bars at 1 and 2 steps "
+        "(paired RMSE ≤ 3.5× and ≤ 1.7× that of 128-step flow matching on "
+        "mixtures and Gaussians; 1-step Fréchet distance ≤ 2× on images; `n/a` "
+        "where the 2-step sampler re-noises or is not defined; `diverged` where "
+        f"the 1-step error exceeds {DIVERGED:g}× flow matching's 1-step Euler "
+        "error); `RMSE k` is the paired RMSE `sqrt(mean_i ‖x_i - F*(eps_i, 1, 0)‖²)` "
         "of the k-step sample from noise row `i`; `×FM128 k` that RMSE (or "
         "Fréchet distance) over the 128-step flow-matching one (per seed, then "
         "averaged); `median` the median paired error; `right comp.` the share of "
@@ -382,3 +477,10 @@ def _image_figure(ds, folder, path, plt):
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    # Rewrite `quality.md` beside each saved `quality.json` given on the command line.
+    for name in sys.argv[1:]:
+        saved = pathlib.Path(name)
+        write_markdown(json.loads(saved.read_text()), saved.with_suffix(".md"))

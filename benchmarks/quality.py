@@ -117,14 +117,22 @@ def method_rows(selected: list[str] | None) -> list[tuple[str, fmcalc.Method]]:
         if name == "meanflow":
             plain = fmcalc.methods.get("meanflow", loss=fmcalc.SquaredError())
             rows.append(("meanflow-mse", plain))
+    return select(rows, selected)
+
+
+def select(
+    rows: list[tuple[str, fmcalc.Method]], selected: list[str] | None
+) -> list[tuple[str, fmcalc.Method]]:
+    """The `selected` rows (all if `None`) and the baseline, the baseline first."""
     known = [name for name, _ in rows]
+    if BASELINE not in known:
+        raise ValueError(f"rows must include the {BASELINE!r} baseline.")
     if selected:
         unknown = sorted(set(selected) - set(known))
         if unknown:
             raise SystemExit(f"Unknown method(s) {unknown}; choose from {known}.")
         rows = [(n, m) for n, m in rows if n in selected or n == BASELINE]
-    rows.sort(key=lambda row: row[0] != BASELINE)
-    return rows
+    return sorted(rows, key=lambda row: row[0] != BASELINE)
 
 
 def networks_used(method: fmcalc.Method) -> set[str]:
@@ -590,12 +598,23 @@ def parse(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+def main(
+    argv=None,
+    *,
+    rows: list[tuple[str, fmcalc.Method]] | None = None,
+    program: str = "benchmarks/quality.py",
+) -> dict:
+    """Run the benchmark; `rows` replaces the registered methods (flow matching
+    must be among them: it is the baseline), `program` names the script in the
+    report's command line."""
     args = parse(argv)
     started = time.perf_counter()
     names = args.datasets or list(QUICK if args.quick else FULL)
     seeds = args.seeds or (1 if args.quick else FULL_SEEDS)
-    all_rows = method_rows(args.methods)
+    if rows is None:
+        all_rows = method_rows(args.methods)
+    else:
+        all_rows = select(rows, args.methods)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "samples" / "quality.log"
@@ -610,7 +629,7 @@ def main(argv=None) -> dict:
 
     report = {
         "quick": args.quick,
-        "command": "python benchmarks/quality.py "
+        "command": f"python {program} "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "seeds": seeds,
         "machine": machine(),
@@ -637,11 +656,11 @@ def main(argv=None) -> dict:
                 n_eval=args.eval_rows,
                 n_map=min(settings.n_map, args.eval_rows),
             )
-        rows = all_rows
+        selected = all_rows
         if args.quick and name in QUICK_METHODS:
             keep = QUICK_METHODS[name]
-            rows = [(n, m) for n, m in all_rows if n in keep]
-        ds = run_dataset(name, settings, rows, seeds, out, log)
+            selected = [(n, m) for n, m in all_rows if n in keep]
+        ds = run_dataset(name, settings, selected, seeds, out, log)
         if ds["dim"] == 2 or ds["kind"] == "images":
             figure = f"quality-{name}.png"
             reporting.write_figure(ds, out / "samples" / name, out / figure)

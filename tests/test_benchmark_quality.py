@@ -13,6 +13,7 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import _quality_metrics as metrics  # noqa: E402
+import _quality_report as reporting  # noqa: E402
 
 
 def test_paired_rmse_and_median():
@@ -89,6 +90,49 @@ def test_right_component_share():
     assert metrics.assign_components(near_narrow, mixture)[0] == 0
 
 
+def _entry(kind, **mean):
+    return {"kind": kind, "mean": mean, "seeds": [{}]}
+
+
+def test_verdict_against_the_bars():
+    baseline = _entry("velocity", **{"rmse@nfe1": 3.0})
+    passing = {"rmse@nfe1": 0.1, "rmse_ratio@nfe1": 3.5, "rmse_ratio@nfe2": 1.7}
+    assert reporting.verdict(_entry("two-time", **passing), baseline, "analytic") == (
+        "yes / yes"
+    )
+    two_step_miss = {**passing, "rmse_ratio@nfe2": 1.71}
+    assert reporting.verdict(
+        _entry("two-time", **two_step_miss), baseline, "analytic"
+    ) == ("yes / no")
+    # A to-data map's 2-step sampler re-noises: its 2-step ratio has no bar.
+    assert reporting.verdict(
+        _entry("to-data", **two_step_miss), baseline, "analytic"
+    ) == ("yes / n/a")
+    blown = {**passing, "rmse@nfe1": 30.1}
+    assert reporting.verdict(_entry("two-time", **blown), baseline, "analytic") == (
+        "diverged"
+    )
+    nonfinite = {"nonfinite@nfe1": 1.0}
+    assert reporting.verdict(_entry("two-time", **nonfinite), baseline, "analytic") == (
+        "diverged"
+    )
+    images = _entry("two-time", **{"fd@nfe1": 2.0, "fd_ratio@nfe1": 2.5})
+    assert reporting.verdict(images, None, "images") == "no"
+    assert reporting.verdict(baseline, baseline, "analytic") == "–"
+    # Only rows that miss get a line, with the known cause where there is one.
+    report = {
+        "kind": "analytic",
+        "rows": {
+            "flow-matching": baseline,
+            "splitmeanflow": _entry("two-time", **passing),
+            "esd": _entry("two-time", **blown),
+        },
+    }
+    notes = "\n".join(reporting._failure_notes(report))
+    assert "`esd` (diverged): diverges" in notes
+    assert "splitmeanflow" not in notes
+
+
 def test_tiny_end_to_end_run(tmp_path):
     import quality
 
@@ -131,8 +175,31 @@ def test_tiny_end_to_end_run(tmp_path):
     assert (folder / "meanflow-diag128.npy").exists()
     assert "rmse_ratio@nfe1" in rows["meanflow"]["mean"]
     text = (tmp_path / "quality.md").read_text()
-    assert "| meanflow | two-time |" in text
+    assert "| meanflow | two-time | " in text
     assert (tmp_path / "quality-ring.png").exists()
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert saved["machine"]["versions"]["jax"]
     assert saved["runtime_s"] > 0
+
+
+def test_meanflow_ablation_rows():
+    import meanflow_ablation as ablation
+
+    import fmcalc
+
+    rows = dict(ablation.rows())
+    assert list(rows)[0] == "flow-matching"
+    assert len(rows) == 1 + len(ablation.VARIANTS)
+    plain = rows["meanflow-cond-sg-mf"]
+    assert plain.learning == "marginal-from-conditional"
+    # The first variant is MeanFlow itself, with plain squared error.
+    meanflow = fmcalc.methods.get("meanflow", loss=fmcalc.SquaredError())
+    assert str(plain.terms[0].residual) == str(meanflow.terms[0].residual)
+    assert plain.terms[0].times == meanflow.terms[0].times
+    assert rows["meanflow-exact-full-tri"].learning == "distillation"
+    # The true gradient with the conditional velocity is biased, so not in the grid:
+    # the validator refuses it.
+    with pytest.raises(ValueError, match="onditional"):
+        fmcalc.eulerian(
+            form="V", stop_gradient="none", velocity=fmcalc.ConditionalVelocity()
+        )
