@@ -37,14 +37,17 @@ DIVERGED = 10.0
 # What is known, and what was tried, for methods that miss the bars at the full
 # settings. Printed under each data set's table for the rows that miss.
 FAILURE_NOTES = {
-    "meanflow": "its target carries `eps - x0` through the JVP tangent and the "
-    "additive term, which keeps the fixed point but adds the conditional "
-    "velocity's variance to every update; with the exact velocity in its place "
-    "(same spec, same times) it passes (README, 'Few-step quality'). Tried at "
-    "the ring's full settings with plain MSE: the ImageNet times (logit-normal "
-    "(-0.4, 1), 75 % of rows `t = s`), CIFAR's (logit-normal (-2, 2), 25 %), and "
-    "uniform pairs with 25 % and 50 % `t = s`: 1-step 3.9-11×, 2-step 4.0-5.9×. "
-    "The adaptive weight `p = 1` is worse still (shifted fixed point)",
+    "meanflow": "its semigradient (the stop-gradient on the whole target) "
+    "converges slowly at "
+    "this budget: `benchmarks/meanflow_ablation.py` (ring, 2 seeds) finds the "
+    "conditional velocity `eps - x0` costs little (the exact velocity in its place:"
+    " 1-step 7.4× against 7.9×), and the time sampler some (uniform on `s > t`: "
+    "5.2×), while the same residual trained by its true gradient passes (exact "
+    "velocity, 2.3× / 1.3× at 1 / 2 steps; with `eps - x0` that gradient is biased "
+    "and refused). Three times the steps lowers plain-MSE MeanFlow to 4.6× / 3.1× "
+    "on the ring (one seed; `meanflow_ablation.py --steps 60000 --seeds 1 --methods"
+    " meanflow-cond-sg-mf`). The adaptive weight `p = 1` is worse than plain MSE (a"
+    " shifted fixed point)",
     "meanflow-mse": "see `meanflow`",
     "imf": "the same conditional-velocity target as MeanFlow (additive only), "
     "with the adaptive weight",

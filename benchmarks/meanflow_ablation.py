@@ -18,7 +18,7 @@ Every row trains the quality benchmark's network, budget and optimiser on the
 eight-Gaussian ring (`benchmarks/quality.py`, full settings), and is scored the
 same way: paired RMSE against the exact end point of the same noise.
 
-    python benchmarks/meanflow_ablation.py [--seeds 2] [--steps N] [--out DIR]
+    python benchmarks/meanflow_ablation.py [--seeds 2] [--steps N] [--methods ROW ...]
 
 Writes `quality.md`, `quality.json` and the samples into `--out` (default
 `benchmarks/results/meanflow-ablation/`).
