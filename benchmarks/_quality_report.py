@@ -355,7 +355,9 @@ def write_markdown(report: dict, path: pathlib.Path) -> None:
         s = ds["settings"]
         lines += [f"## {name}", "", ds["description"] + ".", ""]
         lines.append(
-            f"MLP {s['depth']}×{s['width']}, {s['steps']} steps, batch "
+            f"MLP {s['depth']}×{s['width']}"
+            f"{' with the gated input skip' if s.get('skip') else ''}, "
+            f"{s['steps']} steps, batch "
             f"{s['batch_size']}, lr {s['lr']}, EMA {s['ema_decay']:.4g}, "
             f"{s['n_eval']} evaluation rows."
         )
@@ -383,7 +385,8 @@ def write_markdown(report: dict, path: pathlib.Path) -> None:
     lines.append("|---|---|---|---|---|")
     for name, s in protocol["full"].items():
         lines.append(
-            f"| {name} | {s['depth']}×{s['width']} | {s['steps']} | "
+            f"| {name} | {s['depth']}×{s['width']}"
+            f"{' + skip' if s.get('skip') else ''} | {s['steps']} | "
             f"{s['batch_size']} | {s['n_eval']} |"
         )
     quick = "; ".join(

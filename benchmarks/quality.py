@@ -64,6 +64,9 @@ class Settings:
     n_eval: int
     lr: float = 1e-3
     n_map: int = 512
+    # The gated input skip of `fmcalc.nn.MLP`: needed where `width < dim` (MNIST's
+    # 784 pixels through 512 units), or the network cannot return the noise.
+    skip: bool = False
 
     @property
     def ema_decay(self) -> float:
@@ -80,7 +83,7 @@ FULL = {
     "checkerboard": Settings(256, 4, 20_000, 256, 2000),
     "moons": Settings(256, 4, 20_000, 256, 2000),
     "digits": Settings(512, 4, 20_000, 256, 1000),
-    "mnist": Settings(512, 4, 20_000, 128, 1000),
+    "mnist": Settings(512, 4, 20_000, 128, 1000, skip=True),
 }
 FULL_SEEDS = 2
 # The quick run: every method on the ring, and the image pipeline (classifier,
@@ -438,6 +441,7 @@ def run_dataset(name, settings, rows, seeds, out: pathlib.Path, log):
             width=settings.width,
             depth=settings.depth,
             num_classes=dataset.num_classes,
+            skip=settings.skip,
             dtype=jnp.float32,
             key=init_key,
         )

@@ -263,3 +263,31 @@ def test_float32_jvp_and_second_order(name):
     assert value.dtype == jnp.float32 and jnp.isfinite(value)
     for g in jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array)):
         assert g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_mlp_skip_gates_the_input_through():
+    plain = MLP(DIM, width=8, depth=2, time_features=16, key=jr.key(0))
+    gated = MLP(DIM, width=8, depth=2, time_features=16, skip=True, key=jr.key(0))
+    # The gate has a key of its own: the shared layers start the same.
+    assert plain.gate is None
+    for a, b in zip(plain.layers, gated.layers, strict=True):
+        np.testing.assert_array_equal(a.weight, b.weight)
+    x = jr.normal(jr.key(1), (DIM,))
+    gate = gated.gate
+    assert gate is not None
+    times = jnp.concatenate(
+        [sinusoidal_embedding(t, 16, dtype=x.dtype) for t in (0.9, 0.3)]
+    )
+    expected = plain(x, 0.9, 0.3) + gate(times) * x
+    np.testing.assert_allclose(gated(x, 0.9, 0.3), expected, rtol=1e-6, atol=1e-6)
+    # Width 8 < dim 64: only the gate can return x itself. Zero the MLP's output
+    # layer and the network is g(s, t) x, proportional to its input.
+    last = gated.layers[-1]
+    zeroed = eqx.tree_at(
+        lambda m: (m.layers[-1].weight, m.layers[-1].bias),
+        gated,
+        (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)),
+    )
+    out = zeroed(x, 0.9, 0.3)
+    np.testing.assert_allclose(out, gate(times) * x, rtol=1e-6)
+    assert float(jnp.abs(gate(times))) > 0

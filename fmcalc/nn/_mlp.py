@@ -16,7 +16,10 @@ class MLP(eqx.Module):
     SiLU; a linear output of size `dim`. With `num_classes`, a learned label embedding
     (rows `0 … num_classes`, the last being the null label for unconditional or
     dropped labels) is added to the first hidden layer's pre-activation, which equals
-    concatenating a one-hot label to the input.
+    concatenating a one-hot label to the input. With `skip=True`, a time-dependent
+    scalar gate passes the input through, `V = MLP(...) + g(s, t) x` with `g` linear
+    in the time embeddings: a hidden layer narrower than `dim` cannot carry the
+    noise that `V` must return near `s = 1` (`v(x, 1) = x - E[x0]`), and the gate can.
 
     All layers use equinox's default initialisation, so the untrained network is a
     non-trivial function of `(x, s, t)` and derivative checks on it are informative.
@@ -29,6 +32,7 @@ class MLP(eqx.Module):
 
     layers: tuple[eqx.nn.Linear, ...]
     label_embedding: eqx.nn.Embedding | None
+    gate: eqx.nn.Linear | None
     dim: int = eqx.field(static=True)
     time_features: int = eqx.field(static=True)
     num_classes: int | None = eqx.field(static=True)
@@ -41,6 +45,7 @@ class MLP(eqx.Module):
         depth: int = 4,
         time_features: int = 64,
         num_classes: int | None = None,
+        skip: bool = False,
         dtype=None,
         key: PRNGKeyArray,
     ):
@@ -52,6 +57,7 @@ class MLP(eqx.Module):
         - `time_features`: the size of each time embedding, even.
         - `num_classes`: the number of class labels, or `None` for an unconditional
             network.
+        - `skip`: add the gated input `g(s, t) x` to the output.
         - `dtype`: the parameters' floating dtype; JAX's default float if `None`.
         - `key`: a PRNG key for the initialisation.
         """
@@ -80,6 +86,14 @@ class MLP(eqx.Module):
             self.label_embedding = eqx.nn.Embedding(
                 num_classes + 1, width, dtype=dtype, key=keys[-1]
             )
+        # A key of its own, so that `skip` leaves the other layers' initialisation
+        # as it is without the gate.
+        gate_key = jr.fold_in(key, len(sizes))
+        self.gate = (
+            eqx.nn.Linear(2 * time_features, "scalar", dtype=dtype, key=gate_key)
+            if skip
+            else None
+        )
         self.dim = dim
         self.time_features = time_features
         self.num_classes = num_classes
@@ -113,7 +127,8 @@ class MLP(eqx.Module):
         embed = lambda time: sinusoidal_embedding(
             time, self.time_features, dtype=x.dtype
         )
-        h = jnp.concatenate([x, embed(s), embed(t)])
+        times = jnp.concatenate([embed(s), embed(t)])
+        h = jnp.concatenate([x, times])
         first, *rest = self.layers
         h = first(h)
         if label is not None:
@@ -122,4 +137,7 @@ class MLP(eqx.Module):
         *hidden, last = rest
         for layer in hidden:
             h = jax.nn.silu(layer(h))
-        return last(h)
+        out = last(h)
+        if self.gate is not None:
+            out = out + self.gate(times) * x
+        return out
