@@ -54,7 +54,11 @@ FAILURE_NOTES = {
     "esd": "diverges: the temporal derivative is trained without a "
     "stop-gradient, which its authors report as highly unstable without heavy "
     "engineering (Boffi et al. 2025); gradient clipping at 1, as for every "
-    "method, does not hold it",
+    "method, does not hold it. On the ring it also diverges at a learning rate of "
+    "3e-4 (`--lr 3e-4`: 1-step RMSE 139, against 1.7e6 at 1e-3) and with a "
+    "forward difference in place of the JVP (`derivative=FiniteDifference(1e-3)`, "
+    "at 3e-4: 57). Its authors add a learned log-variance weight and EDM2 weight "
+    "normalisation, which the shared recipe leaves out",
 }
 
 

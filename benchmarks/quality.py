@@ -597,6 +597,7 @@ def parse(argv=None):
         "--seeds", type=int, help=f"training seeds (full: {FULL_SEEDS})"
     )
     parser.add_argument("--steps", type=int, help="training steps on every data set")
+    parser.add_argument("--lr", type=float, help="learning rate on every data set")
     parser.add_argument("--eval-rows", type=int, help="evaluation rows per data set")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "results")
     return parser.parse_args(argv)
@@ -654,6 +655,8 @@ def main(
         settings = QUICK.get(name, QUICK["ring"]) if args.quick else FULL[name]
         if args.steps:
             settings = dataclasses.replace(settings, steps=args.steps)
+        if args.lr:
+            settings = dataclasses.replace(settings, lr=args.lr)
         if args.eval_rows:
             settings = dataclasses.replace(
                 settings,
