@@ -2,7 +2,7 @@
 
 ```
 python benchmarks/quality.py [--quick] [--datasets ...] [--methods ...] [--seeds N]
-                             [--steps N] [--out DIR]
+                             [--first-seed K] [--steps N] [--out DIR]
 ```
 
 Every method of `fmcalc.methods.names()` (plus MeanFlow without its adaptive
@@ -23,6 +23,10 @@ guard row per method samples its own diagonal `V(x, t, t)` with 128 Euler steps.
 Writes `quality.md`, `quality.json`, one PNG grid of samples per 2-d or image data
 set, and `samples/<dataset>/` (noise, samples of every row in the same row order,
 data, the exact end points and `mixture.json` where known) into `--out`.
+
+The full run is long on a small CPU; it can be run in chunks (data sets, methods,
+`--first-seed`) whose `quality.json` files `benchmarks/merge_quality.py` joins into
+one report.
 """
 
 import argparse
@@ -423,7 +427,9 @@ def _aux_map(dataset, row: str, teacher):
     return HeunMap(teacher, AUX_SUBSTEPS.get(row, 4))
 
 
-def run_dataset(name, settings, rows, seeds, out: pathlib.Path, log):
+def run_dataset(
+    name, settings, rows, seeds, out: pathlib.Path, log, first_seed: int = 0
+):
     dataset = datasets.DATASETS[name]()
     samples_dir = out / "samples" / name
     samples_dir.mkdir(parents=True, exist_ok=True)
@@ -433,7 +439,7 @@ def run_dataset(name, settings, rows, seeds, out: pathlib.Path, log):
     _save_evaluation(dataset, ev, samples_dir)
     prepare_s = time.perf_counter() - start
     results: dict[str, dict] = {}
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         init_key = jax.random.key(1000 + seed)
         train_key = jax.random.key(2000 + seed)
         net = fmcalc.nn.MLP(
@@ -476,7 +482,11 @@ def run_dataset(name, settings, rows, seeds, out: pathlib.Path, log):
                 drawn = draw_samples(
                     kind, model, ev.noise, ev.cond, jax.random.key(7 + seed)
                 )
-                record = {"train_s": train_s, "skipped": int(result.skipped)}
+                record = {
+                    "seed": seed,
+                    "train_s": train_s,
+                    "skipped": int(result.skipped),
+                }
                 losses = np.asarray(result.losses)
                 record["final_loss"] = float(np.nanmean(losses[-100:]))
                 for column, samples in drawn.items():
@@ -488,18 +498,16 @@ def run_dataset(name, settings, rows, seeds, out: pathlib.Path, log):
                 if mapped is not None:
                     record["map_error"] = mapped[0]
                 record["eval_s"] = time.perf_counter() - start
-                if seed == 0:
+                if seed == first_seed:
                     _save_samples(samples_dir, row, drawn, mapped)
                 log(f"[{name}] seed {seed} {row}: {_summary(record)}")
             except Exception as error:  # noqa: BLE001 - reported in the table
                 message = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-                record = {"error": message}
+                record = {"seed": seed, "error": message}
                 log(f"[{name}] seed {seed} {row}: FAILED {message}")
                 log(traceback.format_exc())
             entry["seeds"].append(record)
-    for entry in results.values():
-        entry["mean"], entry["spread"] = _aggregate(entry["seeds"])
-    _add_ratios(results)
+    reporting.aggregate(results)
     return {
         "description": dataset.description,
         "kind": dataset.kind,
@@ -515,42 +523,6 @@ def _summary(record: dict) -> str:
     keys = ("rmse@nfe1", "rmse@nfe2", "energy@nfe1", "fd@nfe1", "accuracy@nfe1")
     parts = [f"{k}={record[k]:.4g}" for k in keys if k in record]
     return f"train {record['train_s']:.1f}s " + " ".join(parts)
-
-
-def _aggregate(seeds: list[dict]) -> tuple[dict, dict]:
-    """Mean and half-range over the seeds that produced each metric."""
-    keys = sorted({k for s in seeds for k, v in s.items() if isinstance(v, float)})
-    mean, spread = {}, {}
-    for k in keys:
-        values = np.array([s[k] for s in seeds if k in s], np.float64)
-        mean[k] = float(np.mean(values))
-        spread[k] = float((np.max(values) - np.min(values)) / 2)
-    return mean, spread
-
-
-def _add_ratios(results: dict) -> None:
-    """Per seed: a row's metric over the 128-step flow-matching value, then the
-    mean and half-range over seeds."""
-    base = results.get(BASELINE)
-    if base is None:
-        return
-    for entry in results.values():
-        ratios: dict[str, list[float]] = {}
-        for seed, record in enumerate(entry["seeds"]):
-            if seed >= len(base["seeds"]):
-                continue
-            reference = base["seeds"][seed]
-            for metric in ("rmse", "fd"):
-                ref = reference.get(f"{metric}@nfe{GUARD_STEPS}")
-                for k in NFE:
-                    value = record.get(f"{metric}@nfe{k}")
-                    if ref and value is not None:
-                        ratios.setdefault(f"{metric}_ratio@nfe{k}", []).append(
-                            value / ref
-                        )
-        for k, values in ratios.items():
-            entry["mean"][k] = float(np.mean(values))
-            entry["spread"][k] = float((np.max(values) - np.min(values)) / 2)
 
 
 # ---------------------------------------------------------------------- output
@@ -596,6 +568,13 @@ def parse(argv=None):
     parser.add_argument(
         "--seeds", type=int, help=f"training seeds (full: {FULL_SEEDS})"
     )
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="index of the first training seed (seeds first..first+N-1), so that "
+        "a run can be split into chunks and merged with benchmarks/merge_quality.py",
+    )
     parser.add_argument("--steps", type=int, help="training steps on every data set")
     parser.add_argument("--lr", type=float, help="learning rate on every data set")
     parser.add_argument("--eval-rows", type=int, help="evaluation rows per data set")
@@ -637,6 +616,7 @@ def main(
         "command": f"python {program} "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "seeds": seeds,
+        "first_seed": args.first_seed,
         "machine": machine(),
         "protocol": {
             "nfe": NFE,
@@ -667,7 +647,9 @@ def main(
         if args.quick and name in QUICK_METHODS:
             keep = QUICK_METHODS[name]
             selected = [(n, m) for n, m in all_rows if n in keep]
-        ds = run_dataset(name, settings, selected, seeds, out, log)
+        ds = run_dataset(
+            name, settings, selected, seeds, out, log, first_seed=args.first_seed
+        )
         if ds["dim"] == 2 or ds["kind"] == "images":
             figure = f"quality-{name}.png"
             reporting.write_figure(ds, out / "samples" / name, out / figure)

@@ -146,6 +146,8 @@ def test_tiny_end_to_end_run(tmp_path):
             "50",
             "--seeds",
             "1",
+            "--first-seed",
+            "3",
             "--eval-rows",
             "256",
             "--out",
@@ -156,6 +158,7 @@ def test_tiny_end_to_end_run(tmp_path):
     assert list(rows) == ["flow-matching", "meanflow"]
     for entry in rows.values():
         assert "error" not in entry["seeds"][0], entry["seeds"][0]
+        assert reporting.seeds_run(entry) == [3]
     assert rows["meanflow"]["kind"] == "two-time"
     # Every metric can be recomputed from the saved samples, rows paired by noise.
     folder = tmp_path / "samples" / "ring"
@@ -203,3 +206,109 @@ def test_meanflow_ablation_rows():
         fmcalc.eulerian(
             form="V", stop_gradient="none", velocity=fmcalc.ConditionalVelocity()
         )
+
+
+SETTINGS = {
+    "width": 8,
+    "depth": 2,
+    "steps": 10,
+    "batch_size": 4,
+    "n_eval": 4,
+    "lr": 1e-3,
+    "ema_decay": 0.9,
+}
+
+
+def _run(rows, *, settings=None, first_seed=0):
+    """A saved report of one chunk: `rows` maps a row to its 1-step and 128-step
+    paired RMSE per seed (two-time maps; flow matching is the velocity row)."""
+    machine = {
+        "cpu_count": 2,
+        "jax_backend": "cpu",
+        "versions": {"fmcalc": "0", "jax": "0"},
+        "git": {"commit": "abc", "dirty": False},
+    }
+    table = {}
+    for row, values in rows.items():
+        records = [
+            {"seed": seed, "train_s": 1.0} | {k: float(v) for k, v in value.items()}
+            for seed, value in enumerate(values, start=first_seed)
+        ]
+        kind = "velocity" if row == reporting.BASELINE else "two-time"
+        table[row] = {"kind": kind, "uses": ["online"], "seeds": records}
+    reporting.aggregate(table)
+    return {
+        "quick": False,
+        "command": f"python benchmarks/quality.py --first-seed {first_seed}",
+        "seeds": max(len(values) for values in rows.values()),
+        "first_seed": first_seed,
+        "machine": machine,
+        "protocol": {
+            "full_seeds": 2,
+            "full": {},
+            "quick": {},
+            "quick_methods": {},
+            "aux_substeps": {"ctm": 2, "pfmm": 4},
+            "full_run_estimate": "long",
+        },
+        "datasets": {
+            "ring": {
+                "description": "ring",
+                "kind": "analytic",
+                "dim": 2,
+                "settings": settings or SETTINGS,
+                "floors": {},
+                "rows": table,
+            }
+        },
+        "runtime_s": 60.0,
+        "finished": "2026-01-01T00:00:00",
+    }
+
+
+def test_merge_joins_seeds_and_recomputes_ratios_per_seed(tmp_path):
+    import merge_quality
+
+    fm = [
+        {"rmse@nfe1": 2.0, "rmse@nfe128": 0.1},
+        {"rmse@nfe1": 2.0, "rmse@nfe128": 0.2},
+    ]
+    good = [{"rmse@nfe1": 0.3, "rmse@nfe2": 0.1}, {"rmse@nfe1": 0.5, "rmse@nfe2": 0.3}]
+    first = _run({"flow-matching": fm[:1], "emd": good[:1], "pfmm": good[:1]})
+    second = _run({"flow-matching": fm[1:], "emd": good[1:]}, first_seed=1)
+    # One chunk alone: each row has one seed, so the full run's check fails.
+    assert not reporting.acceptance(first)["ring"]["ok"]
+    assert reporting.acceptance(first)["ring"]["fewer_seeds"] == ["emd", "pfmm"]
+    merged = merge_quality.merge([first, second, first])
+    rows = merged["datasets"]["ring"]["rows"]
+    assert [r["seed"] for r in rows["emd"]["seeds"]] == [0, 1]
+    assert [r["seed"] for r in rows["pfmm"]["seeds"]] == [0]
+    # Ratios pair each seed with the baseline of the same seed: 0.3/0.1 and 0.5/0.2.
+    assert rows["emd"]["mean"]["rmse_ratio@nfe1"] == pytest.approx(2.75)
+    assert rows["emd"]["spread"]["rmse_ratio@nfe1"] == pytest.approx(0.25)
+    assert rows["emd"]["mean"]["rmse@nfe1"] == pytest.approx(0.4)
+    # The repeated chunk is counted as duplicates, identical to the first copy.
+    assert merged["duplicates"] == {"count": 3, "max_rel_diff": 0.0}
+    check = merged["acceptance"]["ring"]
+    assert check["passing"] == ["emd"] and check["fewer_seeds"] == ["pfmm"]
+    assert not check["ok"]
+    # Written out, the report names every chunk and what is still missing.
+    paths = []
+    for i, report in enumerate([first, second]):
+        folder = tmp_path / f"chunk{i}"
+        folder.mkdir()
+        (folder / "quality.json").write_text(json.dumps(report))
+        paths.append(str(folder / "quality.json"))
+    merge_quality.main(["--out", str(tmp_path / "merged"), *paths])
+    text = (tmp_path / "merged" / "quality.md").read_text()
+    assert "--first-seed 1" in text and "## Coverage" in text
+    assert "| ring | 2 | pfmm (1) | – |" in text
+
+
+def test_merge_refuses_other_settings():
+    import merge_quality
+
+    rows = {"flow-matching": [{"rmse@nfe128": 0.1}]}
+    other = _run(rows, settings=SETTINGS | {"width": 16}, first_seed=1)
+    with pytest.raises(ValueError, match="width': 16"):
+        merge_quality.merge([_run(rows), other])

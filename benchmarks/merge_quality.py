@@ -1,0 +1,169 @@
+"""Join the reports of several runs of `benchmarks/quality.py` into one.
+
+```
+python benchmarks/merge_quality.py --out DIR RUN/quality.json [RUN/quality.json ...]
+```
+
+The full run (every method, every data set, two seeds) takes longer than a day on
+a small CPU, so it is run in chunks: a few data sets, methods or seeds at a time
+(`--datasets`, `--methods`, `--first-seed`). This script joins their per-seed
+records row by row, recomputes the means, spreads, ratios to flow matching (per
+seed) and the acceptance checks, and writes `quality.json`, `quality.md` and the
+sample figures into `--out`.
+
+Runs of one data set must share its settings (network, steps, batch, learning
+rate, evaluation rows); a run at other settings is refused. Where a (row, seed)
+pair ran in more than one run, the first run given is kept, and the largest
+relative difference between the copies is reported (training is deterministic on
+one machine, so it measures reproducibility across commits and loads).
+"""
+
+import argparse
+import copy
+import json
+import pathlib
+import shutil
+
+import _quality_report as reporting
+import numpy as np
+
+
+# Settings fields added after some runs were saved, with the value those runs used.
+SETTING_DEFAULTS = {"skip": False}
+
+
+def _settings(ds: dict) -> dict:
+    return SETTING_DEFAULTS | ds["settings"]
+
+
+def _record_seed(record: dict, position: int) -> int:
+    return record.get("seed", position)
+
+
+def _relative_difference(a: dict, b: dict) -> float:
+    """The largest relative difference between the metrics two records share."""
+    worst = 0.0
+    for key, value in a.items():
+        other = b.get(key)
+        if key.endswith("_s") or not isinstance(value, float):
+            continue
+        if isinstance(other, float) and np.isfinite(value) and np.isfinite(other):
+            scale = max(abs(value), abs(other), 1e-12)
+            worst = max(worst, abs(value - other) / scale)
+    return worst
+
+
+def merge(reports: list[dict], commands: list[str] | None = None) -> dict:
+    """One report holding every (data set, row, seed) record of `reports`."""
+    if not reports:
+        raise ValueError("merge needs at least one report.")
+    quick = {r["quick"] for r in reports}
+    if len(quick) > 1:
+        raise ValueError("cannot merge quick runs with full runs.")
+    merged = {
+        "quick": reports[0]["quick"],
+        "command": "python benchmarks/merge_quality.py " + " ".join(commands or []),
+        "seeds": 0,
+        "machine": reports[0]["machine"],
+        "protocol": reports[0]["protocol"],
+        "datasets": {},
+        "chunks": [],
+        "duplicates": {"count": 0, "max_rel_diff": 0.0},
+        "runtime_s": sum(r["runtime_s"] for r in reports),
+        "finished": max(r["finished"] for r in reports),
+    }
+    for report in reports:
+        merged["chunks"].append(
+            {k: report[k] for k in ("quick", "command", "seeds", "machine")}
+            | {
+                "first_seed": report.get("first_seed", 0),
+                "runtime_s": report["runtime_s"],
+                "finished": report["finished"],
+                "datasets": sorted(report["datasets"]),
+            }
+        )
+        for name, ds in report["datasets"].items():
+            target = merged["datasets"].get(name)
+            if target is None:
+                target = copy.deepcopy(ds)
+                for entry in target["rows"].values():
+                    entry["seeds"] = [
+                        {"seed": _record_seed(r, i)} | r
+                        for i, r in enumerate(entry["seeds"])
+                    ]
+                merged["datasets"][name] = target
+                continue
+            if _settings(ds) != _settings(target):
+                raise ValueError(
+                    f"{name}: run `{report['command']}` used settings "
+                    f"{_settings(ds)}, others {_settings(target)}; only runs at "
+                    "the same settings can be merged."
+                )
+            if not target.get("figure") and ds.get("figure"):
+                target["figure"] = ds["figure"]
+            for row, entry in ds["rows"].items():
+                have = target["rows"].setdefault(
+                    row,
+                    {k: v for k, v in entry.items() if k != "seeds"} | {"seeds": []},
+                )
+                known = {_record_seed(r, i): r for i, r in enumerate(have["seeds"])}
+                for i, record in enumerate(entry["seeds"]):
+                    seed = _record_seed(record, i)
+                    if seed in known:
+                        duplicates = merged["duplicates"]
+                        duplicates["count"] += 1
+                        duplicates["max_rel_diff"] = max(
+                            duplicates["max_rel_diff"],
+                            _relative_difference(known[seed], record),
+                        )
+                        continue
+                    have["seeds"].append({"seed": seed} | record)
+    for ds in merged["datasets"].values():
+        for entry in ds["rows"].values():
+            entry["seeds"].sort(key=lambda r: r["seed"])
+        reporting.aggregate(ds["rows"])
+        merged["seeds"] = max(
+            [merged["seeds"]]
+            + [len(reporting.seeds_run(e)) for e in ds["rows"].values()]
+        )
+    merged["acceptance"] = reporting.acceptance(merged)
+    return merged
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("reports", nargs="+", type=pathlib.Path)
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    args = parser.parse_args(argv)
+    reports = []
+    for path in args.reports:
+        if not path.is_file():
+            raise SystemExit(f"{path}: no such file; give the quality.json of a run.")
+        reports.append(json.loads(path.read_text()))
+    shown = [str(path) for path in args.reports]
+    merged = merge(reports, ["--out", str(args.out), *shown])
+    args.out.mkdir(parents=True, exist_ok=True)
+    # Each data set's figure is copied from the first run that drew one.
+    for name, ds in merged["datasets"].items():
+        figure = ds.get("figure")
+        if not figure:
+            continue
+        for path, report in zip(args.reports, reports, strict=True):
+            source = path.parent / figure
+            if name in report["datasets"] and source.is_file():
+                if source.resolve() != (args.out / figure).resolve():
+                    shutil.copyfile(source, args.out / figure)
+                break
+        else:
+            del ds["figure"]
+    (args.out / "quality.json").write_text(json.dumps(merged, indent=1))
+    reporting.write_markdown(merged, args.out / "quality.md")
+    print(
+        f"{args.out / 'quality.md'}: {len(reports)} runs, datasets "
+        f"{', '.join(merged['datasets'])}"
+    )
+    return merged
+
+
+if __name__ == "__main__":
+    main()
