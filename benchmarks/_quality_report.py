@@ -318,32 +318,49 @@ def acceptance(report: dict) -> dict:
 
 def coverage(report: dict) -> list[str]:
     """Which rows of a merged report ran with the full number of seeds, which
-    with fewer, and which not at all (against every row seen on any data set)."""
+    with fewer, and which not at all; then the runs that would complete it."""
     needed = report["protocol"]["full_seeds"]
-    every = list(
-        dict.fromkeys(r for ds in report["datasets"].values() for r in ds["rows"])
-    )
+    union = [r for ds in report["datasets"].values() for r in ds["rows"]]
+    expected = report.get("expected") or {
+        name: list(dict.fromkeys(union)) for name in report["datasets"]
+    }
     lines = [
         "## Coverage",
-        "",
-        f"Rows are all those run on any data set ({len(every)}).",
         "",
         f"| data set | rows with {needed} seeds | with fewer | not run |",
         "|---|---|---|---|",
     ]
-    for name, ds in report["datasets"].items():
-        counts = {row: len(seeds_run(e)) for row, e in ds["rows"].items()}
+    for name, every in expected.items():
+        rows = report["datasets"].get(name, {"rows": {}})["rows"]
+        counts = {row: len(seeds_run(e)) for row, e in rows.items()}
         full = [row for row, n in counts.items() if n >= needed]
         fewer = [f"{row} ({n})" for row, n in counts.items() if n < needed]
         missing = [row for row in every if row not in counts]
-        cells = [
-            f"{len(full)}",
-            ", ".join(fewer) or "–",
-            (", ".join(missing) or "–")
-            if len(missing) < len(every) / 2
-            else f"{len(missing)} (all but those run)",
-        ]
+        if len(missing) <= len(every) / 2:
+            absent = ", ".join(missing) or "–"
+        else:
+            absent = f"{len(missing)} of {len(every)}"
+        cells = [f"{len(full)} of {len(every)}", ", ".join(fewer) or "–", absent]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    runs = report.get("remaining")
+    if runs:
+        total = sum(run["train_min"] or 0 for run in runs)
+        lines += [
+            "",
+            f"Runs that would complete it ({len(runs)}; about {total / 60:.0f} h "
+            "of training at the measured times, data sets without a measured row "
+            "not counted), each merged in when done:",
+            "",
+            "| data set | seed | rows | training, min | command |",
+            "|---|---|---|---|---|",
+        ]
+        for run in runs:
+            minutes = run["train_min"]
+            lines.append(
+                f"| {run['dataset']} | {run['seed']} | {len(run['rows'])} | "
+                f"{'?' if minutes is None else f'{minutes:.0f}'} | "
+                f"`{run['command']}` |"
+            )
     return lines + [""]
 
 

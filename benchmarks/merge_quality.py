@@ -53,8 +53,13 @@ def _relative_difference(a: dict, b: dict) -> float:
     return worst
 
 
-def merge(reports: list[dict], commands: list[str] | None = None) -> dict:
-    """One report holding every (data set, row, seed) record of `reports`."""
+def merge(
+    reports: list[dict],
+    commands: list[str] | None = None,
+    expected: dict[str, list[str]] | None = None,
+) -> dict:
+    """One report holding every (data set, row, seed) record of `reports`;
+    `expected` (data set -> rows of the full run) adds the runs still missing."""
     if not reports:
         raise ValueError("merge needs at least one report.")
     quick = {r["quick"] for r in reports}
@@ -126,8 +131,59 @@ def merge(reports: list[dict], commands: list[str] | None = None) -> dict:
             [merged["seeds"]]
             + [len(reporting.seeds_run(e)) for e in ds["rows"].values()]
         )
+    if expected is not None:
+        order = list(expected) + [n for n in merged["datasets"] if n not in expected]
+        present = [n for n in order if n in merged["datasets"]]
+        merged["datasets"] = {n: merged["datasets"][n] for n in present}
+        merged["expected"] = expected
+        merged["remaining"] = remaining(merged, expected)
     merged["acceptance"] = reporting.acceptance(merged)
     return merged
+
+
+def remaining(merged: dict, expected: dict[str, list[str]]) -> list[dict]:
+    """The runs that would complete the full run: per data set and seed, the rows
+    without a record, as one `quality.py` command each, with an estimate of its
+    training time from the rows' (or else the data set's mean) measured times."""
+    seeds = merged["protocol"]["full_seeds"]
+    runs = []
+    for name, rows in expected.items():
+        ds = merged["datasets"].get(name, {"rows": {}})
+        times = {
+            row: float(np.mean([r["train_s"] for r in e["seeds"] if "train_s" in r]))
+            for row, e in ds["rows"].items()
+            if any("train_s" in r for r in e["seeds"])
+        }
+        typical = float(np.mean(list(times.values()))) if times else None
+        for seed in range(seeds):
+            missing = [
+                row
+                for row in rows
+                if seed not in reporting.seeds_run(ds["rows"].get(row, {"seeds": []}))
+            ]
+            if not missing:
+                continue
+            # flow matching always runs: it is the baseline of the seed.
+            trained = list(dict.fromkeys([reporting.BASELINE, *missing]))
+            estimate = None
+            if typical is not None:
+                estimate = sum(times.get(row, typical) for row in trained) / 60
+            methods = [row for row in missing if row != reporting.BASELINE]
+            command = f"python benchmarks/quality.py --datasets {name}"
+            if methods and len(missing) < len(rows):
+                command += " --methods " + " ".join(methods)
+            out = f"benchmarks/results/full-subset/{name}-seed{seed}"
+            command += f" --seeds 1 --first-seed {seed} --out {out}"
+            runs.append(
+                {
+                    "dataset": name,
+                    "seed": seed,
+                    "rows": missing,
+                    "command": command,
+                    "train_min": estimate,
+                }
+            )
+    return runs
 
 
 def main(argv=None) -> dict:
@@ -141,7 +197,11 @@ def main(argv=None) -> dict:
             raise SystemExit(f"{path}: no such file; give the quality.json of a run.")
         reports.append(json.loads(path.read_text()))
     shown = [str(path) for path in args.reports]
-    merged = merge(reports, ["--out", str(args.out), *shown])
+    import quality  # the full run's data sets and rows
+
+    rows = [name for name, _ in quality.method_rows(None)]
+    expected = {name: rows for name in quality.FULL}
+    merged = merge(reports, ["--out", str(args.out), *shown], expected)
     args.out.mkdir(parents=True, exist_ok=True)
     # Each data set's figure is copied from the first run that drew one.
     for name, ds in merged["datasets"].items():

@@ -299,10 +299,18 @@ def test_merge_joins_seeds_and_recomputes_ratios_per_seed(tmp_path):
         folder.mkdir()
         (folder / "quality.json").write_text(json.dumps(report))
         paths.append(str(folder / "quality.json"))
-    merge_quality.main(["--out", str(tmp_path / "merged"), *paths])
+    written = merge_quality.main(["--out", str(tmp_path / "merged"), *paths])
     text = (tmp_path / "merged" / "quality.md").read_text()
     assert "--first-seed 1" in text and "## Coverage" in text
-    assert "| ring | 2 | pfmm (1) | – |" in text
+    n = len(written["expected"]["ring"])
+    assert f"| ring | 2 of {n} | pfmm (1) | {n - 3} of {n} |" in text
+    # What is left of the full run, as commands: pfmm lacks seed 1 on the ring.
+    ring = [run for run in written["remaining"] if run["dataset"] == "ring"]
+    assert [run["seed"] for run in ring] == [0, 1]
+    assert "pfmm" not in ring[0]["rows"] and "pfmm" in ring[1]["rows"]
+    assert "--first-seed 1" in ring[1]["command"]
+    # Every record took 1 s; the baseline trains again with the missing rows.
+    assert ring[1]["train_min"] == pytest.approx((len(ring[1]["rows"]) + 1) / 60)
 
 
 def test_merge_refuses_other_settings():
