@@ -202,6 +202,9 @@ def main(argv=None) -> dict:
     rows = [name for name, _ in quality.method_rows(None)]
     expected = {name: rows for name in quality.FULL}
     merged = merge(reports, ["--out", str(args.out), *shown], expected)
+    merged["protocol"] = merged["protocol"] | {
+        "full_run_estimate": quality.FULL_RUN_ESTIMATE
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     # Each data set's figure is copied from the first run that drew one.
     for name, ds in merged["datasets"].items():

@@ -106,9 +106,11 @@ AUX_SUBSTEPS = {"ctm": 2, "pfmm": 4}
 
 FULL_RUN_ESTIMATE = (
     "The full run (defaults: every data set, every method, 2 seeds, the settings "
-    "below) is estimated at about 30 hours on the shared 2-core CPU this benchmark "
-    "was developed on (from per-step training times measured there at a load of "
-    "5-7), most of it training the image models."
+    "below) takes about 20-30 hours on the shared 2-core CPU this benchmark was "
+    "developed on (every method on the ring, one seed: 41 min; most of the time "
+    "goes to the image models). It can run in chunks (`--datasets`, `--methods`, "
+    "`--first-seed`) joined by `benchmarks/merge_quality.py`, whose report lists the "
+    "runs still missing with their expected times."
 )
 
 
@@ -428,8 +430,17 @@ def _aux_map(dataset, row: str, teacher):
 
 
 def run_dataset(
-    name, settings, rows, seeds, out: pathlib.Path, log, first_seed: int = 0
+    name,
+    settings,
+    rows,
+    seeds,
+    out: pathlib.Path,
+    log,
+    first_seed: int = 0,
+    progress: Callable[[dict], None] | None = None,
 ):
+    """Train and score every row on one data set; `progress` receives the data
+    set's report so far after each row."""
     dataset = datasets.DATASETS[name]()
     samples_dir = out / "samples" / name
     samples_dir.mkdir(parents=True, exist_ok=True)
@@ -439,6 +450,20 @@ def run_dataset(
     _save_evaluation(dataset, ev, samples_dir)
     prepare_s = time.perf_counter() - start
     results: dict[str, dict] = {}
+
+    def summary() -> dict:
+        reporting.aggregate(results)
+        return {
+            "description": dataset.description,
+            "kind": dataset.kind,
+            "dim": dataset.dim,
+            "settings": dataclasses.asdict(settings)
+            | {"ema_decay": settings.ema_decay},
+            "floors": ev.floors,
+            "prepare_s": prepare_s,
+            "rows": results,
+        }
+
     for seed in range(first_seed, first_seed + seeds):
         init_key = jax.random.key(1000 + seed)
         train_key = jax.random.key(2000 + seed)
@@ -507,16 +532,9 @@ def run_dataset(
                 log(f"[{name}] seed {seed} {row}: FAILED {message}")
                 log(traceback.format_exc())
             entry["seeds"].append(record)
-    reporting.aggregate(results)
-    return {
-        "description": dataset.description,
-        "kind": dataset.kind,
-        "dim": dataset.dim,
-        "settings": dataclasses.asdict(settings) | {"ema_decay": settings.ema_decay},
-        "floors": ev.floors,
-        "prepare_s": prepare_s,
-        "rows": results,
-    }
+            if progress is not None:
+                progress(summary())
+    return summary()
 
 
 def _summary(record: dict) -> str:
@@ -548,6 +566,12 @@ def _save_samples(folder: pathlib.Path, row: str, drawn: dict, mapped) -> None:
             np.save(folder / f"{row}-{column}.npy", samples.astype(np.float32))
     if mapped is not None:
         np.save(folder / f"{row}-map.npy", mapped[1])
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
 def parse(argv=None):
@@ -647,8 +671,27 @@ def main(
         if args.quick and name in QUICK_METHODS:
             keep = QUICK_METHODS[name]
             selected = [(n, m) for n, m in all_rows if n in keep]
+
+        def progress(ds: dict, name=name) -> None:
+            # A partial report after every row, in the format of the final one,
+            # so that an interrupted run keeps what it finished.
+            partial = report | {"datasets": report["datasets"] | {name: ds}}
+            partial["acceptance"] = reporting.acceptance(partial)
+            partial["runtime_s"] = time.perf_counter() - started
+            partial["finished"] = "(partial) " + datetime.datetime.now().isoformat(
+                timespec="seconds"
+            )
+            _write_atomically(out / "quality.partial.json", json.dumps(partial))
+
         ds = run_dataset(
-            name, settings, selected, seeds, out, log, first_seed=args.first_seed
+            name,
+            settings,
+            selected,
+            seeds,
+            out,
+            log,
+            first_seed=args.first_seed,
+            progress=progress,
         )
         if ds["dim"] == 2 or ds["kind"] == "images":
             figure = f"quality-{name}.png"
@@ -659,6 +702,7 @@ def main(
     report["runtime_s"] = time.perf_counter() - started
     report["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     (out / "quality.json").write_text(json.dumps(report, indent=1))
+    (out / "quality.partial.json").unlink(missing_ok=True)
     reporting.write_markdown(report, out / "quality.md")
     log(f"done in {report['runtime_s'] / 60:.1f} min: {out / 'quality.md'}")
     log_file.close()

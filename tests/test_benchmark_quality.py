@@ -133,9 +133,17 @@ def test_verdict_against_the_bars():
     assert "splitmeanflow" not in notes
 
 
-def test_tiny_end_to_end_run(tmp_path):
+def test_tiny_end_to_end_run(tmp_path, monkeypatch):
     import quality
 
+    partials = []
+    write = quality._write_atomically
+
+    def spy(path, text):
+        partials.append(list(json.loads(text)["datasets"]["ring"]["rows"]))
+        write(path, text)
+
+    monkeypatch.setattr(quality, "_write_atomically", spy)
     report = quality.main(
         [
             "--datasets",
@@ -156,6 +164,9 @@ def test_tiny_end_to_end_run(tmp_path):
     )
     rows = report["datasets"]["ring"]["rows"]
     assert list(rows) == ["flow-matching", "meanflow"]
+    # A partial report after each row, removed once the full one is written.
+    assert partials == [["flow-matching"], ["flow-matching", "meanflow"]]
+    assert not (tmp_path / "quality.partial.json").exists()
     for entry in rows.values():
         assert "error" not in entry["seeds"][0], entry["seeds"][0]
         assert reporting.seeds_run(entry) == [3]
