@@ -88,16 +88,10 @@ def merge(
             }
         )
         for name, ds in report["datasets"].items():
-            target = merged["datasets"].get(name)
-            if target is None:
-                target = copy.deepcopy(ds)
-                for entry in target["rows"].values():
-                    entry["seeds"] = [
-                        {"seed": _record_seed(r, i)} | r
-                        for i, r in enumerate(entry["seeds"])
-                    ]
-                merged["datasets"][name] = target
-                continue
+            target = merged["datasets"].setdefault(
+                name, copy.deepcopy({k: v for k, v in ds.items() if k != "rows"})
+            )
+            target.setdefault("rows", {})
             if _settings(ds) != _settings(target):
                 raise ValueError(
                     f"{name}: run `{report['command']}` used settings "
@@ -109,7 +103,12 @@ def merge(
             for row, entry in ds["rows"].items():
                 have = target["rows"].setdefault(
                     row,
-                    {k: v for k, v in entry.items() if k != "seeds"} | {"seeds": []},
+                    {
+                        k: v
+                        for k, v in entry.items()
+                        if k not in ("seeds", "mean", "spread")
+                    }
+                    | {"seeds": []},
                 )
                 known = {_record_seed(r, i): r for i, r in enumerate(have["seeds"])}
                 for i, record in enumerate(entry["seeds"]):
