@@ -440,7 +440,7 @@ def _run_line(run: dict) -> str:
         f"{machine['jax_backend']} ({run['finished']}); fmcalc "
         f"{machine['versions']['fmcalc']}, jax {machine['versions']['jax']}, commit "
         f"{commit}{' (dirty tree)' if machine['git']['dirty'] else ''}: "
-        f"`{run['command']}`."
+        f"`{run['command']}`." + (f" Note: {run['note']}" if run.get("note") else "")
     )
 
 

@@ -86,6 +86,7 @@ def merge(
                 "finished": report["finished"],
                 "datasets": sorted(report["datasets"]),
             }
+            | ({"note": report["note"]} if "note" in report else {})
         )
         for name, ds in report["datasets"].items():
             target = merged["datasets"].setdefault(
