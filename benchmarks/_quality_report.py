@@ -59,6 +59,11 @@ FAILURE_NOTES = {
     "meanflow-mse": "see `meanflow`",
     "imf": "the same conditional-velocity target as MeanFlow (additive only), "
     "with the adaptive weight",
+    "lmd": "the Lagrangian residual with the exact teacher `v(F, t)` and its true "
+    "gradient (through the teacher's Jacobian at `F`); it meets both bars on the "
+    "ring and misses on the anisotropic mixture, whose narrowest component "
+    "(variance 0.01) makes that Jacobian large near the data, a likely cause; "
+    "nothing else tried",
     "lsd": "self-distillation: the Lagrangian residual of `lmd` with the model's "
     "own diagonal `V(F, t, t)`, behind a stop-gradient, as the teacher in place of "
     "the exact velocity (`lmd` meets both bars on the ring), and the flow-matching "

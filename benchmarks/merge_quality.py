@@ -135,6 +135,10 @@ def merge(
         order = list(expected) + [n for n in merged["datasets"] if n not in expected]
         present = [n for n in order if n in merged["datasets"]]
         merged["datasets"] = {n: merged["datasets"][n] for n in present}
+        for name, ds in merged["datasets"].items():
+            rank = {row: i for i, row in enumerate(expected.get(name, []))}
+            order = sorted(ds["rows"], key=lambda row: rank.get(row, len(rank)))
+            ds["rows"] = {row: ds["rows"][row] for row in order}
         merged["expected"] = expected
         merged["remaining"] = remaining(merged, expected)
     merged["acceptance"] = reporting.acceptance(merged)
