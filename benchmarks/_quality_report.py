@@ -385,10 +385,7 @@ def coverage(report: dict) -> list[str]:
     """Which rows of a merged report ran with the full number of seeds, which
     with fewer, and which not at all; then the runs that would complete it."""
     needed = report["protocol"]["full_seeds"]
-    union = [r for ds in report["datasets"].values() for r in ds["rows"]]
-    expected = report.get("expected") or {
-        name: list(dict.fromkeys(union)) for name in report["datasets"]
-    }
+    expected = report["expected"]
     lines = [
         "## Coverage",
         "",
@@ -547,7 +544,7 @@ def write_markdown(report: dict, path: pathlib.Path) -> None:
                 "trains far shorter and a smaller network.",
             ]
         lines.append("")
-    if "chunks" in report:
+    if "expected" in report:
         lines += coverage(report)
     for name, ds in report["datasets"].items():
         s = ds["settings"]

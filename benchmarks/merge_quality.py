@@ -68,7 +68,6 @@ def merge(
     merged = {
         "quick": reports[0]["quick"],
         "command": "python benchmarks/merge_quality.py " + " ".join(commands or []),
-        "seeds": 0,
         "machine": reports[0]["machine"],
         "protocol": reports[0]["protocol"],
         "datasets": {},
@@ -127,10 +126,6 @@ def merge(
         for entry in ds["rows"].values():
             entry["seeds"].sort(key=lambda r: r["seed"])
         reporting.aggregate(ds["rows"])
-        merged["seeds"] = max(
-            [merged["seeds"]]
-            + [len(reporting.seeds_run(e)) for e in ds["rows"].values()]
-        )
     if expected is not None:
         order = list(expected) + [n for n in merged["datasets"] if n not in expected]
         present = [n for n in order if n in merged["datasets"]]
