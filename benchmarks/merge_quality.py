@@ -31,6 +31,19 @@ import numpy as np
 # Settings fields added after some runs were saved, with the value those runs used.
 SETTING_DEFAULTS = {"skip": False}
 
+# Where the chunks of the full run go, relative to the repository root.
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SUBSET = pathlib.Path("benchmarks/results/full-subset")
+
+
+def _fresh_folder(name: str) -> pathlib.Path:
+    """A chunk folder that no earlier chunk uses: `name`, else `name-2`, `name-3`..."""
+    folder, n = SUBSET / name, 1
+    while (ROOT / folder).exists():
+        n += 1
+        folder = SUBSET / f"{name}-{n}"
+    return folder
+
 
 def _settings(ds: dict) -> dict:
     return SETTING_DEFAULTS | ds["settings"]
@@ -171,7 +184,7 @@ def remaining(merged: dict, expected: dict[str, list[str]]) -> list[dict]:
             command = f"python benchmarks/quality.py --datasets {name}"
             if methods and len(missing) < len(rows):
                 command += " --methods " + " ".join(methods)
-            out = f"benchmarks/results/full-subset/{name}-seed{seed}"
+            out = _fresh_folder(f"{name}-seed{seed}")
             command += f" --seeds 1 --first-seed {seed} --out {out}"
             runs.append(
                 {

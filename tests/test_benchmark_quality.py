@@ -277,7 +277,7 @@ def _run(rows, *, settings=None, first_seed=0):
     }
 
 
-def test_merge_joins_seeds_and_recomputes_ratios_per_seed(tmp_path):
+def test_merge_joins_seeds_and_recomputes_ratios_per_seed(tmp_path, monkeypatch):
     import merge_quality
 
     fm = [
@@ -310,6 +310,8 @@ def test_merge_joins_seeds_and_recomputes_ratios_per_seed(tmp_path):
         folder.mkdir()
         (folder / "quality.json").write_text(json.dumps(report))
         paths.append(str(folder / "quality.json"))
+    # Commands name chunk folders under a repository root with no chunks yet.
+    monkeypatch.setattr(merge_quality, "ROOT", tmp_path / "repo")
     written = merge_quality.main(["--out", str(tmp_path / "merged"), *paths])
     text = (tmp_path / "merged" / "quality.md").read_text()
     assert "--first-seed 1" in text and "## Coverage" in text
@@ -320,6 +322,14 @@ def test_merge_joins_seeds_and_recomputes_ratios_per_seed(tmp_path):
     assert [run["seed"] for run in ring] == [0, 1]
     assert "pfmm" not in ring[0]["rows"] and "pfmm" in ring[1]["rows"]
     assert "--first-seed 1" in ring[1]["command"]
+    # Each command writes to a folder of its own, never over an earlier chunk.
+    assert ring[1]["command"].endswith(
+        "--out benchmarks/results/full-subset/ring-seed1"
+    )
+    for taken in ["ring-seed1", "ring-seed1-2"]:
+        (tmp_path / "repo" / merge_quality.SUBSET / taken).mkdir(parents=True)
+    again = merge_quality.remaining(written, written["expected"])
+    assert again[1]["command"].endswith("full-subset/ring-seed1-3")
     # Every record took 1 s; the baseline trains again with the missing rows.
     assert ring[1]["train_min"] == pytest.approx((len(ring[1]["rows"]) + 1) / 60)
 
