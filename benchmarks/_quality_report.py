@@ -61,8 +61,9 @@ FAILURE_NOTES = {
     "with the adaptive weight",
     "lmd": "the Lagrangian residual with the exact teacher `v(F, t)` and its true "
     "gradient (through the teacher's Jacobian at `F`); it meets both bars on the "
-    "ring and misses on the anisotropic mixture, whose narrowest component "
-    "(variance 0.01) makes that Jacobian large near the data, a likely cause; "
+    "ring and the 8-D Gaussian and misses on the anisotropic and the 16-D "
+    "mixtures, whose narrow components (variance 0.01 in 2-D, eigenvalues down "
+    "to 0.02 in 16-D) make that Jacobian large near the data, a likely cause; "
     "nothing else tried",
     "lsd": "self-distillation: the Lagrangian residual of `lmd` with the model's "
     "own diagonal `V(F, t, t)`, behind a stop-gradient, as the teacher in place of "
@@ -122,7 +123,8 @@ FAILURE_NOTES = {
     "3e-4 (`--lr 3e-4`: 1-step RMSE 139, against 1.7e6 at 1e-3) and with a "
     "forward difference in place of the JVP (`derivative=FiniteDifference(1e-3)`, "
     "at 3e-4: 57). Its authors add a learned log-variance weight and EDM2 weight "
-    "normalisation, which the shared recipe leaves out. On the 8-D Gaussian, one "
+    "normalisation, which the shared recipe leaves out. On the 16-D mixture one "
+    "seed of two diverges and the other misses both bars. On the 8-D Gaussian, one "
     "smooth mode, the same recipe trains and meets both bars with 2 seeds, so the "
     "instability comes with the multi-modal data sets",
 }
