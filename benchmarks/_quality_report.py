@@ -614,8 +614,23 @@ def _column_title(column: str) -> str:
     return f"{column[3:]} step(s)"
 
 
-def write_figure(ds: dict, folder: pathlib.Path, path: pathlib.Path) -> None:
-    """A grid of samples (methods × steps) from the saved samples of the first seed."""
+def _find(folders: list[pathlib.Path], name: str) -> pathlib.Path | None:
+    """The first of `folders` that holds the file `name`, as a path; else None."""
+    for folder in folders:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def write_figure(
+    ds: dict, folder: pathlib.Path | list[pathlib.Path], path: pathlib.Path
+) -> None:
+    """A grid of samples (methods × steps) from the saved samples of one seed.
+
+    `folder` may be a list of sample folders of the same seed (chunks of a merged
+    run): each file is read from the first folder that has it.
+    """
+    folders = [folder] if isinstance(folder, pathlib.Path) else list(folder)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -623,9 +638,9 @@ def write_figure(ds: dict, folder: pathlib.Path, path: pathlib.Path) -> None:
 
     rows = list(ds["rows"])
     if ds["kind"] == "images":
-        return _image_figure(ds, folder, path, plt)
+        return _image_figure(ds, folders, path, plt)
     columns = [f"nfe{k}" for k in NFE] + [f"diag{GUARD_STEPS}"]
-    data = np.load(folder / "data.npy")
+    data = np.load(_find(folders, "data.npy") or folders[0] / "data.npy")
     lim = np.quantile(np.abs(data), 0.995) * 1.3
     fig, axes = plt.subplots(
         len(rows), len(columns), figsize=(1.6 * len(columns), 1.6 * len(rows))
@@ -643,8 +658,8 @@ def write_figure(ds: dict, folder: pathlib.Path, path: pathlib.Path) -> None:
                 ax.set_title(_column_title(column), fontsize=7)
             if row == BASELINE and column.startswith("diag"):
                 column = f"nfe{GUARD_STEPS}"
-            file = folder / f"{row}-{column}.npy"
-            if file.exists():
+            file = _find(folders, f"{row}-{column}.npy")
+            if file is not None:
                 x = np.load(file)
                 ax.scatter(x[:, 0], x[:, 1], s=0.3, c="C0", rasterized=True)
             else:
@@ -656,10 +671,10 @@ def write_figure(ds: dict, folder: pathlib.Path, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def _image_figure(ds, folder, path, plt):
+def _image_figure(ds, folders, path, plt):
     rows = list(ds["rows"])
     side = int(round(np.sqrt(ds["dim"])))
-    labels = np.load(folder / "labels.npy")
+    labels = np.load(_find(folders, "labels.npy") or folders[0] / "labels.npy")
     picks = [int(np.flatnonzero(labels == c)[0]) for c in range(10)]
     columns = [f"nfe{k}" for k in NFE]
     fig, axes = plt.subplots(
@@ -671,8 +686,8 @@ def _image_figure(ds, folder, path, plt):
             ax = axes[i, j]
             ax.set_xticks([])
             ax.set_yticks([])
-            file = folder / f"{row}-{column}.npy"
-            if file.exists():
+            file = _find(folders, f"{row}-{column}.npy")
+            if file is not None:
                 x = np.load(file)[picks].reshape(10, side, side)
                 strip = np.concatenate(list(np.clip(x, -1, 1)), axis=1)
                 ax.imshow(strip, cmap="gray", vmin=-1, vmax=1)

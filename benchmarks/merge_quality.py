@@ -9,7 +9,8 @@ a small CPU, so it is run in chunks: a few data sets, methods or seeds at a time
 (`--datasets`, `--methods`, `--first-seed`). This script joins their per-seed
 records row by row, recomputes the means, spreads, ratios to flow matching (per
 seed) and the acceptance checks, and writes `quality.json`, `quality.md` and the
-sample figures into `--out`.
+sample figures into `--out` (drawn from the chunks' saved samples of one seed
+where those are on disk, else the most complete figure a chunk drew).
 
 Runs of one data set must share its settings (network, steps, batch, learning
 rate, evaluation rows); a run at other settings is refused. Where a (row, seed)
@@ -198,6 +199,57 @@ def remaining(merged: dict, expected: dict[str, list[str]]) -> list[dict]:
     return runs
 
 
+def _figure(name: str, ds: dict, runs: list, out: pathlib.Path) -> bool:
+    """Write the merged sample figure of data set `name` into `out`.
+
+    The sample files are git-ignored, so they exist only where a chunk ran. Where
+    they do, the figure is drawn from the chunks of one seed together (the seed
+    whose chunks saved samples of the most rows, the lowest on ties; rows without
+    samples are left out); where they cover fewer rows than some run's own figure
+    shows, that figure (the one with the most rows) is copied instead. Returns
+    whether a figure was written.
+    """
+    figure = f"quality-{name}.png"
+    if not (ds["dim"] == 2 or ds["kind"] == "images"):
+        return False
+    runs = [(path, report) for path, report in runs if name in report["datasets"]]
+    by_seed: dict[int, list[pathlib.Path]] = {}
+    for path, report in runs:
+        folder = path.parent / "samples" / name
+        if (folder / "noise.npy").is_file():
+            by_seed.setdefault(report.get("first_seed", 0), []).append(folder)
+
+    def covered_row(folders, row):
+        return any((f / f"{row}-nfe1.npy").is_file() for f in folders)
+
+    def covered(folders):
+        return sum(covered_row(folders, row) for row in ds["rows"])
+
+    drawn = max(sorted(by_seed.items()), key=lambda kv: covered(kv[1]), default=None)
+    shown = [
+        (len(report["datasets"][name]["rows"]), path.parent / figure)
+        for path, report in runs
+        if report["datasets"][name].get("figure") and (path.parent / figure).is_file()
+    ]
+    best = max(shown, key=lambda item: item[0], default=(0, None))
+    out.mkdir(parents=True, exist_ok=True)
+    if drawn is not None and covered(drawn[1]) > best[0]:
+        # Rows whose samples are not on this machine are left out, not shown empty.
+        rows = {
+            row: entry
+            for row, entry in ds["rows"].items()
+            if covered_row(drawn[1], row)
+        }
+        reporting.write_figure(ds | {"rows": rows}, drawn[1], out / figure)
+    elif best[1] is not None:
+        if best[1].resolve() != (out / figure).resolve():
+            shutil.copyfile(best[1], out / figure)
+    else:
+        return False
+    ds["figure"] = figure
+    return True
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("reports", nargs="+", type=pathlib.Path)
@@ -218,19 +270,10 @@ def main(argv=None) -> dict:
         "full_run_estimate": quality.FULL_RUN_ESTIMATE
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    # Each data set's figure is copied from the first run that drew one.
+    runs = list(zip(args.reports, reports, strict=True))
     for name, ds in merged["datasets"].items():
-        figure = ds.get("figure")
-        if not figure:
-            continue
-        for path, report in zip(args.reports, reports, strict=True):
-            source = path.parent / figure
-            if name in report["datasets"] and source.is_file():
-                if source.resolve() != (args.out / figure).resolve():
-                    shutil.copyfile(source, args.out / figure)
-                break
-        else:
-            del ds["figure"]
+        if not _figure(name, ds, runs, args.out):
+            ds.pop("figure", None)
     (args.out / "quality.json").write_text(json.dumps(merged, indent=1))
     reporting.write_markdown(merged, args.out / "quality.md")
     print(

@@ -334,6 +334,60 @@ def test_merge_joins_seeds_and_recomputes_ratios_per_seed(tmp_path, monkeypatch)
     assert ring[1]["train_min"] == pytest.approx((len(ring[1]["rows"]) + 1) / 60)
 
 
+def test_merge_draws_the_figure_from_the_saved_samples_of_one_seed(
+    tmp_path, monkeypatch
+):
+    import merge_quality
+
+    fm = [{"rmse@nfe1": 2.0, "rmse@nfe128": 0.1}]
+    good = [{"rmse@nfe1": 0.3, "rmse@nfe2": 0.1}]
+    chunks = {
+        "a": _run({"flow-matching": fm, "emd": good}),
+        "b": _run({"flow-matching": fm, "pfmm": good, "lsd": good}),
+        # Seed 1 ran elsewhere: its figure is committed, its samples are not.
+        "c": _run({"flow-matching": fm, "emd": good, "ctm": good}, first_seed=1),
+    }
+    chunks["c"]["datasets"]["ring"]["figure"] = "quality-ring.png"
+    paths = []
+    for name, report in chunks.items():
+        folder = tmp_path / name
+        (folder / "samples" / "ring").mkdir(parents=True)
+        (folder / "quality.json").write_text(json.dumps(report))
+        paths.append(str(folder / "quality.json"))
+    (tmp_path / "c" / "quality-ring.png").write_bytes(b"drawn by c")
+    rng = np.random.default_rng(0)
+    saved = {"a": ["flow-matching", "emd"], "b": ["flow-matching", "pfmm"]}
+    for name, rows in saved.items():
+        folder = tmp_path / name / "samples" / "ring"
+        for file in [
+            "noise",
+            "data",
+            *(f"{row}-nfe{k}" for row in rows for k in (1, 2)),
+        ]:
+            np.save(folder / f"{file}.npy", rng.normal(size=(50, 2)))
+    drawn = []
+    real = reporting.write_figure
+
+    def spy(ds, folders, path):
+        drawn.append((list(ds["rows"]), folders))
+        real(ds, folders, path)
+
+    monkeypatch.setattr(reporting, "write_figure", spy)
+    monkeypatch.setattr(merge_quality, "ROOT", tmp_path / "repo")
+    out = tmp_path / "merged"
+    # Seed 0's samples cover 3 rows, no more than c's figure shows: copy that.
+    merged = merge_quality.main(["--out", str(out), *paths])
+    assert merged["datasets"]["ring"]["figure"] == "quality-ring.png"
+    assert (out / "quality-ring.png").read_bytes() == b"drawn by c" and not drawn
+    # With lsd's samples seed 0 covers 4 rows: drawn from both of its chunks,
+    # ctm (seed 1 only) left out rather than shown empty.
+    np.save(tmp_path / "b" / "samples" / "ring" / "lsd-nfe1.npy", np.zeros((50, 2)))
+    merge_quality.main(["--out", str(out), *paths])
+    ring = [tmp_path / name / "samples" / "ring" for name in ("a", "b")]
+    assert drawn == [(["flow-matching", "lsd", "emd", "pfmm"], ring)]  # merged order
+    assert (out / "quality-ring.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_merge_refuses_other_settings():
     import merge_quality
 
