@@ -39,6 +39,18 @@ def git() -> dict[str, Any]:
     return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "-s"))}
 
 
+def device_label(machine: dict[str, Any]) -> str:
+    """The JAX backend, with the accelerator's name and any matmul precision set
+    (`gpu (NVIDIA H200), matmul precision highest`); records written before those
+    fields existed give the backend alone."""
+    label = machine["jax_backend"]
+    if machine.get("device_kind") and label != "cpu":
+        label += f" ({machine['device_kind']})"
+    if machine.get("matmul_precision"):
+        label += f", matmul precision {machine['matmul_precision']}"
+    return label
+
+
 def machine() -> dict[str, Any]:
     """The machine, its load average at the call, the JAX devices, the package
     versions and the commit."""
@@ -54,6 +66,8 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "jax_backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
+        "matmul_precision": jax.config.jax_default_matmul_precision,
         "versions": versions(),
         "git": git(),
     }

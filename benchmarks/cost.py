@@ -46,7 +46,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from _machine import machine
+from _machine import device_label, machine
 
 import fmcalc
 import fmcalc.cost
@@ -539,11 +539,13 @@ def write_markdown(report: dict, path: pathlib.Path) -> None:
         "",
         f"Run: **{'quick' if report['quick'] else 'full'}**, "
         f"{report['runtime_s']:.0f} s, {report['date']}; {m['processor']}, "
-        f"{m['cpu_count']} CPU core(s), devices {', '.join(m['devices'])}; jax "
-        f"{m['versions']['jax']}, equinox {m['versions']['equinox']}.",
+        f"{m['cpu_count']} CPU core(s), devices {', '.join(m['devices'])}, "
+        f"{device_label(m)}; jax {m['versions']['jax']}, equinox "
+        f"{m['versions']['equinox']}.",
         "",
         f"Command: `{report['command']}`",
         "",
+        *([f"Note: {report['note']}", ""] if report.get("note") else []),
         "FPE = FLOPs of one compiled training step (`value_and_grad` of the loss "
         "with respect to the online network, from `fmcalc.cost.measure`) over the "
         "FLOPs of one forward pass of the network on the batch's *data* rows: the "
@@ -555,9 +557,15 @@ def write_markdown(report: dict, path: pathlib.Path) -> None:
         f"full-batch figure more than {SEED_SLACK} above the seed's. Temporary "
         "memory is XLA's scratch allocation of the compiled step. *Wall / FM* is the "
         "median wall time of the full-batch step over that of a flow-matching step, "
-        f"called in turn ({report['repeats']} calls each; noisy on a shared CPU, "
-        "FLOPs are deterministic); the flow-matching row times the step against "
-        "itself, a gauge of that noise.",
+        f"called in turn ({report['repeats']} calls each; "
+        + (
+            "noisy on a shared CPU, FLOPs are deterministic"
+            if m["jax_backend"] == "cpu"
+            else "steps this small leave an accelerator waiting on kernel "
+            "launches, so these ratios sit well below the FPE ratios"
+        )
+        + "); the flow-matching row times the step against itself, a gauge of "
+        "timing noise.",
         "",
     ]
     for kind, result in report["networks"].items():

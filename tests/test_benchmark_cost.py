@@ -80,9 +80,9 @@ def test_wall_ratio_of_a_step_with_itself():
     assert wall["ratio"] > 0 and wall["baseline_ms"] > 0
 
 
-def test_report_files(report, tmp_path):
-    networks = {kind: result for kind, (result, _) in report.items()}
-    full = {
+def _full_report(report, **changes) -> dict:
+    """The report `cost.main` would write for the fixture's measurements."""
+    return {
         "quick": True,
         "command": "python benchmarks/cost.py --quick",
         "date": "today",
@@ -90,11 +90,14 @@ def test_report_files(report, tmp_path):
         "repeats": 0,
         "seed_slack": cost.SEED_SLACK,
         "static_slack": cost.STATIC_SLACK,
-        "networks": networks,
+        "networks": {kind: result for kind, (result, _) in report.items()},
         "checks": {kind: check for kind, (_, check) in report.items()},
         "runtime_s": 1.0,
-    }
-    cost.write_report(full, tmp_path)
+    } | changes
+
+
+def test_report_files(report, tmp_path):
+    cost.write_report(_full_report(report), tmp_path)
     assert json.loads((tmp_path / "cost.json").read_text())["networks"].keys() == {
         "mlp",
         "transformer",
@@ -102,3 +105,20 @@ def test_report_files(report, tmp_path):
     text = (tmp_path / "cost.md").read_text()
     assert "## MLP" in text and "## Transformer" in text and "| meanflow |" in text
     assert (tmp_path / "cost.png").stat().st_size > 0
+    assert "noisy on a shared CPU" in text and "Note:" not in text
+
+
+def test_report_names_the_accelerator(report, tmp_path):
+    """A run on a GPU names the device in the run line, prints the run's note and
+    says why its wall ratios sit below the FPE ratios."""
+    machine = cost.machine() | {
+        "jax_backend": "gpu",
+        "devices": ["cuda:0"],
+        "device_kind": "NVIDIA H200",
+    }
+    full = _full_report(report, machine=machine, note="a lent accelerator")
+    cost.write_markdown(full, tmp_path / "cost.md")
+    text = (tmp_path / "cost.md").read_text()
+    assert "devices cuda:0, gpu (NVIDIA H200);" in text
+    assert "Note: a lent accelerator" in text
+    assert "kernel launches" in text and "shared CPU" not in text
