@@ -10,6 +10,7 @@ import pathlib
 import sys
 
 import numpy as np
+from _machine import device_label
 
 
 ROOT = pathlib.Path(__file__).resolve().parent
@@ -64,9 +65,10 @@ FAILURE_NOTES = {
     "ring and the 8-D Gaussian and misses on the anisotropic and the 16-D "
     "mixtures, whose narrow components (variance 0.01 in 2-D, eigenvalues down "
     "to 0.02 in 16-D) make that Jacobian large near the data, a likely cause. "
-    "On digits (seed 0 so far) the teacher is the flow-matching network and "
-    "`lmd` is 14.7× at 1 step, where `lsd`, the same residual with the model's "
-    "own diagonal behind a stop-gradient as teacher, is 1.5×; nothing else tried",
+    "On digits the teacher is the flow-matching network and `lmd` is 13.7× at "
+    "1 step (14.7× and 12.7× over two seeds), where `lsd`, the same residual "
+    "with the model's own diagonal behind a stop-gradient as teacher, is 1.5× "
+    "(seed 0); nothing else tried",
     "lsd": "self-distillation: the Lagrangian residual of `lmd` with the model's "
     "own diagonal `V(F, t, t)`, behind a stop-gradient, as the teacher in place of "
     "the exact velocity (`lmd` meets both bars on the ring), and the flow-matching "
@@ -418,7 +420,8 @@ def coverage(report: dict) -> list[str]:
         lines += [
             "",
             f"Runs that would complete it ({len(runs)}; about {total / 60:.0f} h "
-            "of training at the measured times, data sets without a measured row "
+            "of training at the times measured on "
+            f"{device_label(report['machine'])}, data sets without a measured row "
             "not counted), each merged in when done:",
             "",
             "| data set | seed | rows | training, min | command |",
@@ -447,7 +450,7 @@ def _run_line(run: dict) -> str:
     return (
         f"Run: **{'quick' if run['quick'] else 'full'}**, {seeds}, "
         f"{run['runtime_s'] / 60:.1f} min on {machine['cpu_count']} CPU core(s), "
-        f"{machine['jax_backend']} ({run['finished']}); fmcalc "
+        f"{device_label(machine)} ({run['finished']}); fmcalc "
         f"{machine['versions']['fmcalc']}, jax {machine['versions']['jax']}, commit "
         f"{commit}{' (dirty tree)' if machine['git']['dirty'] else ''}: "
         f"`{run['command']}`." + (f" Note: {run['note']}" if run.get("note") else "")
@@ -457,10 +460,18 @@ def _run_line(run: dict) -> str:
 def _duplicates_line(report: dict) -> str:
     duplicates = report.get("duplicates", {})
     if not duplicates.get("count"):
-        return "no (row, seed) ran twice"
+        return "No (row, seed) ran twice."
+    by_device = duplicates.get("by_device") or {
+        "": {k: duplicates[k] for k in ("count", "max_rel_diff")}
+    }
+    parts = [
+        f"{tally['max_rel_diff']:.2g} over the {tally['count']}"
+        + (f" on {device}" if device else "")
+        for device, tally in by_device.items()
+    ]
     return (
-        f"{duplicates['count']} ran twice; the largest relative difference of a "
-        f"metric between the two runs is {duplicates['max_rel_diff']:.2g}"
+        f"{duplicates['count']} (row, seed) pairs ran twice; the largest relative "
+        f"difference of a metric between the two copies is {'; '.join(parts)}."
     )
 
 
@@ -475,7 +486,7 @@ def write_markdown(report: dict, path: pathlib.Path) -> None:
             f"Merged from {len(report['chunks'])} runs "
             "(`python benchmarks/merge_quality.py`); each row's seeds are counted "
             "in the `seeds` column, and a (row, seed) run twice is kept once, "
-            f"from the first run listed ({_duplicates_line(report)}).",
+            f"from the first run listed. {_duplicates_line(report)}",
             "",
         ]
     lines += [
@@ -506,7 +517,8 @@ def write_markdown(report: dict, path: pathlib.Path) -> None:
         "diagonal `V(x, t, t)` sampled with 128 Euler steps; `FD` the Fréchet "
         "distance between classifier features of the class-conditional samples and "
         "of the data; `acc.` the classifier's accuracy on the conditioning labels; "
-        "`train s` the training wall time (compilation included). With several "
+        "`train s` the training wall time (compilation included) on the device "
+        "that ran the seed (the run lines name it). With several "
         "seeds a single-value cell is mean ± half the range over seeds, and a "
         "`1 / 2 / 4` cell shows means (the spreads are in `quality.json`).",
         "",

@@ -15,8 +15,9 @@ where those are on disk, else the most complete figure a chunk drew).
 Runs of one data set must share its settings (network, steps, batch, learning
 rate, evaluation rows); a run at other settings is refused. Where a (row, seed)
 pair ran in more than one run, the first run given is kept, and the largest
-relative difference between the copies is reported (training is deterministic on
-one machine, so it measures reproducibility across commits and loads).
+relative difference between the copies is reported per device (training is
+deterministic on one CPU, so there it measures reproducibility across commits and
+loads; on a GPU, XLA's reductions need not be).
 """
 
 import argparse
@@ -27,6 +28,7 @@ import shutil
 
 import _quality_report as reporting
 import numpy as np
+from _machine import device_label
 
 
 # Settings fields added after some runs were saved, with the value those runs used.
@@ -76,6 +78,10 @@ def merge(
     `expected` (data set -> rows of the full run) adds the runs still missing."""
     if not reports:
         raise ValueError("merge needs at least one report.")
+    # CPU runs first: they repeat bit for bit, so theirs is the copy kept of a
+    # (row, seed) that also ran on an accelerator, and their times are the ones
+    # the estimates of the missing runs use.
+    reports = sorted(reports, key=lambda r: r["machine"]["jax_backend"] != "cpu")
     quick = {r["quick"] for r in reports}
     if len(quick) > 1:
         raise ValueError("cannot merge quick runs with full runs.")
@@ -86,11 +92,13 @@ def merge(
         "protocol": reports[0]["protocol"],
         "datasets": {},
         "chunks": [],
-        "duplicates": {"count": 0, "max_rel_diff": 0.0},
+        "duplicates": {"count": 0, "max_rel_diff": 0.0, "by_device": {}},
         "runtime_s": sum(r["runtime_s"] for r in reports),
         "finished": max(r["finished"] for r in reports),
     }
+    origin = {}  # (data set, row, seed) -> device label of the run kept
     for report in reports:
+        device = device_label(report["machine"])
         merged["chunks"].append(
             {k: report[k] for k in ("quick", "command", "seeds", "machine")}
             | {
@@ -128,14 +136,21 @@ def merge(
                 for i, record in enumerate(entry["seeds"]):
                     seed = _record_seed(record, i)
                     if seed in known:
+                        first = origin[name, row, seed]
+                        pair = first if first == device else f"{first} / {device}"
+                        difference = _relative_difference(known[seed], record)
                         duplicates = merged["duplicates"]
-                        duplicates["count"] += 1
-                        duplicates["max_rel_diff"] = max(
-                            duplicates["max_rel_diff"],
-                            _relative_difference(known[seed], record),
+                        on = duplicates["by_device"].setdefault(
+                            pair, {"count": 0, "max_rel_diff": 0.0}
                         )
+                        for tally in (duplicates, on):
+                            tally["count"] += 1
+                            tally["max_rel_diff"] = max(
+                                tally["max_rel_diff"], difference
+                            )
                         continue
-                    have["seeds"].append({"seed": seed} | record)
+                    origin[name, row, seed] = device
+                    have["seeds"].append({"seed": seed, "device": device} | record)
     for ds in merged["datasets"].values():
         for entry in ds["rows"].values():
             entry["seeds"].sort(key=lambda r: r["seed"])
@@ -157,16 +172,22 @@ def merge(
 def remaining(merged: dict, expected: dict[str, list[str]]) -> list[dict]:
     """The runs that would complete the full run: per data set and seed, the rows
     without a record, as one `quality.py` command each, with an estimate of its
-    training time from the rows' (or else the data set's mean) measured times."""
+    training time from the rows' (or else the data set's mean) times measured on
+    the device of the merged report's first run."""
     seeds = merged["protocol"]["full_seeds"]
+    home = device_label(merged["machine"])
     runs = []
     for name, rows in expected.items():
         ds = merged["datasets"].get(name, {"rows": {}})
-        times = {
-            row: float(np.mean([r["train_s"] for r in e["seeds"] if "train_s" in r]))
+        measured = {
+            row: [
+                r["train_s"]
+                for r in e["seeds"]
+                if "train_s" in r and r.get("device", home) == home
+            ]
             for row, e in ds["rows"].items()
-            if any("train_s" in r for r in e["seeds"])
         }
+        times = {row: float(np.mean(t)) for row, t in measured.items() if t}
         typical = float(np.mean(list(times.values()))) if times else None
         for seed in range(seeds):
             missing = [

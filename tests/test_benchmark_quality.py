@@ -277,6 +277,46 @@ def _run(rows, *, settings=None, first_seed=0):
     }
 
 
+def test_merge_prefers_cpu_copies_and_reports_repeats_per_device():
+    """A (row, seed) that also ran on a GPU keeps its CPU copy, copies are
+    compared per pair of devices (a GPU's nondeterminism does not hide how exactly
+    the CPU runs repeat), and the missing runs are estimated from CPU times."""
+    import merge_quality
+
+    cpu = _run({"flow-matching": [{"rmse@nfe1": 2.0, "rmse@nfe128": 0.1}]})
+    gpu = _run(
+        {
+            "flow-matching": [{"rmse@nfe1": 2.2, "rmse@nfe128": 0.1}],
+            "emd": [{"rmse@nfe1": 0.3, "rmse@nfe2": 0.2}],
+        }
+    )
+    gpu["machine"] |= {"jax_backend": "gpu", "device_kind": "NVIDIA H200"}
+    for entry in gpu["datasets"]["ring"]["rows"].values():
+        entry["seeds"][0]["train_s"] = 0.1
+    expected = {"ring": ["flow-matching", "emd", "pfmm"]}
+    merged = merge_quality.merge([gpu, cpu, cpu, gpu], expected=expected)
+    rows = merged["datasets"]["ring"]["rows"]
+    assert rows["flow-matching"]["seeds"][0]["rmse@nfe1"] == 2.0
+    assert rows["flow-matching"]["seeds"][0]["device"] == "cpu"
+    assert rows["emd"]["seeds"][0]["device"] == "gpu (NVIDIA H200)"
+    assert merged["duplicates"]["by_device"] == {
+        "cpu": {"count": 1, "max_rel_diff": 0.0},
+        "cpu / gpu (NVIDIA H200)": {
+            "count": 2,
+            "max_rel_diff": pytest.approx(0.2 / 2.2),
+        },
+        "gpu (NVIDIA H200)": {"count": 1, "max_rel_diff": 0.0},
+    }
+    line = reporting._duplicates_line(merged)
+    assert line.startswith("4 (row, seed) pairs ran twice;")
+    assert "0 over the 1 on cpu; 0.091 over the 2 on cpu / gpu (NVIDIA H200); " in line
+    # Seed 0 lacks pfmm: flow matching and pfmm at the CPU's 1 s each; emd's GPU
+    # time does not count.
+    (run,) = [r for r in merged["remaining"] if r["seed"] == 0]
+    assert run["rows"] == ["pfmm"]
+    assert run["train_min"] == pytest.approx(2 / 60)
+
+
 def test_merge_joins_seeds_and_recomputes_ratios_per_seed(tmp_path, monkeypatch):
     import merge_quality
 
@@ -299,7 +339,11 @@ def test_merge_joins_seeds_and_recomputes_ratios_per_seed(tmp_path, monkeypatch)
     assert rows["emd"]["spread"]["rmse_ratio@nfe1"] == pytest.approx(0.25)
     assert rows["emd"]["mean"]["rmse@nfe1"] == pytest.approx(0.4)
     # The repeated chunk is counted as duplicates, identical to the first copy.
-    assert merged["duplicates"] == {"count": 3, "max_rel_diff": 0.0}
+    assert merged["duplicates"] == {
+        "count": 3,
+        "max_rel_diff": 0.0,
+        "by_device": {"cpu": {"count": 3, "max_rel_diff": 0.0}},
+    }
     check = merged["acceptance"]["ring"]
     assert check["passing"] == ["emd"] and check["fewer_seeds"] == ["pfmm"]
     assert not check["ok"]
