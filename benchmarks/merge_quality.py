@@ -14,10 +14,11 @@ where those are on disk, else the most complete figure a chunk drew).
 
 Runs of one data set must share its settings (network, steps, batch, learning
 rate, evaluation rows); a run at other settings is refused. Where a (row, seed)
-pair ran in more than one run, the first run given is kept, and the largest
-relative difference between the copies is reported per device (training is
+pair ran in more than one run, the copy of the first run is kept (CPU runs before
+accelerator runs, otherwise in the order given), and the largest relative
+difference between the copies is reported per pair of devices (training is
 deterministic on one CPU, so there it measures reproducibility across commits and
-loads; on a GPU, XLA's reductions need not be).
+loads; on a GPU training need not repeat bit for bit).
 """
 
 import argparse
