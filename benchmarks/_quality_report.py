@@ -111,7 +111,8 @@ FAILURE_NOTES = {
     "fmm": "trained from the conditional velocity with no stop-gradient, over the "
     "full square of times: half its rows train backward maps (`s < t`) that "
     "sampling never uses. " + TWICE + "0.186 / 0.144 -> 0.163 / 0.138 "
-    "(1.65× / 1.40×)",
+    "(1.65× / 1.40×). On digits (seed 0) it fails outright: 143× at 1 step, 52× "
+    "at 2, class accuracy 0.59",
     "ctm": "its target chains the EMA network through the auxiliary map (2 Heun "
     "steps of the teacher over a tenth of the gap) and then maps to data, at the "
     "paper's defaults; nothing else tried",
@@ -130,7 +131,8 @@ FAILURE_NOTES = {
     "forward difference in place of the JVP (`derivative=FiniteDifference(1e-3)`, "
     "at 3e-4: 57). Its authors add a learned log-variance weight and EDM2 weight "
     "normalisation, which the shared recipe leaves out. On the 16-D mixture one "
-    "seed of two diverges and the other misses both bars. On the 8-D Gaussian, one "
+    "seed of two diverges and the other misses both bars; on digits (seed 0) it "
+    "diverges too (final loss 1e25, no step skipped). On the 8-D Gaussian, one "
     "smooth mode, the same recipe trains and meets both bars with 2 seeds, so the "
     "instability comes with the multi-modal data sets",
 }
