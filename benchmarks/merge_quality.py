@@ -97,7 +97,6 @@ def merge(
         "runtime_s": sum(r["runtime_s"] for r in reports),
         "finished": max(r["finished"] for r in reports),
     }
-    origin = {}  # (data set, row, seed) -> device label of the run kept
     for report in reports:
         device = device_label(report["machine"])
         merged["chunks"].append(
@@ -137,7 +136,7 @@ def merge(
                 for i, record in enumerate(entry["seeds"]):
                     seed = _record_seed(record, i)
                     if seed in known:
-                        first = origin[name, row, seed]
+                        first = known[seed]["device"]
                         pair = first if first == device else f"{first} / {device}"
                         difference = _relative_difference(known[seed], record)
                         duplicates = merged["duplicates"]
@@ -150,7 +149,6 @@ def merge(
                                 tally["max_rel_diff"], difference
                             )
                         continue
-                    origin[name, row, seed] = device
                     have["seeds"].append({"seed": seed, "device": device} | record)
     for ds in merged["datasets"].values():
         for entry in ds["rows"].values():
