@@ -67,8 +67,8 @@ FAILURE_NOTES = {
     "to 0.02 in 16-D) make that Jacobian large near the data, a likely cause. "
     "On digits the teacher is the flow-matching network and `lmd` is 13.7× at "
     "1 step (14.7× and 12.7× over two seeds), where `lsd`, the same residual "
-    "with the model's own diagonal behind a stop-gradient as teacher, is 1.5× "
-    "(seed 0); nothing else tried",
+    "with the model's own diagonal behind a stop-gradient as teacher, is 1.4× "
+    "(two seeds); nothing else tried",
     "lsd": "self-distillation: the Lagrangian residual of `lmd` with the model's "
     "own diagonal `V(F, t, t)`, behind a stop-gradient, as the teacher in place of "
     "the exact velocity (`lmd` meets both bars on the ring), and the flow-matching "
@@ -82,9 +82,9 @@ FAILURE_NOTES = {
     "the ring), trained as AYF publishes it: a semigradient step along the "
     "normalised tangent `g / (‖g‖ + 0.1)`; the AYF paper's ablation also ranks "
     "this Lagrangian form below its Eulerian one (Sabour et al. 2025). On "
-    "digits (seed 0 so far) its 4-step samples blow up (Fréchet distance 4e20) "
-    "and its own diagonal velocity gives non-finite samples on 11 % of rows, "
-    "though training skipped no step. Nothing else tried",
+    "digits its 4-step samples blow up (Fréchet distance 4e20 with both seeds) "
+    "and its own diagonal velocity gives non-finite samples on 11 % and 8 % of "
+    "rows, though training skipped no step. Nothing else tried",
     "ayf-emd": "the residual and exact teacher of `emd` (which meets both bars on "
     "every mixture), trained as AYF publishes it: a semigradient step along the "
     "normalised tangent, with the tangent warm-up. "
@@ -131,8 +131,9 @@ FAILURE_NOTES = {
     "forward difference in place of the JVP (`derivative=FiniteDifference(1e-3)`, "
     "at 3e-4: 57). Its authors add a learned log-variance weight and EDM2 weight "
     "normalisation, which the shared recipe leaves out. On the 16-D mixture one "
-    "seed of two diverges and the other misses both bars; on digits (seed 0) it "
-    "diverges too (final loss 1e25, no step skipped). On the 8-D Gaussian, one "
+    "seed of two diverges and the other misses both bars; on digits it "
+    "diverges too with both seeds (final losses 1e25 and 2e25, no step skipped). "
+    "On the 8-D Gaussian, one "
     "smooth mode, the same recipe trains and meets both bars with 2 seeds, so the "
     "instability comes with the multi-modal data sets",
 }
@@ -516,7 +517,10 @@ def write_markdown(report: dict, path: pathlib.Path) -> None:
         "`mean ‖F_θ(x_s, s, t) - F*(x_s, s, t)‖²` over data-noise interpolants "
         "with `(s, t)` uniform on the method's domain (`s > t`; `t = 0` for "
         "to-data maps, `s = 1` for from-noise maps); `guard` the method's own "
-        "diagonal `V(x, t, t)` sampled with 128 Euler steps; `FD` the Fréchet "
+        "diagonal `V(x, t, t)` sampled with 128 Euler steps (a to-data or "
+        "from-noise map trains that diagonal only if one of its terms sits on it, "
+        "as `facm`'s flow-matching anchor does; otherwise its guard row evaluates "
+        "inputs it never trained on); `FD` the Fréchet "
         "distance between classifier features of the class-conditional samples and "
         "of the data; `acc.` the classifier's accuracy on the conditioning labels; "
         "`train s` the training wall time (compilation included) on the device "
