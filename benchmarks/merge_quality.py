@@ -219,15 +219,20 @@ def remaining(merged: dict, expected: dict[str, list[str]]) -> list[dict]:
     return runs
 
 
-def _figure(name: str, ds: dict, runs: list, out: pathlib.Path) -> bool:
+def _figure(
+    name: str, ds: dict, runs: list, out: pathlib.Path, previous: dict | None = None
+) -> bool:
     """Write the merged sample figure of data set `name` into `out`.
 
     The sample files are git-ignored, so they exist only where a chunk ran. Where
     they do, the figure is drawn from the chunks of one seed together (the seed
     whose chunks saved samples of the most rows, the lowest on ties; rows without
     samples are left out); where they cover fewer rows than some run's own figure
-    shows, that figure (the one with the most rows) is copied instead. Returns
-    whether a figure was written.
+    shows, that figure (the one with the most rows) is copied instead. A figure
+    already in `out` that shows at least as many rows (as `previous`, the report
+    there, records in `figure_rows`) is kept, so merging on a machine without the
+    samples never replaces a fuller figure. Records the rows shown in
+    `ds["figure_rows"]`; returns whether a figure was written or kept.
     """
     figure = f"quality-{name}.png"
     if not (ds["dim"] == 2 or ds["kind"] == "images"):
@@ -247,13 +252,16 @@ def _figure(name: str, ds: dict, runs: list, out: pathlib.Path) -> bool:
 
     drawn = max(sorted(by_seed.items()), key=lambda kv: covered(kv[1]), default=None)
     shown = [
-        (len(report["datasets"][name]["rows"]), path.parent / figure)
+        (list(report["datasets"][name]["rows"]), path.parent / figure)
         for path, report in runs
         if report["datasets"][name].get("figure") and (path.parent / figure).is_file()
     ]
-    best = max(shown, key=lambda item: item[0], default=(0, None))
+    best = max(shown, key=lambda item: len(item[0]), default=([], None))
+    kept = ((previous or {}).get("datasets", {}).get(name) or {}).get("figure_rows")
+    if not (kept and (out / figure).is_file()):
+        kept = []
     out.mkdir(parents=True, exist_ok=True)
-    if drawn is not None and covered(drawn[1]) > best[0]:
+    if drawn is not None and covered(drawn[1]) > max(len(best[0]), len(kept)):
         # Rows whose samples are not on this machine are left out, not shown empty.
         rows = {
             row: entry
@@ -261,9 +269,13 @@ def _figure(name: str, ds: dict, runs: list, out: pathlib.Path) -> bool:
             if covered_row(drawn[1], row)
         }
         reporting.write_figure(ds | {"rows": rows}, drawn[1], out / figure)
-    elif best[1] is not None:
+        ds["figure_rows"] = list(rows)
+    elif best[1] is not None and len(best[0]) > len(kept):
         if best[1].resolve() != (out / figure).resolve():
             shutil.copyfile(best[1], out / figure)
+        ds["figure_rows"] = best[0]
+    elif kept:
+        ds["figure_rows"] = kept
     else:
         return False
     ds["figure"] = figure
@@ -289,11 +301,16 @@ def main(argv=None) -> dict:
     merged["protocol"] = merged["protocol"] | {
         "full_run_estimate": quality.FULL_RUN_ESTIMATE
     }
+    previous_path = args.out / "quality.json"
+    previous = (
+        json.loads(previous_path.read_text()) if previous_path.is_file() else None
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     runs = list(zip(args.reports, reports, strict=True))
     for name, ds in merged["datasets"].items():
-        if not _figure(name, ds, runs, args.out):
+        if not _figure(name, ds, runs, args.out, previous):
             ds.pop("figure", None)
+            ds.pop("figure_rows", None)
     (args.out / "quality.json").write_text(json.dumps(merged, indent=1))
     reporting.write_markdown(merged, args.out / "quality.md")
     print(

@@ -3,6 +3,7 @@
 import json
 import math
 import pathlib
+import shutil
 import sys
 
 import numpy as np
@@ -429,7 +430,26 @@ def test_merge_draws_the_figure_from_the_saved_samples_of_one_seed(
     merge_quality.main(["--out", str(out), *paths])
     ring = [tmp_path / name / "samples" / "ring" for name in ("a", "b")]
     assert drawn == [(["flow-matching", "lsd", "emd", "pfmm"], ring)]  # merged order
-    assert (out / "quality-ring.png").read_bytes().startswith(b"\x89PNG")
+    figure = (out / "quality-ring.png").read_bytes()
+    assert figure.startswith(b"\x89PNG")
+    assert merged_rows(out) == ["flow-matching", "lsd", "emd", "pfmm"]
+    # Merged again where the samples are gone (a fresh machine), the 4-row figure
+    # in `out` stays rather than c's 3-row one replacing it.
+    for name in ("a", "b"):
+        shutil.rmtree(tmp_path / name / "samples")
+    merge_quality.main(["--out", str(out), *paths])
+    assert (out / "quality-ring.png").read_bytes() == figure and len(drawn) == 1
+    assert merged_rows(out) == ["flow-matching", "lsd", "emd", "pfmm"]
+    # Without that record of what it shows, the fullest chunk figure wins.
+    (out / "quality.json").unlink()
+    merge_quality.main(["--out", str(out), *paths])
+    assert (out / "quality-ring.png").read_bytes() == b"drawn by c"
+    assert merged_rows(out) == ["flow-matching", "emd", "ctm"]
+
+
+def merged_rows(out):
+    report = json.loads((out / "quality.json").read_text())
+    return report["datasets"]["ring"]["figure_rows"]
 
 
 def test_merge_refuses_other_settings():
