@@ -113,6 +113,13 @@ from ._times import (
     WithIntermediate as WithIntermediate,
 )
 from ._validate import validate as validate
+from ._warnings import (
+    EMAHorizonWarning as EMAHorizonWarning,
+    FiniteDifferenceStepWarning as FiniteDifferenceStepWarning,
+    FixedPointShiftWarning as FixedPointShiftWarning,
+    FmcalcWarning as FmcalcWarning,
+    GradientPathWarning as GradientPathWarning,
+)
 
 
 __version__ = importlib.metadata.version("fmcalc")

@@ -1,0 +1,54 @@
+"""fmcalc's warnings: a spec that builds but is probably not what its author meant.
+
+Every warning fmcalc raises through Python's `warnings` module is a subclass of
+[`fmcalc.FmcalcWarning`][], so one filter silences or escalates them all:
+
+```python
+import warnings
+import fmcalc
+
+warnings.simplefilter("error", fmcalc.FmcalcWarning)  # e.g. in a test suite
+```
+"""
+
+
+class FmcalcWarning(UserWarning):
+    """The base class of every warning fmcalc raises."""
+
+
+class GradientPathWarning(FmcalcWarning):
+    """The online parameters reach a term's loss only through the *input* of a
+    network that has no parameter gradient of its own (an EMA, an aux network, a
+    teacher, or the online network under a stop-gradient).
+
+    The exact map can still be a fixed point of such a loss, but the update the
+    online network receives is the input gradient of a frozen network, which
+    training rarely follows back to the map. A spec that means it (CTM compares
+    through an EMA network on purpose) declares it with
+    `Term(..., input_gradient="why")`.
+    """
+
+
+class FixedPointShiftWarning(FmcalcWarning):
+    """A per-example loss whose weight depends on the residual (pseudo-Huber,
+    adaptive, cosine) on a term whose target uses the conditional velocity
+    `eps - x0`.
+
+    Such a loss estimates a robust location of `eps - x0` given `x_s`, not its
+    mean, so the exact map stops being a fixed point on non-Gaussian data (see
+    [`fmcalc.Adaptive`][]). A method that accepts the shift declares it with
+    `Method(..., biased="why")`.
+    """
+
+
+class FiniteDifferenceStepWarning(FmcalcWarning):
+    """A finite-difference step so small that round-off in the network's output,
+    divided by the step, outweighs the truncation error it was chosen to remove:
+    below `sqrt(eps)` for a forward difference and `cbrt(eps)` for a central one
+    (`eps` the machine epsilon of the dtype the loss is traced in)."""
+
+
+class EMAHorizonWarning(FmcalcWarning):
+    """An EMA whose averaging horizon `1 / (1 - decay)` is longer than a fifth of the
+    run, for a method whose loss reads the EMA network: its targets then lag far
+    behind the online network for most of training."""
