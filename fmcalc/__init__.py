@@ -10,7 +10,7 @@ from . import (
     schedules as schedules,
     train as train,
 )
-from ._batch import Batch as Batch
+from ._batch import NULL_LABEL as NULL_LABEL, Batch as Batch
 from ._conventions import (
     average_velocity_from_denoised as average_velocity_from_denoised,
     average_velocity_from_flow_map as average_velocity_from_flow_map,

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from ._batch import _concrete
 from ._conventions import flow_map_from_average_velocity, interpolate
 from ._custom_types import Cond, Time, Vector
+from ._misc import concrete
 
 
 def _call(fn, *args, cond):
@@ -72,7 +72,7 @@ def _time_grid(
     # Checked in the working dtype: distinct float64 times may round to one float32.
     grid = grid.astype(dtype)
     ascending = direction == "invert"
-    values = _concrete(grid)
+    values = concrete(grid)
     if values is None:
         diffs = jnp.diff(grid) if ascending else -jnp.diff(grid)
         bad = (
@@ -352,7 +352,7 @@ def sample_ode(
                 f"Time `{name}` must be a scalar (batch with jax.vmap); got shape "
                 f"{jnp.shape(t)}."
             )
-        value = _concrete(t)
+        value = concrete(t)
         if value is not None and not 0 <= value <= 1:
             raise ValueError(
                 f"Time `{name}` must lie in [0, 1] (t = 0 is data, t = 1 is noise); "

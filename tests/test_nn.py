@@ -7,6 +7,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
+import fmcalc
 import fmcalc.nn
 from fmcalc.nn import MLP, Transformer, sinusoidal_embedding
 
@@ -122,24 +123,23 @@ def test_transformer_channels_and_patches():
 def test_class_conditioning(name):
     model = MODELS[name](num_classes=3)
     x, s, t = _inputs(jnp.float64)
-    outputs = [_call(model, x, s, t, cond=jnp.asarray(c)) for c in range(4)]
+    labels = [0, 1, 2, fmcalc.NULL_LABEL]
+    outputs = [_call(model, x, s, t, cond=jnp.asarray(c)) for c in labels]
     for i in range(4):
         for j in range(i):
             assert not np.allclose(outputs[i], outputs[j])
-    # `cond=None` is the null label `num_classes`.
+    # `cond=None` is the null label.
     np.testing.assert_array_equal(_call(model, x, s, t), outputs[3])
     xb, sb, tb = _inputs(jnp.float64, batch=4)
-    labels = jnp.array([0, 1, 2, 3])
     batched = eqx.filter_jit(jax.vmap(lambda x, s, t, c: model(x, s, t, cond=c)))(
-        xb, sb, tb, labels
+        xb, sb, tb, jnp.array(labels)
     )
     assert batched.shape == (4, DIM)
-    with pytest.raises(RuntimeError, match=r"label in \[0, 3\]"):
-        _call(model, x, s, t, cond=jnp.asarray(4))
-    # A negative label is "no label": the null embedding, like `cond=None`.
-    np.testing.assert_array_equal(
-        _call(model, x, s, t, cond=jnp.asarray(-1)), outputs[3]
-    )
+    # `num_classes` is a label out of range, not "no label" (1-indexed labels would
+    # lose their last class), and so is any negative label but the null one.
+    for label in (3, -2):
+        with pytest.raises(RuntimeError, match=r"class label in \[0, 3\) or"):
+            _call(model, x, s, t, cond=jnp.asarray(label))
     with pytest.raises((ValueError, TypeError), match="scalar integer label|cond"):
         model(x, s, t, cond=jnp.array([0, 1]))
 

@@ -4,6 +4,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from .._batch import NULL_LABEL
 from .._custom_types import Label, Time
 
 
@@ -64,11 +65,12 @@ def embed_label(
 ) -> Float[Array, " width"] | None:
     """The label embedding of `cond`, shared by the models' `cond` handling.
 
-    `embedding` has `num_classes + 1` rows, the last being the null label used when
-    `cond is None` or negative (unconditional or dropped labels: fmcalc's convention
-    for "no label"). Returns `None` for an unconditional model (`embedding is None`).
-    A label above `num_classes` is an error at run time: it would otherwise be
-    silently clamped.
+    `embedding` has `num_classes + 1` rows: one per class label `0 … num_classes - 1`,
+    and a last one for "no label", used when `cond is None` or `cond` is
+    [`fmcalc.NULL_LABEL`][] (unconditional or dropped labels). Any other label is an
+    error, at run time under `jit`: `num_classes` itself would otherwise silently
+    mean "no label" (1-indexed labels would lose their last class).
+    Returns `None` for an unconditional model (`embedding is None`).
     """
     if embedding is None:
         if cond is not None:
@@ -88,8 +90,8 @@ def embed_label(
         )
     label = eqx.error_if(
         label,
-        label > num_classes,
-        f"`cond` must be a label in [0, {num_classes}] ({num_classes} and negative "
-        "labels are the null label for unconditional samples).",
+        (label >= num_classes) | (label < NULL_LABEL),
+        f"`cond` must be a class label in [0, {num_classes}) or fmcalc.NULL_LABEL = "
+        f"{NULL_LABEL} (no label); labels counted from 1 must be shifted down by 1.",
     )
-    return embedding(jnp.where(label < 0, num_classes, label))
+    return embedding(jnp.where(label == NULL_LABEL, num_classes, label))

@@ -14,7 +14,7 @@ class MLP(eqx.Module):
     The input is `[x, emb(s), emb(t)]`, with [`fmcalc.nn.sinusoidal_embedding`][] of
     size `time_features` for each time; `depth` hidden layers of size `width` with
     SiLU; a linear output of size `dim`. With `num_classes`, a learned label embedding
-    (rows `0 … num_classes`, the last being the null label for unconditional or
+    (one row per class and a last one for [`fmcalc.NULL_LABEL`][], unconditional or
     dropped labels) is added to the first hidden layer's pre-activation, which equals
     concatenating a one-hot label to the input. With `skip=True`, a time-dependent
     scalar gate passes the input through, `V = MLP(...) + g(s, t) x` with `g` linear
@@ -113,8 +113,9 @@ class MLP(eqx.Module):
         - `x`: the state at the source time `s`, shape `(dim,)`.
         - `s`: the source time, a scalar.
         - `t`: the target time, a scalar.
-        - `cond`: a scalar integer label in `[0, num_classes]`, or `None` for the null
-            label (`num_classes`). Must be `None` for an unconditional network.
+        - `cond`: a scalar integer class label in `[0, num_classes)`, or `None` or
+            [`fmcalc.NULL_LABEL`][] for no label. Must be `None` for an
+            unconditional network.
 
         **Returns:** `V(x, s, t)`, shape `(dim,)`.
         """

@@ -184,7 +184,8 @@ class Transformer(eqx.Module):
         - `mlp_ratio`: the hidden size of each block's MLP, in multiples of `width`.
         - `time_features`: the size of each sinusoidal time embedding, even.
         - `num_classes`: the number of class labels, or `None` for an unconditional
-            network. Label `num_classes` is the null label.
+            network. Labels run from 0 to `num_classes - 1`; [`fmcalc.NULL_LABEL`][]
+            means no label.
         - `dtype`: the parameters' floating dtype; JAX's default float if `None`.
         - `key`: a PRNG key for the initialisation.
         """
@@ -273,8 +274,9 @@ class Transformer(eqx.Module):
         - `x`: the state at the source time `s`, a flat image of shape `(dim,)`.
         - `s`: the source time, a scalar.
         - `t`: the target time, a scalar.
-        - `cond`: a scalar integer label in `[0, num_classes]`, or `None` for the null
-            label (`num_classes`). Must be `None` for an unconditional network.
+        - `cond`: a scalar integer class label in `[0, num_classes)`, or `None` or
+            [`fmcalc.NULL_LABEL`][] for no label. Must be `None` for an
+            unconditional network.
 
         **Returns:** `V(x, s, t)`, shape `(dim,)`.
         """
