@@ -5,6 +5,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from .._custom_types import Cond, Time, Vector
+from .._misc import check_precision, in_unit_interval
 from ._base import AbstractFlow
 
 
@@ -16,12 +17,27 @@ def _check_vector(name: str, x, dim: int) -> None:
         )
 
 
-def _check_scalar_time(name: str, t) -> None:
-    if jnp.ndim(t) != 0:
-        raise ValueError(
-            f"Time `{name}` must be a scalar per example (batch with jax.vmap); got "
-            f"shape {jnp.shape(t)}."
-        )
+def _check_times(x, **times):
+    """`x`, once every time is checked to be a scalar in `[0, 1]` (at run time for
+    traced times)."""
+    for name, t in times.items():
+        if jnp.ndim(t) != 0:
+            raise ValueError(
+                f"Time `{name}` must be a scalar per example (batch with jax.vmap); "
+                f"got shape {jnp.shape(t)}."
+            )
+        x = in_unit_interval(name, t, x)
+    return x
+
+
+def _root(lam, t):
+    """`√c_t` with `c_t = (1 - t)² λ + t²`, elementwise. Where `λ = 0` it is `t`
+    itself (times are `≥ 0`): `√(t²)` would have a NaN derivative at `t = 0`, and
+    `t²` underflows for tiny `t` in float32. The inner `where` keeps the unused
+    branch's gradient finite."""
+    positive = lam > 0
+    c_t = (1 - t) ** 2 * lam + t**2
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, c_t, 1)), t)
 
 
 class Gaussian(AbstractFlow):
@@ -42,10 +58,14 @@ class Gaussian(AbstractFlow):
 
     A point mass (`cov = 0`) or any singular `cov` is allowed: then `c_0 = 0` in the
     null directions, so the velocity at `t = 0` and every map *from* `s = 0` are
-    undefined; evaluating them raises an error (under `jit` as well).
+    undefined; evaluating them raises an error (under `jit` as well). Eigenvalues
+    below the rounding of `cov` are zero; in those directions `√c_t = t` exactly,
+    so maps *to* `t = 0` and their derivatives in `t` are finite there.
 
     All methods work per example, under `jit`, `vmap`, `jvp` and `grad`, in float32
-    and float64 (the computation runs in the dtype of `x`).
+    and float64 (the computation runs in the dtype of `x`; 16-bit floats are
+    refused). Times outside `[0, 1]` are an error (under `jit` too, through
+    `eqx.error_if`).
     """
 
     mean: Float[Array, " dim"]
@@ -91,13 +111,13 @@ class Gaussian(AbstractFlow):
                 f"`cov` must be positive semi-definite; its smallest eigenvalue is "
                 f"{lam[0]:.3g}."
             )
-        lam = np.clip(lam, 0.0, None)
+        # Rounding `cov` to its dtype moves eigenvalues by ~eps * scale: below that
+        # an eigenvalue is numerically zero.
+        lam = np.where(lam <= 10 * float(jnp.finfo(cov.dtype).eps) * scale, 0.0, lam)
         self.mean = mean
         self.eigvals = jnp.asarray(lam, dtype=cov.dtype)
         self.eigvecs = jnp.asarray(q, dtype=cov.dtype)
-        # Rounding `cov` to its dtype moves eigenvalues by ~eps * scale: below that
-        # an eigenvalue is numerically zero.
-        self.singular = bool(lam[0] <= 10 * float(jnp.finfo(cov.dtype).eps) * scale)
+        self.singular = bool(lam[0] == 0)
 
     @property
     def dim(self) -> int:
@@ -112,16 +132,17 @@ class Gaussian(AbstractFlow):
         )
 
     def _check(self, x, cond, **times):
+        """`x`, checked with the times (see `_check_times`)."""
         _check_vector("x", x, self.dim)
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"`x` must be a floating array; got dtype {x.dtype}.")
-        for name, t in times.items():
-            _check_scalar_time(name, t)
+        check_precision(x)
         if cond is not None:
             raise TypeError(
                 f"`Gaussian` is unconditional; got cond={cond!r}. Use "
                 "`GaussianMixture(..., labels=...)` for class-conditional flows."
             )
+        return _check_times(x, **times)
 
     def _guard(self, x, t, name: str):
         """Error (also under jit) where a singular covariance makes `c_t = 0`."""
@@ -135,33 +156,32 @@ class Gaussian(AbstractFlow):
             "maps every x_s to one point, so no map starts from s = 0).",
         )
 
+    # Quotients by `c = √c · √c` divide by each root in turn, so no product of two
+    # small roots underflows before the division.
+
     def velocity(self, x: Vector, t: Time, *, cond: Cond = None) -> Vector:
-        self._check(x, cond, t=t)
-        x = self._guard(x, t, "t")
+        x = self._guard(self._check(x, cond, t=t), t, "t")
         mean, lam, q = self._params(x)
-        c_t = (1 - t) ** 2 * lam + t**2
+        t = jnp.asarray(t, x.dtype)
+        root_t = _root(lam, t)
         y = q.T @ (x - (1 - t) * mean)
-        return -mean + q @ ((t - (1 - t) * lam) / c_t * y)
+        return -mean + q @ ((t - (1 - t) * lam) / root_t / root_t * y)
 
     def flow_map(self, x: Vector, s: Time, t: Time, *, cond: Cond = None) -> Vector:
-        self._check(x, cond, s=s, t=t)
-        x = self._guard(x, s, "s")
+        x = self._guard(self._check(x, cond, s=s, t=t), s, "s")
         mean, lam, q = self._params(x)
-        c_s = (1 - s) ** 2 * lam + s**2
-        c_t = (1 - t) ** 2 * lam + t**2
+        s, t = jnp.asarray(s, x.dtype), jnp.asarray(t, x.dtype)
         y = q.T @ (x - (1 - s) * mean)
-        return (1 - t) * mean + q @ (jnp.sqrt(c_t / c_s) * y)  # pyright: ignore[reportReturnType]
+        return (1 - t) * mean + q @ (_root(lam, t) / _root(lam, s) * y)
 
     def average_velocity(
         self, x: Vector, s: Time, t: Time, *, cond: Cond = None
     ) -> Vector:
-        self._check(x, cond, s=s, t=t)
-        x = self._guard(x, s, "s")
+        x = self._guard(self._check(x, cond, s=s, t=t), s, "s")
         mean, lam, q = self._params(x)
-        c_s = (1 - s) ** 2 * lam + s**2
-        c_t = (1 - t) ** 2 * lam + t**2
-        root_s = jnp.sqrt(c_s)
-        g = (lam * (t + s - 2) + t + s) / (root_s * (jnp.sqrt(c_t) + root_s))
+        s, t = jnp.asarray(s, x.dtype), jnp.asarray(t, x.dtype)
+        root_s = _root(lam, s)
+        g = (lam * (t + s - 2) + t + s) / (_root(lam, t) + root_s) / root_s
         y = q.T @ (x - (1 - s) * mean)
         return -mean + q @ (g * y)
 

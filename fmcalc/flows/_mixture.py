@@ -1,3 +1,5 @@
+import math
+
 import diffrax
 import equinox as eqx
 import jax
@@ -5,17 +7,20 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
+from .._batch import NULL_LABEL
 from .._custom_types import Cond, Label, Time, Vector
+from .._misc import check_precision
 from ._base import AbstractFlow
-from ._gaussian import _check_scalar_time, _check_vector
+from ._gaussian import _check_times, _check_vector
 
 
-def _check_inputs(x, dim: int, **times) -> None:
+def _check_inputs(x, dim: int, **times):
+    """`x`, checked with the times (see `_check_times`)."""
     _check_vector("x", x, dim)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"`x` must be a floating array; got dtype {x.dtype}.")
-    for name, t in times.items():
-        _check_scalar_time(name, t)
+    check_precision(x)
+    return _check_times(x, **times)
 
 
 def _check_floating(**arrays) -> None:
@@ -222,6 +227,12 @@ class GaussianMixture(AbstractFlow):
                     f"`labels` must be an integer array of shape ({k},), the class of "
                     f"each component; got {labels.dtype} of shape {labels.shape}."
                 )
+            if np.any(np.asarray(labels) < 0):
+                raise ValueError(
+                    f"`labels` must be class labels >= 0 (a negative label, such as "
+                    f"fmcalc.NULL_LABEL = {NULL_LABEL}, means 'no label' and could "
+                    f"never select its component); got {np.asarray(labels).tolist()}."
+                )
             self.labels = labels
             self.classes = tuple(int(c) for c in np.unique(np.asarray(labels)))
         self.weights = jnp.asarray(weights_np / total, dtype=dtype)
@@ -251,15 +262,15 @@ class GaussianMixture(AbstractFlow):
                 "`cond` must be one integer class label per example (batch with "
                 f"jax.vmap); got {cond.dtype} of shape {cond.shape}."
             )
-        # A negative label means "no label" (e.g. dropped for guidance training).
-        unlabelled = cond < 0
+        # `NULL_LABEL` means "no label" (e.g. dropped for guidance training).
+        unlabelled = cond == NULL_LABEL
         in_class = (self.labels == cond) | unlabelled
         log_weights = jnp.where(in_class, log_weights, -jnp.inf)
         return eqx.error_if(
             log_weights,
             ~jnp.any(in_class),
             f"`cond` is not a class of this mixture; its classes are {self.classes} "
-            "(or a negative label for none).",
+            f"(or fmcalc.NULL_LABEL = {NULL_LABEL} for none).",
         )
 
     def _components(self, x, t):
@@ -292,7 +303,7 @@ class GaussianMixture(AbstractFlow):
 
         **Returns:** `v(x, t)`, shaped like `x`.
         """
-        _check_inputs(x, self.dim, t=t)
+        x = _check_inputs(x, self.dim, t=t)
         return self._velocity(self._log_weights(cond, x.dtype), x, t)
 
     def guided_velocity(
@@ -313,7 +324,7 @@ class GaussianMixture(AbstractFlow):
 
         **Returns:** `v_w(x, t | c)`, shaped like `x`.
         """
-        _check_inputs(x, self.dim, t=t)
+        x = _check_inputs(x, self.dim, t=t)
         if cond is None:
             raise TypeError("`guided_velocity` needs a class label `cond`; got None.")
         log_density, velocities = self._components(x, t)
@@ -348,7 +359,7 @@ class GaussianMixture(AbstractFlow):
         return self._solve(x, s, t, cond)[1]
 
     def _solve(self, x, s, t, cond):
-        _check_inputs(x, self.dim, s=s, t=t)
+        x = _check_inputs(x, self.dim, s=s, t=t)
         log_weights = self._log_weights(cond, x.dtype)
         return self.solver(eqx.Partial(self._velocity, log_weights), x, s, t)
 
@@ -458,12 +469,13 @@ class PointCloud(AbstractFlow):
         return self.points.shape[1]
 
     def _check(self, x, cond, **times):
-        _check_inputs(x, self.dim, **times)
+        """`x`, checked with the times (see `_check_times`)."""
         if cond is not None:
             raise TypeError(
                 f"`PointCloud` is unconditional; got cond={cond!r}. Use "
                 "`GaussianMixture(..., labels=...)` for class-conditional flows."
             )
+        return _check_inputs(x, self.dim, **times)
 
     def _guard(self, x, t, name: str):
         """Error (also under jit) at the singular time `0`."""
@@ -478,7 +490,15 @@ class PointCloud(AbstractFlow):
     def _velocity(self, x, t):
         t = jnp.asarray(t, x.dtype)
         points = self.points.astype(x.dtype)
-        logits = -jnp.sum((x[None, :] - (1 - t) * points) ** 2, axis=1) / (2 * t**2)
+        distances = jnp.sum((x[None, :] - (1 - t) * points) ** 2, axis=1)
+        # Logits measured from the nearest point, which gets logit 0. A point whose
+        # weight would be below the dtype's smallest normal number gets -inf, in
+        # value and derivative alike: for tiny `t` (1e-20 in float32, where `t²`
+        # underflows) `gap / t²` would be inf, and its derivative inf times a zero
+        # weight, NaN.
+        gaps = distances - jax.lax.stop_gradient(jnp.min(distances))
+        far = gaps > -2 * math.log(jnp.finfo(x.dtype).tiny) * t * t
+        logits = jnp.where(far, -jnp.inf, -jnp.where(far, 0, gaps) / t / t / 2)
         return (x - jax.nn.softmax(logits) @ points) / t
 
     def velocity(self, x: Vector, t: Time, *, cond: Cond = None) -> Vector:
@@ -493,7 +513,7 @@ class PointCloud(AbstractFlow):
 
         **Returns:** `v(x, t)`, shaped like `x`.
         """
-        self._check(x, cond, t=t)
+        x = self._check(x, cond, t=t)
         return self._velocity(self._guard(x, t, "t"), t)
 
     def flow_map(self, x: Vector, s: Time, t: Time, *, cond: Cond = None) -> Vector:
@@ -522,8 +542,7 @@ class PointCloud(AbstractFlow):
         return self._solve(x, s, t, cond)[1]
 
     def _solve(self, x, s, t, cond):
-        self._check(x, cond, s=s, t=t)
-        x = self._guard(x, s, "s")
+        x = self._guard(self._check(x, cond, s=s, t=t), s, "s")
         s = jnp.asarray(s, x.dtype)
         t = jnp.asarray(t, x.dtype)
         t_m = jnp.maximum(t, jnp.minimum(s, self.t_min))
