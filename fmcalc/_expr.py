@@ -838,9 +838,20 @@ class Derivative(AbstractExpr):
         dx, da, db = self.along
         if isinstance(self.strategy, FiniteDifference):
             h = self.strategy.step
+            moving = [(p, d) for p, d in ((a, da), (b, db)) if not _is_zero(d)]
+
+            def fits(direction: float) -> AbstractExpr | int:
+                # 1 where one step in `direction` keeps every time in [0, 1]: the
+                # stencil is chosen at run time, per example, from these.
+                both: AbstractExpr | int = 1
+                for p, d in moving:
+                    inside = Indicator(p + (direction * h) * d, 0.0, 1.0)
+                    both = inside if isinstance(both, int) else both * inside
+                return both
+
             terms = []
-            for offset, weight in self.strategy.stencil:
-                if offset == 0.0:
+            for offset, weight in self.strategy.stencil(fits(1.0), fits(-1.0)):
+                if isinstance(offset, float | int) and offset == 0:
                     point = (x, a, b)
                 else:
                     c = offset * h
@@ -848,7 +859,9 @@ class Derivative(AbstractExpr):
                         p if _is_zero(d) else p + c * d
                         for p, d in zip((x, a, b), (dx, da, db), strict=True)
                     )
-                terms.append((weight / h) * self.function(*point))
+                numeric = isinstance(weight, float | int)
+                scale = weight / h if numeric else weight * (1 / h)
+                terms.append(scale * self.function(*point))
             out = terms[0]
             for term in terms[1:]:
                 out = out + term

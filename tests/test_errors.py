@@ -106,7 +106,7 @@ def test_unknown_scheme():
 
 
 def test_non_positive_step():
-    with pytest.raises(ValueError, match="positive float; got -0.1"):
+    with pytest.raises(ValueError, match="finite positive number.*got -0.1"):
         FiniteDifference(-0.1)
 
 
