@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._batch import Batch
-from ._derivative import JVP, FiniteDifference
+from ._derivative import JVP, FiniteDifference, forward_mode_hint
 from ._expr import (
     AbstractExpr,
     Add,
@@ -34,6 +34,30 @@ from ._expr import (
     walk,
 )
 from ._validate import differentiated, validate
+
+
+def _name(fn: Callable) -> str:
+    name = getattr(fn, "__qualname__", None)
+    return name if isinstance(name, str) else type(fn).__name__
+
+
+def _checked(what: str, out, x) -> Array:
+    """`out`, a network's or teacher's output at `x`, checked to be a float vector
+    shaped like `x`: a trailing axis of 1, or a scalar, would broadcast into a
+    residual of the wrong shape and a finite, meaningless loss."""
+    if jnp.shape(out) != jnp.shape(x):
+        raise ValueError(
+            f"{what} returned shape {jnp.shape(out)} for `x` of shape "
+            f"{jnp.shape(x)}: it is called per example and must return a vector "
+            f"shaped like `x`, {jnp.shape(x)} (batch with `jax.vmap`)."
+        )
+    dtype = jnp.result_type(out)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{what} returned dtype {dtype}; it must return a real floating vector "
+            "(the dtype of `x`)."
+        )
+    return out
 
 
 def jvp_many(fn: Callable, primals: tuple, tangents: list[tuple]):
@@ -106,7 +130,11 @@ class _Interpreter:
 
     def call_network(self, network: Network, x, a, b):
         cond = None if network.unconditional else self.batch.cond
-        return self.network(network.role)(x, a, b, cond=cond)
+        net = self.network(network.role)
+        return _checked(self.describe(network, net), net(x, a, b, cond=cond), x)
+
+    def describe(self, network: Network, net: Callable) -> str:
+        return f"The {network.role} network `{network.name}` ({_name(net)})"
 
     def __call__(self, node: AbstractExpr) -> Array:
         key = node.key
@@ -226,24 +254,26 @@ class _Interpreter:
             point = list(at)
             for i, arg in zip(moving, args, strict=True):
                 point[i] = arg
-            return net(*point, cond=cond)
+            out = net(*point, cond=cond)
+            return _checked(self.describe(network, net), out, point[0])
 
         primals = tuple(at[i] for i in moving)
         live = [i for i, d in enumerate(group) if d.key in self.differentiated]
-        if 0 < len(live) < len(group):
-            # Lanes under a stop-gradient are pushed through the linearisation
-            # apart from the others: batched with them, the backward pass would
-            # run through the stopped lanes too (with zero cotangents) and on into
-            # their tangents. The primal is still computed once.
-            primal, linear = jax.linearize(fn, *primals)
-            stopped = [i for i in range(len(group)) if i not in live]
-            tangents: list = [None] * len(group)
-            for lanes in (live, stopped):
-                pushed = _push_many(linear, primals, [alongs[i] for i in lanes])
-                for i, tangent in zip(lanes, pushed, strict=True):
-                    tangents[i] = tangent
-        else:
-            primal, tangents = jvp_many(fn, primals, alongs)
+        with forward_mode_hint():
+            if 0 < len(live) < len(group):
+                # Lanes under a stop-gradient are pushed through the linearisation
+                # apart from the others: batched with them, the backward pass would
+                # run through the stopped lanes too (with zero cotangents) and on
+                # into their tangents. The primal is still computed once.
+                primal, linear = jax.linearize(fn, *primals)
+                stopped = [i for i in range(len(group)) if i not in live]
+                tangents: list = [None] * len(group)
+                for lanes in (live, stopped):
+                    pushed = _push_many(linear, primals, [alongs[i] for i in lanes])
+                    for i, tangent in zip(lanes, pushed, strict=True):
+                        tangents[i] = tangent
+            else:
+                primal, tangents = jvp_many(fn, primals, alongs)
         self.values.setdefault(primal_key, primal)
         for node, tangent in zip(group, tangents, strict=True):
             self.values[node.key] = tangent
@@ -264,9 +294,8 @@ class _Interpreter:
                     "pass a per-example velocity `teacher(x, t)`, e.g. "
                     "`flow.velocity` of an analytic flow."
                 )
-            if cond is None:
-                return self.teacher(x, t)
-            return self.teacher(x, t, cond=cond)
+            out = self.teacher(x, t) if cond is None else self.teacher(x, t, cond=cond)
+            return _checked(f"The teacher `{_name(self.teacher)}`", out, x)
         raise TypeError(f"Unknown velocity source {type(source).__name__}.")
 
 
