@@ -1,13 +1,16 @@
 """The training loop behind `fmcalc.train`."""
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
+import signal
 import tempfile
+import threading
 import warnings
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -17,9 +20,21 @@ import optax
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
-from ._batch import Batch
+from ._batch import NULL_LABEL, Batch
+from ._checkpoint import (
+    CheckpointError,
+    decode,
+    describe,
+    differences,
+    previous_path,
+    restore,
+    save_checkpoint,
+    text,
+)
 from ._ema import ema_update
+from ._expr import Call, Derivative, Network, walk
 from ._method import Method, term_loss
+from ._warnings import EMAHorizonWarning
 
 
 class TrainState(eqx.Module):
@@ -76,143 +91,179 @@ class NonFiniteError(FloatingPointError):
     """Training stopped after too many consecutive non-finite steps.
 
     **Attributes:** `step` (the last step tried), `terms` (the method's terms whose
-    loss was non-finite there) and `rows` (for each term, the rows of that step's
-    batch whose loss or gradient is non-finite).
+    loss was non-finite there), `rows` (for each term, the rows of that step's
+    batch whose loss or gradient is non-finite) and `leaves` (the parameters and
+    optimiser-state arrays that the step's update made non-finite or overflowing,
+    when the loss and gradient were finite and the update was not).
     """
 
-    def __init__(self, message: str, *, step: int, terms: list[str], rows: dict):
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: int,
+        terms: list[str],
+        rows: dict,
+        leaves: list[str] | None = None,
+    ):
         super().__init__(message)
         self.step, self.terms, self.rows = step, terms, rows
+        self.leaves = leaves or []
 
 
-# ------------------------------------------------------------------- checkpoints
+class DivergenceError(FloatingPointError):
+    """Training stopped because the smoothed loss rose far above its minimum.
 
-
-def _is_key(x) -> bool:
-    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _raw_keys(tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
-
-
-def save_checkpoint(path: str | os.PathLike, state: PyTree) -> None:
-    """Save a training state atomically.
-
-    The leaves are written by `eqx.tree_serialise_leaves` (typed PRNG keys as their
-    key data) to a temporary file next to `path`, flushed to disk and then renamed
-    onto `path`, so an interrupted save leaves the previous checkpoint intact.
-
-    **Arguments:**
-
-    - `path`: the checkpoint file; its directory is created if need be.
-    - `state`: a [`fmcalc.train.TrainState`][] (or any pytree).
-
-    **Returns:** nothing.
+    **Attributes:** `step` (the step at which it was detected), `loss` and `minimum`
+    (the smoothed loss then, and the lowest it had been) and `terms` (the method's
+    terms by how far their own smoothed loss had risen, the worst first).
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(
-        prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # `mkstemp` makes the file private; give it the mode `open` would.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(temporary, 0o666 & ~umask)
-            eqx.tree_serialise_leaves(f, _raw_keys(state))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
 
-
-def _mismatch(path: str, like: PyTree) -> str | None:
-    """How the arrays stored at `path` differ from those of `like`, read from the
-    arrays' headers alone; `None` if they agree."""
-    expected = [
-        (jax.tree_util.keystr(where), np.shape(leaf), getattr(leaf, "dtype", None))
-        for where, leaf in jax.tree_util.tree_leaves_with_path(like)
-        if eqx.is_array_like(leaf)
-    ]
-    readers = {
-        (1, 0): np.lib.format.read_array_header_1_0,
-        (2, 0): np.lib.format.read_array_header_2_0,
-    }
-    stored = []
-    with open(path, "rb") as f:
-        try:
-            while f.peek(1):
-                shape, _, dtype = readers[np.lib.format.read_magic(f)](f)
-                f.seek(math.prod(shape) * dtype.itemsize, os.SEEK_CUR)
-                stored.append((tuple(shape), dtype))
-        except (ValueError, KeyError):
-            return "it is not a file of arrays written by `save_checkpoint`"
-    for (where, shape, dtype), (found, found_dtype) in zip(
-        expected, stored, strict=False
+    def __init__(
+        self, message: str, *, step: int, loss: float, minimum: float, terms: list[str]
     ):
-        if tuple(shape) != found:
-            return f"`{where}` has shape {found} there but {tuple(shape)} here"
-        # Python scalars (the step) are stored in JAX's default precision and
-        # bfloat16 as raw bytes ("V2"): neither is compared here.
-        if dtype is not None and found_dtype.kind != "V" and dtype != found_dtype:
-            return f"`{where}` has dtype {found_dtype} there but {dtype} here"
-    if len(stored) != len(expected):
-        return f"it holds {len(stored)} arrays, not {len(expected)}"
-    return None
+        super().__init__(message)
+        self.step, self.loss, self.minimum, self.terms = step, loss, minimum, terms
 
 
-def load_checkpoint(path: str | os.PathLike, like: PyTree) -> PyTree:
-    """Load a checkpoint written by [`fmcalc.train.save_checkpoint`][].
+def _as_float(value):
+    """Field converter: Python and NumPy numbers to `float`; anything else is left
+    for `__check_init__` to reject with a message that names it."""
+    if isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool
+    ):
+        return float(value)
+    return value
+
+
+class Divergence(eqx.Module):
+    """When [`fmcalc.train.fit`][] stops a run as diverged.
+
+    After every kept step the loss (and each term's loss) enters an exponential
+    moving average, bias-corrected as in Adam, and the lowest value of that average
+    is kept. Once `warmup` steps have been seen, a smoothed loss that stands more
+    than `factor` units above its minimum stops the run with a
+    [`fmcalc.train.DivergenceError`][] that names the terms that rose; the unit is
+    the larger of the minimum's and the first loss's magnitudes. The state of that
+    step is not saved, so the checkpoint keeps the last state whose loss was seen.
+    The check also refuses a first update that points up the gradient (a negative
+    learning rate). Pass `divergence=None` to `fit` to turn it off.
+
+    Some losses rise while training goes well: a self-consistency term starts near
+    0 and grows as the anchor teaches the network a velocity, and SoFlow's loss
+    spikes to about 2000 units at a learning rate of 1e-2 on a 2-D mixture. The
+    default factor leaves such runs orders of magnitude of room; runaway parameters
+    pass it within a few steps.
 
     **Arguments:**
 
-    - `path`: the checkpoint file.
-    - `like`: a pytree of the same structure, shapes and dtypes (e.g. a
-      [`fmcalc.train.TrainState`][] of the same model and optimiser).
-
-    **Returns:** `like` with the saved values.
+    - `factor`: how far above its minimum the smoothed loss may rise, in units
+      (default `1e6`).
+    - `smoothing`: the weight of the past in the moving average, in `[0, 1)`; its
+      horizon is `1 / (1 - smoothing)` steps (default `0.98`, 50 steps).
+    - `warmup`: how many finite steps to see before checking (default 100).
     """
-    path = os.fspath(path)
-    raw = _raw_keys(like)
-    problem = _mismatch(path, raw)
-    if problem is None:
-        try:
-            with open(path, "rb") as f:
-                loaded = eqx.tree_deserialise_leaves(f, raw)
-        except Exception as error:
-            problem = f"{error} ({error.__cause__})" if error.__cause__ else error
-        else:
-            return jax.tree.map(
-                lambda new, old: (
-                    jax.random.wrap_key_data(new, impl=jax.random.key_impl(old))
-                    if _is_key(old)
-                    else new
-                ),
-                loaded,
-                like,
+
+    factor: float = eqx.field(static=True, default=1e6, converter=_as_float)
+    smoothing: float = eqx.field(static=True, default=0.98, converter=_as_float)
+    warmup: int = eqx.field(static=True, default=100)
+
+    def __check_init__(self):
+        if not (isinstance(self.factor, float) and 0 < self.factor < math.inf):
+            raise ValueError(
+                f"`Divergence(factor=...)` must be a finite positive number; got "
+                f"{self.factor!r}."
             )
-    raise ValueError(
-        f"The checkpoint {path!r} does not fit the model and optimiser given: "
-        f"{problem}. It was written for another model, optimiser or dtype (or is "
-        "damaged); pass the ones it was written with, or a new checkpoint path (or "
-        "`resume=False`) to start afresh."
-    )
+        if not (isinstance(self.smoothing, float) and 0 <= self.smoothing < 1):
+            raise ValueError(
+                f"`Divergence(smoothing=...)` must lie in [0, 1); got "
+                f"{self.smoothing!r}."
+            )
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int):
+            raise TypeError(
+                f"`Divergence(warmup=...)` must be an integer; got {self.warmup!r}."
+            )
+        if self.warmup < 0:
+            raise ValueError(
+                f"`Divergence(warmup=...)` must be >= 0; got {self.warmup!r}."
+            )
+
+
+@dataclasses.dataclass
+class _Monitor:
+    """Bias-corrected moving averages of the losses, with their first values and
+    running minima; its state travels in the checkpoint, so a resumed run judges as
+    the original would."""
+
+    smoothing: float
+    count: int = 0
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    first: dict[str, float] = dataclasses.field(default_factory=dict)
+    minima: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def update(self, values: Mapping[str, float]) -> None:
+        self.count += 1
+        for name, value in values.items():
+            self.sums[name] = (
+                self.smoothing * self.sums.get(name, 0.0) + (1 - self.smoothing) * value
+            )
+            self.first.setdefault(name, value)
+            self.minima[name] = min(self.minima.get(name, math.inf), self[name])
+
+    def __getitem__(self, name: str) -> float:
+        return self.sums[name] / (1 - self.smoothing**self.count)
+
+    def rise(self, name: str) -> float:
+        """How far the smoothed value stands above its minimum, in units of the
+        larger of the minimum's and the first value's magnitudes (a loss that
+        crosses zero, as a learned log-variance's can, keeps a sensible unit)."""
+        unit = max(abs(self.minima[name]), abs(self.first[name]))
+        return (self[name] - self.minima[name]) / unit if unit else 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "sums": dict(self.sums),
+            "first": dict(self.first),
+            "minima": dict(self.minima),
+        }
 
 
 # --------------------------------------------------------------------------- step
 
 
-def _all_finite(tree: PyTree) -> Array:
-    leaves = [
-        jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if eqx.is_array(x)
-    ]
+def _finite(tree: PyTree) -> Array:
+    """Whether every inexact array of `tree` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if _inexact(x)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _inexact(x) -> bool:
+    return eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def _bounded(x: Array) -> Array:
+    """Whether `x` is finite with a representable sum of squares: parameters past
+    the square root of their dtype's largest value have exploded (in float32,
+    beyond about 1e19), though each is still finite."""
+    return jnp.isfinite(jnp.sum(jnp.square(x)))
+
+
+def _soundness(model, ema, opt_state) -> PyTree:
+    """Per array: whether a state may be kept (parameters bounded, the optimiser's
+    state finite; its second moments may legitimately square past float32)."""
+    check = lambda bounded: (
+        lambda x: (  # noqa: E731
+            (_bounded(x) if bounded else jnp.all(jnp.isfinite(x)))
+            if _inexact(x)
+            else None
+        )
+    )
+    return (
+        jax.tree.map(check(True), model),
+        jax.tree.map(check(True), ema),
+        jax.tree.map(check(False), opt_state),
+    )
 
 
 class _Problem(eqx.Module):
@@ -252,8 +303,8 @@ class _Problem(eqx.Module):
         return {"online": model, "ema": ema, "aux": self.aux}
 
 
-@eqx.filter_jit
-def _step(model, ema, opt_state, step, key, problem: _Problem):
+def _candidate(model, ema, opt_state, step, key, problem: _Problem):
+    """One step's loss, metrics, gradient and update, before anything is kept."""
     batch, _ = problem.batch(key, step)
 
     def loss_fn(model):
@@ -274,17 +325,57 @@ def _step(model, ema, opt_state, step, key, problem: _Problem):
         new_ema = new_model
     else:
         new_ema = ema_update(ema, new_model, problem.ema_decay)
+    return loss, metrics, grads, updates, (new_model, new_ema, new_opt_state)
+
+
+@eqx.filter_jit
+def _step(model, ema, opt_state, step, key, problem: _Problem):
+    loss, metrics, grads, updates, new = _candidate(
+        model, ema, opt_state, step, key, problem
+    )
     squares = sum((jnp.sum(g**2) for g in jax.tree.leaves(grads)), jnp.zeros(()))
     metrics = {**metrics, "grad_norm": jnp.sqrt(squares)}
+    finite = jnp.isfinite(loss) & _finite(grads)
+    sound = jnp.all(jnp.stack([x for x in jax.tree.leaves(_soundness(*new))]))
+    keep = finite & sound
     # A skipped step keeps every array as it was; selecting inside the compiled step
     # avoids a second program for the skip.
-    finite = jnp.isfinite(loss) & _all_finite(grads)
     updated = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old) if eqx.is_array(new) else new,
-        (new_model, new_ema, new_opt_state),
+        lambda new, old: jnp.where(keep, new, old) if eqx.is_array(new) else new,
+        new,
         (model, ema, opt_state),
     )
-    return updated, (loss, metrics, finite)
+    alignment = sum(
+        (
+            jnp.vdot(u, g)
+            for u, g in zip(
+                jax.tree.leaves(updates), jax.tree.leaves(grads), strict=True
+            )
+        ),
+        jnp.zeros(()),
+    )
+    checks = {"finite": finite, "sound": sound, "alignment": alignment}
+    return updated, (loss, metrics, checks)
+
+
+@eqx.filter_jit
+def _update_soundness(problem: _Problem, model, ema, opt_state, key, step):
+    """Per array, whether step `step`'s update would leave it sound."""
+    new = _candidate(model, ema, opt_state, step, key, problem)[-1]
+    return _soundness(*new)
+
+
+_soundness_of = eqx.filter_jit(_soundness)
+
+
+def _unsound(flags: PyTree, names: tuple[str, ...]) -> list[str]:
+    """The paths of the arrays flagged unsound, prefixed by their part's name."""
+    return [
+        name + jax.tree_util.keystr(path)
+        for name, part in zip(names, jax.device_get(flags), strict=True)
+        for path, ok in jax.tree_util.tree_leaves_with_path(part)
+        if not ok
+    ]
 
 
 @eqx.filter_jit
@@ -302,18 +393,56 @@ def _finite_rows(problem: _Problem, model, ema, key, step):
                 return term_loss(term, example, networks, problem.teacher, params)[0]
 
             value, grads = eqx.filter_value_and_grad(loss)(model)
-            return jnp.isfinite(value), _all_finite(grads)
+            return jnp.isfinite(value), _finite(grads)
 
         checks.append((*jax.vmap(row)(rows), rows.s, rows.t))
     return checks, indices
 
 
-def _diagnose(problem: _Problem, state: TrainState, metrics, first: int):
-    """Re-evaluate the last step's batch row by row to say where it went wrong."""
+def _steps_text(first: int, last: int) -> tuple[str, str]:
+    if first < last:
+        return f"steps {first} to {last} all had", "their updates were"
+    return f"step {last} had", "its update was"
+
+
+def _diagnose_update(problem: _Problem, state: TrainState, first: int):
+    """Name the arrays a finite loss and gradient's update made unsound."""
+    flags = _update_soundness(
+        problem,
+        state.model,
+        state.ema,
+        state.opt_state,
+        state.key,
+        jnp.asarray(state.step),
+    )
+    leaves = _unsound(flags, ("model", "ema", "opt_state"))
+    steps, skipped = _steps_text(first, state.step)
+    shown = ", ".join(f"`{leaf}`" for leaf in leaves[:5])
+    more = f" and {len(leaves) - 5} more" if len(leaves) > 5 else ""
+    message = (
+        f"Training stopped: {steps} a finite loss and gradient but an update that "
+        f"made the state non-finite or exploded (parameters past about "
+        f"sqrt(max float)), so {skipped} skipped. At step {state.step} the update "
+        f"broke {shown}{more}. The data and the model are not at fault: check the "
+        "optimiser's learning rate and its schedule (NaN, infinite or far too "
+        "large) and its other hyperparameters."
+    )
+    return NonFiniteError(message, step=state.step, terms=[], rows={}, leaves=leaves)
+
+
+def _diagnose(
+    problem: _Problem, state: TrainState, metrics, first: int, initial: TrainState
+):
+    """Re-evaluate the last step's batch row by row to say where it went wrong, and
+    with the parameters the run started from to say whether they ran away."""
     step = jnp.asarray(state.step)
     checks, indices = jax.device_get(
         _finite_rows(problem, state.model, state.ema, state.key, step)
     )
+    before, _ = jax.device_get(
+        _finite_rows(problem, initial.model, initial.ema, state.key, step)
+    )
+    ran_away = all(bool(np.all(c[0]) and np.all(c[1])) for c in before)
     terms = problem.method.terms
     bad_terms = [t.name for t in terms if not np.isfinite(metrics[f"{t.name}/loss"])]
     # `fit` gives every term some rows, so the terms line up with the checks.
@@ -338,18 +467,20 @@ def _diagnose(problem: _Problem, state: TrainState, metrics, first: int):
         )
     if not lines:
         lines.append("  - every row is finite on its own: the sum over rows overflows.")
-    if first < state.step:
-        steps = f"steps {first} to {state.step} all had"
-        skipped = "their updates were"
-    else:
-        steps, skipped = f"step {state.step} had", "its update was"
+    steps, skipped = _steps_text(first, state.step)
+    advice = (
+        f"\nWith the parameters of step {initial.step}, where this call started, "
+        "every row of this batch is finite: the parameters have run away since, so "
+        "the optimiser is at fault, not the data. Lower the learning rate (check "
+        "its schedule), or clip the gradient harder."
+        if ran_away
+        else "\nCheck the data for NaN or inf rows, the model at these times, the "
+        "teacher, or lower the learning rate (or raise `max_nonfinite`)."
+    )
     message = (
         f"Training stopped: {steps} a non-finite loss or gradient, so {skipped} "
         f"skipped. At step {state.step} the non-finite term(s) were "
-        f"{bad_terms or 'none (only the gradient)'}:\n"
-        + "\n".join(lines)
-        + "\nCheck the data for NaN or inf rows, the model at these times, the "
-        "teacher, or lower the learning rate (or raise `max_nonfinite`)."
+        f"{bad_terms or 'none (only the gradient)'}:\n" + "\n".join(lines) + advice
     )
     return NonFiniteError(message, step=state.step, terms=bad_terms, rows=bad_rows)
 
@@ -366,7 +497,30 @@ def _clipped(optimizer: optax.GradientTransformation, clip_norm: float):
     return optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
 
 
-def _check_data(data, labels, batch_size: int, method: Method):
+def _check_labels(labels: Array, model: PyTree) -> None:
+    values = np.asarray(labels)
+    num_classes = getattr(model, "num_classes", None)
+    known = isinstance(num_classes, int) and not isinstance(num_classes, bool)
+    bad = (values < 0) & (values != NULL_LABEL)
+    if known:
+        bad |= values >= num_classes
+    if not bad.any():
+        return
+    rows = np.flatnonzero(bad)
+    allowed = f"[0, {num_classes})" if known else "[0, num_classes)"
+    hint = (
+        " (labels 1 to num_classes? subtract 1)"
+        if known and values.min() >= 1 and values.max() == num_classes
+        else ""
+    )
+    raise ValueError(
+        f"`labels` must lie in {allowed}, or be fmcalc.NULL_LABEL = {NULL_LABEL} for a "
+        f"row without a label; got {values[rows[:5]].tolist()} at rows "
+        f"{rows[:5].tolist()}{hint}."
+    )
+
+
+def _check_data(data, labels, batch_size: int, method: Method, model: PyTree):
     if not callable(data):
         data = jnp.asarray(data)
         if data.ndim != 2 or data.shape[0] < 1:
@@ -376,6 +530,13 @@ def _check_data(data, labels, batch_size: int, method: Method):
             )
         if not jnp.issubdtype(data.dtype, jnp.floating):
             raise TypeError(f"`data` must be a floating array; got {data.dtype}.")
+        if jnp.finfo(data.dtype).bits < 32:
+            raise TypeError(
+                f"`data` is {data.dtype}: `fit` draws the noise and the times in the "
+                "data's dtype, and a 16-bit float resolves times only to about "
+                f"{float(jnp.finfo(data.dtype).eps):.0e}. Pass float32 (or float64) "
+                "data; lower precision belongs inside the model."
+            )
     if labels is not None:
         if callable(data):
             raise ValueError(
@@ -390,6 +551,7 @@ def _check_data(data, labels, batch_size: int, method: Method):
             )
         if not jnp.issubdtype(labels.dtype, jnp.integer):
             raise TypeError(f"`labels` must be integers; got {labels.dtype}.")
+        _check_labels(labels, model)
     rows = batch_size * (len(method.terms) if method.split is None else 1)
     for term, count in zip(method.terms, method.row_counts(rows), strict=True):
         if count == 0:
@@ -412,6 +574,163 @@ def _check_options(**options) -> None:
             )
 
 
+def _check_checkpoint_path(path: str) -> None:
+    """Fail now, not after training, if the checkpoint cannot be written: the path
+    is a directory, or a probe file cannot be created next to it."""
+    if os.path.isdir(path):
+        raise ValueError(
+            f"`checkpoint` must be a file path; {path!r} is a directory. Pass a file "
+            f"in it, e.g. {os.path.join(path, 'run.eqx')!r}."
+        )
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(
+            prefix=f".{os.path.basename(path)}.", suffix=".probe", dir=directory
+        )
+        os.close(fd)
+        os.remove(probe)
+    except OSError as error:
+        raise type(error)(
+            error.errno,
+            f"`fit` cannot write its checkpoint {path!r} ({error.strerror}); pass a "
+            "`checkpoint` path in a writable directory. Nothing was trained",
+        ) from error
+
+
+def _reads_ema(method: Method) -> list[str]:
+    """The names of the terms whose residual calls the EMA network."""
+    names = []
+    for term in method.terms:
+        found = []
+
+        def visit(node, found=found):
+            network = (
+                node.network
+                if isinstance(node, Call)
+                else node.function
+                if isinstance(node, Derivative)
+                else None
+            )
+            if isinstance(network, Network) and network.role == "ema":
+                found.append(node)
+
+        walk(term.residual, visit)
+        if found:
+            names.append(term.name)
+    return names
+
+
+def _warn_ema_horizon(method: Method, ema_decay: float | None, steps: int) -> None:
+    if ema_decay is None:
+        return
+    horizon = math.inf if ema_decay == 1 else 1 / (1 - ema_decay)
+    terms = _reads_ema(method)
+    if horizon <= steps / 5 or not terms:
+        return
+    warnings.warn(
+        f"`ema_decay={ema_decay}` averages over about {horizon:.0f} steps, more than "
+        f"a fifth of the {steps}-step run, and method {method.name!r} reads the EMA "
+        f"network in term(s) {terms}: their targets would lag the online network "
+        f"for most of training. Use `ema_decay <= {1 - 5 / steps:.4g}` or more "
+        "steps.",
+        EMAHorizonWarning,
+        stacklevel=3,
+    )
+
+
+def _describe_data(data) -> str:
+    if callable(data):
+        return f"function {text(data)}"
+    return f"{data.dtype}{list(data.shape)}"
+
+
+def _run_record(
+    method: Method, data, labels, batch_size, ema_decay, clip_norm
+) -> dict[str, Any]:
+    """What must be the same for a checkpoint to continue this run."""
+    record: dict[str, Any] = {
+        "method" + ("" if path == "." else path): text
+        for path, text in describe(method).items()
+    }
+    return record | {
+        "batch_size": batch_size,
+        "data": _describe_data(data),
+        "labels": None if labels is None else _describe_data(labels),
+        "ema_decay": ema_decay,
+        "clip_norm": clip_norm,
+    }
+
+
+def _resume(
+    path: str,
+    fresh: TrainState,
+    run: dict[str, Any],
+    resume: bool | Literal["weights-only"],
+) -> tuple[TrainState, dict[str, Any] | None]:
+    """The state to start from (and the saved divergence monitor): from `path`, or
+    from the previous checkpoint if `path` is damaged."""
+    damaged = []
+    for candidate in (path, previous_path(path)):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            with open(candidate, "rb") as f:
+                header, payload = decode(candidate, f.read())
+        except CheckpointError as error:
+            damaged.append(error)
+            continue
+        if damaged:
+            warnings.warn(
+                f"{damaged[0]} Resuming from the previous checkpoint {candidate!r} "
+                f"(step {header.get('step')}) instead.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        # A checkpoint saved by hand has no record of its run; then only its
+        # structure can be checked.
+        problems = differences(header["run"], run) if "run" in header else []
+        if not problems:
+            return restore(candidate, header, payload, fresh), header.get("monitor")
+        if resume is True:
+            # Another model is the first thing to name, and `restore` names it.
+            restore(candidate, header, payload, fresh)
+            raise CheckpointError(
+                f"The checkpoint {candidate!r} was written by another run: "
+                + "; ".join(problems)
+                + ". Pass the same method, batch size, data and options to continue "
+                "it; `resume='weights-only'` to start a new run from its weights "
+                "(fine-tuning); or a new path (or `resume=False`) to start afresh.",
+                path=candidate,
+                problems=problems,
+                damaged=False,
+            )
+        model, ema = restore(candidate, header, payload, fresh, fields=("model", "ema"))
+        return TrainState(model, ema, fresh.opt_state, 0, fresh.key), None
+    if damaged:
+        raise damaged[0]
+    return fresh, None
+
+
+@contextlib.contextmanager
+def _catch_sigterm() -> Iterator[list[int]]:
+    """Turn SIGTERM into a flag that the loop polls, so the run can be saved before
+    the process ends. Only where SIGTERM still has its default action (terminate),
+    and only in the main thread, where Python runs signal handlers."""
+    received: list[int] = []
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield received
+        return
+    signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 # ---------------------------------------------------------------------------- fit
 
 
@@ -431,7 +750,8 @@ def fit(
     clip_norm: float | None = 1.0,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1000,
-    resume: bool = True,
+    resume: bool | Literal["weights-only"] = True,
+    divergence: Divergence | None = Divergence(),
     evaluate: Callable[[TrainState], Mapping[str, Any]] | None = None,
     eval_every: int | None = None,
     max_nonfinite: int = 10,
@@ -443,36 +763,64 @@ def fit(
     and takes one optimiser step on `method.loss`. The step is compiled once; step
     `i` uses the key `jax.random.fold_in(key, i)` and passes `step=i` to the loss
     (curricula), so a run resumed from a checkpoint reproduces the uninterrupted run
-    exactly. A step whose loss or gradient is non-finite is skipped (parameters, EMA
-    and optimiser state unchanged) with a warning; `max_nonfinite` such steps in a
-    row raise [`fmcalc.train.NonFiniteError`][] naming the terms and batch rows at
-    fault. On `KeyboardInterrupt` the state is saved to `checkpoint` first.
+    exactly.
 
-    **Arguments:**
+    **Failure behaviour.**
+
+    - A step whose loss or gradient is non-finite, or whose update would make the
+      parameters, EMA or optimiser state non-finite (or the parameters explode past
+      the square root of their dtype's largest value), is skipped (the state stays
+      as it was) with a warning; `max_nonfinite` such steps in a row raise
+      [`fmcalc.train.NonFiniteError`][], which names the terms and batch rows at
+      fault, or the arrays the update broke (then the optimiser is at fault).
+    - `divergence` stops a run whose smoothed loss rises far above its minimum
+      ([`fmcalc.train.DivergenceError`][]).
+    - A checkpoint is written only for a state whose own loss was seen finite and
+      not diverged, atomically, keeping the one it replaces as `checkpoint + ".prev"`.
+      Before training, `fit` checks that the checkpoint path can be written.
+    - On `KeyboardInterrupt` (SIGINT) the state is saved, then the exception goes
+      on; on SIGTERM the state is saved and the process ends by the signal.
+
+    **Main arguments:**
 
     - `method`: the [`fmcalc.Method`][].
     - `model`: the model, called per example as `model(x, s, t, cond=cond)`.
-    - `data`: an `(N, dim)` array whose rows are drawn uniformly with replacement,
-      or a function `data(key, n)` returning `(n, dim)` samples, traceable by JAX
-      (e.g. an analytic flow's `flow.sample`).
+    - `data`: an `(N, dim)` float32 or float64 array whose rows are drawn uniformly
+      with replacement, or a function `data(key, n)` returning `(n, dim)` samples,
+      traceable by JAX (e.g. an analytic flow's `flow.sample`).
     - `key`: the run's PRNG key (on resume, the checkpoint's key is used).
     - `steps`: the total number of steps; a resumed run continues up to it.
     - `batch_size`: data rows per step (the method's split gives them to its terms).
     - `optimizer`: an optax transformation; `optax.adam(1e-3)` if `None`.
-    - `labels`: `(N,)` integer class labels of the rows of an array `data`, passed to
+
+    **Other arguments:**
+
+    - `labels`: `(N,)` integer class labels of the rows of an array `data`, in
+      `[0, num_classes)` or [`fmcalc.NULL_LABEL`][] for an unlabelled row, passed to
       the networks as `cond`; `None` for unconditional training.
     - `teacher`, `aux`: passed on to `method.loss`.
     - `ema_decay`: the decay of the parameters' EMA, the loss's `ema` network; with
-      `None` the loss gets the model under a stop-gradient instead.
+      `None` the loss gets the model under a stop-gradient instead. An
+      [`fmcalc.EMAHorizonWarning`][] says when the method reads the EMA and its
+      horizon `1 / (1 - ema_decay)` exceeds a fifth of `steps`.
     - `clip_norm`: clip the gradient to this global norm before the optimiser;
       `None` for no clipping.
-    - `checkpoint`: a file to save the state to, or `None`.
+    - `checkpoint`: a file to save the state to, or `None`. Its header records the
+      model's structure, the method, the batch size and the data
+      ([`fmcalc.train.checkpoint_header`][]).
     - `checkpoint_every`: save every this many steps (and at the end).
-    - `resume`: whether to continue from `checkpoint` if the file exists.
+    - `resume`: `True` to continue from `checkpoint` if the file exists (it must
+      have been written by the same run: same model structure, method, batch size,
+      data and options, else a [`fmcalc.train.CheckpointError`][]); `False` to
+      start afresh; `"weights-only"` to start a new run (fresh optimiser, step 0)
+      from the checkpoint's model and EMA, e.g. to fine-tune with another method,
+      unless the checkpoint was written by this same run, which then continues.
+    - `divergence`: a [`fmcalc.train.Divergence`][], or `None` to turn the check
+      off.
     - `evaluate`: a function of the [`fmcalc.train.TrainState`][] returning a dict
       of floats, called every `eval_every` steps and at the end.
     - `eval_every`: how often to call `evaluate`; `None` for only at the end.
-    - `max_nonfinite`: how many consecutive non-finite steps stop the run.
+    - `max_nonfinite`: how many consecutive skipped steps stop the run.
     - `progress`: whether to show a progress bar with the loss and steps/s.
 
     **Returns:** a [`fmcalc.train.TrainResult`][].
@@ -490,6 +838,15 @@ def fit(
         raise ValueError(f"`ema_decay` must lie in [0, 1] or be None; got {ema_decay}.")
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"`clip_norm` must be positive or None; got {clip_norm}.")
+    if resume not in (True, False, "weights-only"):
+        raise ValueError(
+            f"`resume` must be True, False or 'weights-only'; got {resume!r}."
+        )
+    if divergence is not None and not isinstance(divergence, Divergence):
+        raise TypeError(
+            "`divergence` must be an fmcalc.train.Divergence (or None to turn the "
+            f"check off); got {divergence!r}."
+        )
     if optimizer is None:
         optimizer = _DEFAULT_OPTIMIZER
     elif not isinstance(optimizer, optax.GradientTransformation):
@@ -499,18 +856,55 @@ def fit(
         )
     if clip_norm is not None:
         optimizer = _clipped(optimizer, clip_norm)
-    data, labels = _check_data(data, labels, batch_size, method)
+    data, labels = _check_data(data, labels, batch_size, method, model)
+    broken = _unsound(_soundness_of(model, model, None), ("model", "ema", "opt"))
+    if broken:
+        raise ValueError(
+            "The initial `model` has non-finite or exploded parameters: "
+            f"{[leaf.removeprefix('model') for leaf in broken[:5]]} (of {len(broken)})."
+            " Initialise them finite."
+        )
+    _warn_ema_horizon(method, ema_decay, steps)
+    if checkpoint is not None:
+        checkpoint = os.fspath(checkpoint)
+        _check_checkpoint_path(checkpoint)
     problem = _Problem(
         method, optimizer, data, labels, teacher, aux, batch_size, ema_decay
     )
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     state = TrainState(model, model, opt_state, 0, key)
-    if checkpoint is not None and resume and os.path.exists(checkpoint):
-        state = load_checkpoint(checkpoint, state)
+    run = _run_record(method, data, labels, batch_size, ema_decay, clip_norm)
+    monitor = _Monitor(0.0 if divergence is None else divergence.smoothing)
+    if checkpoint is not None and resume:
+        state, saved_monitor = _resume(checkpoint, state, run, resume)
+        if saved_monitor is not None and divergence is not None:
+            monitor = _Monitor(divergence.smoothing, **saved_monitor)
 
     losses, history, evaluations = [], [], []
     skipped = consecutive = 0
-    saved = state.step
+    initial = state
+    start = saved = state.step
+
+    def save(state: TrainState, monitor_state: dict[str, Any]) -> None:
+        """Save `state`, which must be sound (checked again here)."""
+        nonlocal saved
+        assert checkpoint is not None
+        broken = _unsound(
+            _soundness_of(state.model, state.ema, state.opt_state),
+            ("model", "ema", "opt_state"),
+        )
+        if broken:
+            raise NonFiniteError(
+                f"Refusing to save step {state.step}: {broken[:5]} are non-finite or "
+                f"exploded. The checkpoint {checkpoint!r} keeps step {saved}.",
+                step=state.step,
+                terms=[],
+                rows={},
+                leaves=broken,
+            )
+        record = {"run": run, "monitor": monitor_state}
+        save_checkpoint(checkpoint, state, record=record)
+        saved = state.step
 
     def run_evaluation():
         results = evaluate(state)  # pyright: ignore[reportOptionalCall]
@@ -520,23 +914,82 @@ def fit(
             )
         evaluations.append((state.step, {k: float(v) for k, v in results.items()}))
 
+    def check_divergence(step: int) -> None:
+        assert divergence is not None
+        if (
+            monitor.count <= divergence.warmup
+            or monitor.rise("loss") <= divergence.factor
+        ):
+            return
+        terms = sorted(
+            (name for name in monitor.sums if name != "loss"),
+            key=monitor.rise,
+            reverse=True,
+        )
+        rises = ", ".join(
+            f"{name!r} {monitor.minima[name]:.3g} -> {monitor[name]:.3g}"
+            for name in terms
+        )
+        where = (
+            f"The checkpoint {checkpoint!r} keeps step {saved} (and the one before "
+            f"it, {previous_path(checkpoint)!r})."
+            if checkpoint is not None and saved > start
+            else "No checkpoint was written in this call."
+        )
+        raise DivergenceError(
+            f"Training diverged at step {step}: the smoothed loss rose from its "
+            f"minimum {monitor.minima['loss']:.3g} to {monitor['loss']:.3g}, more "
+            f"than {divergence.factor:g} times the larger of the minimum's and the "
+            "first loss's magnitudes above it. "
+            f"Smoothed term losses (minimum -> now): {rises}. Lower the learning "
+            f"rate, lower `clip_norm`, or check the data; pass "
+            f"`divergence=fmcalc.train.Divergence(factor=...)` to allow more, or "
+            f"`divergence=None` to turn the check off. {where}",
+            step=step,
+            loss=monitor["loss"],
+            minimum=monitor.minima["loss"],
+            terms=terms,
+        )
+
     def record(before: TrainState, outputs) -> None:
-        """Read one step's loss, metrics and finiteness back from the device."""
+        """Read one step's loss, metrics and checks back from the device; save the
+        state the step started from if it is due, now that its loss is known."""
         nonlocal skipped, consecutive
-        loss, metrics, finite = jax.device_get(outputs)
-        if finite:
+        loss, metrics, checks = jax.device_get(outputs)
+        kept = checks["finite"] and checks["sound"]
+        if divergence is not None and before.step == 0 and kept:
+            if checks["alignment"] > 0:
+                raise ValueError(
+                    "The optimiser's first update points up the gradient (update · "
+                    f"gradient = {float(checks['alignment']):.3g} > 0), so every "
+                    "step would raise the loss: is the learning rate negative? "
+                    "Pass `divergence=None` if this optimiser means it."
+                )
+        if kept:
             consecutive = 0
+            snapshot = monitor.snapshot()
+            if divergence is not None:
+                terms = {t.name: float(metrics[f"{t.name}/loss"]) for t in method.terms}
+                monitor.update({"loss": float(loss), **terms})
+                check_divergence(before.step)
+            due = checkpoint is not None and before.step % checkpoint_every == 0
+            if due and before.step > saved:
+                save(before, snapshot)
         else:
             skipped, consecutive, loss = skipped + 1, consecutive + 1, math.nan
             if consecutive >= max_nonfinite:
                 first = before.step - consecutive + 1
-                raise _diagnose(problem, before, metrics, first)
-            bad = [k for k, v in metrics.items() if not np.isfinite(v)]
+                if checks["finite"]:
+                    raise _diagnose_update(problem, before, first)
+                raise _diagnose(problem, before, metrics, first, initial)
+            what = (
+                "an update that breaks the state"
+                if checks["finite"]
+                else "non-finite loss or gradient (non-finite metrics: "
+                f"{[k for k, v in metrics.items() if not np.isfinite(v)]})"
+            )
             warnings.warn(
-                f"Step {before.step} skipped: non-finite loss or gradient "
-                f"(non-finite metrics: {bad}).",
-                RuntimeWarning,
-                stacklevel=3,
+                f"Step {before.step} skipped: {what}.", RuntimeWarning, stacklevel=3
             )
         losses.append(float(loss))
         history.append(metrics)
@@ -544,12 +997,12 @@ def fit(
         bar.update()
 
     bar = tqdm(total=steps, initial=state.step, disable=not progress, unit="step")
-    with bar:
+    with _catch_sigterm() as terminated, bar:
         try:
             # Step i's outputs are read after step i + 1 has been dispatched, so the
             # host's bookkeeping overlaps the device's work instead of idling it.
             pending = None
-            while state.step < steps:
+            while state.step < steps and not terminated:
                 before = state
                 updated, outputs = _step(
                     before.model,
@@ -563,21 +1016,25 @@ def fit(
                 if pending is not None:
                     record(*pending)
                 pending = (before, outputs)
-                if checkpoint is not None and state.step % checkpoint_every == 0:
+                if checkpoint is not None and before.step % checkpoint_every == 0:
+                    # Read at once, so a save is never more than `checkpoint_every`
+                    # steps behind the run.
                     record(*pending)
                     pending = None
-                    save_checkpoint(checkpoint, state)
-                    saved = state.step
                 if evaluate is not None and eval_every and state.step % eval_every == 0:
                     run_evaluation()
             if pending is not None:
                 record(*pending)
         except KeyboardInterrupt:
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, state)
+            if checkpoint is not None and state.step > saved:
+                save(state, monitor.snapshot())
             raise
-    if checkpoint is not None and saved != state.step:
-        save_checkpoint(checkpoint, state)
+        if checkpoint is not None and state.step > saved:
+            save(state, monitor.snapshot())
+    if terminated:
+        # The default action, restored on leaving `_catch_sigterm`, ends the process
+        # with the signal's status, as if the run had never caught it.
+        signal.raise_signal(terminated[0])
     if evaluate is not None and (not evaluations or evaluations[-1][0] != state.step):
         run_evaluation()
     names = history[0] if history else {}

@@ -1,6 +1,7 @@
 """A training loop for any [`fmcalc.Method`][]: one compiled step, an EMA of the
-parameters, gradient clipping, a guard against non-finite steps, atomic checkpoints
-that resume bit-for-bit, evaluation hooks and a progress bar.
+parameters, gradient clipping, guards against non-finite steps, exploding updates and
+divergence, verified atomic checkpoints that resume bit-for-bit, evaluation hooks and
+a progress bar.
 
 ```python
 import jax
@@ -23,11 +24,17 @@ Running the same call again after an interruption continues from `run.eqx` and g
 the same losses and parameters as an uninterrupted run.
 """
 
+from ._checkpoint import (
+    CheckpointError as CheckpointError,
+    checkpoint_header as checkpoint_header,
+    load_checkpoint as load_checkpoint,
+    save_checkpoint as save_checkpoint,
+)
 from ._train import (
+    Divergence as Divergence,
+    DivergenceError as DivergenceError,
     NonFiniteError as NonFiniteError,
     TrainResult as TrainResult,
     TrainState as TrainState,
     fit as fit,
-    load_checkpoint as load_checkpoint,
-    save_checkpoint as save_checkpoint,
 )
