@@ -4,11 +4,18 @@ Every row is computed now, on this machine: the flow-map identities on the exact
 Gaussian and on a Gaussian mixture (diffrax reference), in float64 and float32, with
 each derivative strategy; every consistency rule built from primitives evaluated on
 the exact map; the marginal-from-conditional test; and the fixed-point test of every
-registered training method (the exact map must not move under its update). The
-exit status is non-zero if any row fails.
+registered training method (the exact map must not move under its update).
+`fmcalc methods` lists the registered methods; `fmcalc --version` prints the
+versions of fmcalc and jax.
+
+Exit status: 0 on success; 1 if a check fails; 2 for a bad command line; 141
+(128 + SIGPIPE, as a process the signal ended) when the reader of the output goes
+away early, e.g. `fmcalc methods -v | head -1`, which is then not an error message.
 """
 
 import argparse
+import importlib.metadata
+import os
 import sys
 import time
 from typing import NamedTuple
@@ -350,10 +357,26 @@ def methods_table(verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
+# 128 + SIGPIPE: what a shell reports for a process ended by a closed pipe.
+_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default `sys.argv[1:]`); **returns** the exit
+    status (see the module docstring)."""
     parser = argparse.ArgumentParser(
         prog="fmcalc",
         description="fmcalc: flow maps in JAX. `fmcalc check` verifies the library.",
+        epilog="Exit status: 0 success, 1 a check failed, 2 bad command line, 141 "
+        "output pipe closed early.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=(
+            f"fmcalc {importlib.metadata.version('fmcalc')} "
+            f"(jax {jax.__version__}, Python {sys.version.split()[0]})"
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True)
     check_parser = sub.add_parser(
@@ -370,8 +393,18 @@ def main(argv: list[str] | None = None) -> int:
         "-v", "--verbose", action="store_true", help="also print every residual"
     )
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; pointing it at /dev/null keeps that
+        # flush from raising a second time and printing a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _BROKEN_PIPE
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "methods":
-        print(methods_table(args.verbose))
+        print(methods_table(args.verbose), flush=True)
         return 0
     jax.config.update("jax_enable_x64", True)
     start = time.perf_counter()
@@ -381,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     print(
         f"\n{len(rows) - len(failed)} passed, {len(failed)} failed "
-        f"({elapsed:.0f} s; jax {jax.__version__}, {jax.devices()[0].platform})"
+        f"({elapsed:.0f} s; jax {jax.__version__}, {jax.devices()[0].platform})",
+        flush=True,
     )
     return 1 if failed else 0
 
