@@ -837,6 +837,17 @@ class Derivative(AbstractExpr):
         x, a, b = self.at
         dx, da, db = self.along
         if isinstance(self.strategy, FiniteDifference):
+            if not (_is_zero(da) or _is_zero(db)):
+                # At a corner (s = 1, t = 0 along (1, 1)) no step along both times
+                # stays in [0, 1]; along one time at a time, one does.
+                zero = _wrap(0.0)
+                first = Derivative(
+                    self.function, self.at, (dx, da, zero), self.strategy
+                )
+                second = Derivative(
+                    self.function, self.at, (zero, zero, db), self.strategy
+                )
+                return first + second
             h = self.strategy.step
             moving = [(p, d) for p, d in ((a, da), (b, db)) if not _is_zero(d)]
 
