@@ -203,7 +203,7 @@ class Method(eqx.Module):
 
         - `key`: PRNG key.
         - `x0`: data, shape `(n, dim)`.
-        - `cond`: optional labels, shape `(n,)`; negative means "no label".
+        - `cond`: optional labels, shape `(n,)`; `fmcalc.NULL_LABEL` means no label.
 
         **Returns:** a [`fmcalc.Batch`][]. Without a split its rows are `x0` repeated
         once per term.
@@ -217,6 +217,11 @@ class Method(eqx.Module):
                 cond = jnp.concatenate([jnp.asarray(cond)] * reps)
         n = x0.shape[0]
         counts = self.row_counts(n)
+        if 0 in counts:
+            raise ValueError(
+                f"With {n} rows, the split {self.split} of method {self.name!r} gives "
+                f"the term {self.terms[counts.index(0)].name!r} no rows; draw more."
+            )
         k_noise, k_labels, *k_terms = jax.random.split(key, 2 + len(self.terms))
         dtype = x0.dtype
         eps = jax.random.normal(k_noise, x0.shape, dtype)
