@@ -857,12 +857,11 @@ def fit(
     if clip_norm is not None:
         optimizer = _clipped(optimizer, clip_norm)
     data, labels = _check_data(data, labels, batch_size, method, model)
-    broken = _unsound(_soundness_of(model, model, None), ("model", "ema", "opt"))
+    broken = _unsound(_soundness_of(model, None, None), ("", "", ""))
     if broken:
         raise ValueError(
             "The initial `model` has non-finite or exploded parameters: "
-            f"{[leaf.removeprefix('model') for leaf in broken[:5]]} (of {len(broken)})."
-            " Initialise them finite."
+            f"{broken[:5]} (of {len(broken)}). Initialise them finite."
         )
     _warn_ema_horizon(method, ema_decay, steps)
     if checkpoint is not None:
