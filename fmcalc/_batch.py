@@ -52,7 +52,7 @@ class Batch(eqx.Module):
 
     **Arguments:**
 
-    - `x0`: data, shape `(*batch, dim)`.
+    - `x0`: data, shape `(*batch, dim)`, float32 or float64.
     - `eps`: noise, same shape.
     - `s`: source times, shape `(*batch,)`, in `[0, 1]`.
     - `t`: target times, same shape.
@@ -96,9 +96,14 @@ class Batch(eqx.Module):
                 f"{jnp.shape(eps)}."
             )
         for name, a in (("x0", x0), ("eps", eps)):
-            if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
+            dtype = jnp.result_type(a)
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise TypeError(f"`{name}` must be a floating array; got {dtype}.")
+            if jnp.finfo(dtype).bits < 32:
                 raise TypeError(
-                    f"`{name}` must be a floating array; got {jnp.result_type(a)}."
+                    f"`{name}` is {dtype}, which resolves times near 1 only to "
+                    f"{float(jnp.finfo(dtype).eps):.0e}: pass float32 or float64 data "
+                    "(lower precision belongs inside the model)."
                 )
         batch_shape = jnp.shape(x0)[:-1]
         if 0 in jnp.shape(x0):

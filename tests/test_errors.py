@@ -925,6 +925,13 @@ def test_empty_batch():
         fmcalc.Batch(jnp.zeros((0, 3)), jnp.zeros((0, 3)), jnp.zeros(0), jnp.zeros(0))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_batch_is_refused(dtype):
+    x0 = jnp.zeros((2, 3), dtype)
+    with pytest.raises(TypeError, match="`x0` is .*16.*pass float32 or float64"):
+        fmcalc.Batch(x0, x0, jnp.ones(2), jnp.zeros(2))
+
+
 def test_one_row_batch_with_a_split():
     method = fmcalc.methods.get("shortcut")
     with pytest.raises(ValueError, match="With 1 rows, .* gives the term .* no rows"):
