@@ -112,11 +112,13 @@ class NonFiniteError(FloatingPointError):
 
 
 class DivergenceError(FloatingPointError):
-    """Training stopped because the smoothed loss rose far above its minimum.
+    """Training stopped because the smoothed loss rose far above its minimum, or
+    the optimiser kept stepping up the gradient.
 
     **Attributes:** `step` (the step at which it was detected), `loss` and `minimum`
     (the smoothed loss then, and the lowest it had been) and `terms` (the method's
-    terms by how far their own smoothed loss had risen, the worst first).
+    terms by how far their own smoothed loss had risen, the worst first; empty when
+    the updates went uphill).
     """
 
     def __init__(
@@ -146,8 +148,11 @@ class Divergence(eqx.Module):
     [`fmcalc.train.DivergenceError`][] that names the terms that rose; the unit is
     the larger of the minimum's and the first loss's magnitudes. The state of that
     step is not saved, so the checkpoint keeps the last state whose loss was seen.
-    The check also refuses a first update that points up the gradient (a negative
-    learning rate). Pass `divergence=None` to `fit` to turn it off.
+    The check also refuses a first update that points up the gradient
+    (`update · gradient > 0`: a negative learning rate), and stops a run whose
+    updates have pointed up the gradient for `uphill` kept steps in a row (a
+    schedule that turned negative; with a positive learning rate, momentum points
+    uphill for a few steps at most). Pass `divergence=None` to `fit` to turn it off.
 
     Some losses rise while training goes well: a self-consistency term starts near
     0 and grows as the anchor teaches the network a velocity, and SoFlow's loss
@@ -162,11 +167,13 @@ class Divergence(eqx.Module):
     - `smoothing`: the weight of the past in the moving average, in `[0, 1)`; its
       horizon is `1 / (1 - smoothing)` steps (default `0.98`, 50 steps).
     - `warmup`: how many finite steps to see before checking (default 100).
+    - `uphill`: how many uphill updates in a row stop the run (default 50).
     """
 
     factor: float = eqx.field(static=True, default=1e6, converter=_as_float)
     smoothing: float = eqx.field(static=True, default=0.98, converter=_as_float)
     warmup: int = eqx.field(static=True, default=100)
+    uphill: int = eqx.field(static=True, default=50)
 
     def __check_init__(self):
         if not (isinstance(self.factor, float) and 0 < self.factor < math.inf):
@@ -179,14 +186,16 @@ class Divergence(eqx.Module):
                 f"`Divergence(smoothing=...)` must lie in [0, 1); got "
                 f"{self.smoothing!r}."
             )
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int):
-            raise TypeError(
-                f"`Divergence(warmup=...)` must be an integer; got {self.warmup!r}."
-            )
-        if self.warmup < 0:
-            raise ValueError(
-                f"`Divergence(warmup=...)` must be >= 0; got {self.warmup!r}."
-            )
+        for name, least in (("warmup", 0), ("uphill", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(
+                    f"`Divergence({name}=...)` must be an integer; got {value!r}."
+                )
+            if value < least:
+                raise ValueError(
+                    f"`Divergence({name}=...)` must be >= {least}; got {value!r}."
+                )
 
 
 @dataclasses.dataclass
@@ -197,12 +206,14 @@ class _Monitor:
 
     smoothing: float
     count: int = 0
+    uphill: int = 0
     sums: dict[str, float] = dataclasses.field(default_factory=dict)
     first: dict[str, float] = dataclasses.field(default_factory=dict)
     minima: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    def update(self, values: Mapping[str, float]) -> None:
+    def update(self, values: Mapping[str, float], *, uphill: bool) -> None:
         self.count += 1
+        self.uphill = self.uphill + 1 if uphill else 0
         for name, value in values.items():
             self.sums[name] = (
                 self.smoothing * self.sums.get(name, 0.0) + (1 - self.smoothing) * value
@@ -223,6 +234,7 @@ class _Monitor:
     def snapshot(self) -> dict[str, Any]:
         return {
             "count": self.count,
+            "uphill": self.uphill,
             "sums": dict(self.sums),
             "first": dict(self.first),
             "minima": dict(self.minima),
@@ -497,10 +509,22 @@ def _clipped(optimizer: optax.GradientTransformation, clip_norm: float):
     return optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
 
 
+def _num_classes(model: PyTree) -> int | None:
+    """The number of classes of the label embeddings in `model` (the fewest, if its
+    networks differ), or `None` if none says."""
+
+    def says(node) -> bool:
+        value = getattr(node, "num_classes", None)
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    found = [n.num_classes for n in jax.tree.leaves(model, is_leaf=says) if says(n)]
+    return min(found) if found else None
+
+
 def _check_labels(labels: Array, model: PyTree) -> None:
     values = np.asarray(labels)
-    num_classes = getattr(model, "num_classes", None)
-    known = isinstance(num_classes, int) and not isinstance(num_classes, bool)
+    num_classes = _num_classes(model)
+    known = num_classes is not None
     bad = (values < 0) & (values != NULL_LABEL)
     if known:
         bad |= values >= num_classes
@@ -779,7 +803,9 @@ def fit(
       not diverged, atomically, keeping the one it replaces as `checkpoint + ".prev"`.
       Before training, `fit` checks that the checkpoint path can be written.
     - On `KeyboardInterrupt` (SIGINT) the state is saved, then the exception goes
-      on; on SIGTERM the state is saved and the process ends by the signal.
+      on; on SIGTERM the state is saved and the process ends by the signal (when
+      `fit` runs in the main thread and SIGTERM has its default action; a handler
+      of your own is left alone).
 
     **Main arguments:**
 
@@ -915,6 +941,18 @@ def fit(
 
     def check_divergence(step: int) -> None:
         assert divergence is not None
+        if monitor.uphill >= divergence.uphill:
+            raise DivergenceError(
+                f"Training stopped at step {step}: the optimiser's update has pointed "
+                f"up the gradient (update · gradient > 0) for {monitor.uphill} steps "
+                "in a row, so it raises the loss: has the learning rate or its "
+                "schedule turned negative? Pass `divergence=None` if this optimiser "
+                "means it.",
+                step=step,
+                loss=monitor["loss"],
+                minimum=monitor.minima["loss"],
+                terms=[],
+            )
         if (
             monitor.count <= divergence.warmup
             or monitor.rise("loss") <= divergence.factor
@@ -969,7 +1007,8 @@ def fit(
             snapshot = monitor.snapshot()
             if divergence is not None:
                 terms = {t.name: float(metrics[f"{t.name}/loss"]) for t in method.terms}
-                monitor.update({"loss": float(loss), **terms})
+                uphill = bool(checks["alignment"] > 0)
+                monitor.update({"loss": float(loss), **terms}, uphill=uphill)
                 check_divergence(before.step)
             due = checkpoint is not None and before.step % checkpoint_every == 0
             if due and before.step > saved:

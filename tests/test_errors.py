@@ -343,6 +343,16 @@ def test_negative_learning_rate_is_refused():
         _fit(optimizer=optax.adam(-1e-3))
 
 
+def test_learning_rate_schedule_turning_negative_stops_the_run():
+    schedule = optax.linear_schedule(1e-3, -1e-3, 20)
+    with pytest.raises(train.DivergenceError, match="up the gradient .* negative"):
+        _fit(
+            optimizer=optax.adam(schedule),
+            steps=100,
+            divergence=train.Divergence(uphill=5),
+        )
+
+
 def test_runaway_parameters_are_blamed_not_the_data():
     with pytest.warns(RuntimeWarning):
         with pytest.raises(train.NonFiniteError, match="run away since") as error:
@@ -375,6 +385,7 @@ def test_divergence_stops_the_run_and_names_the_term():
         (dict(smoothing=1.0), ValueError, r"must lie in \[0, 1\); got 1.0"),
         (dict(warmup=1.5), TypeError, "must be an integer; got 1.5|parameter 'warmup'"),
         (dict(warmup=-1), ValueError, "must be >= 0; got -1"),
+        (dict(uphill=0), ValueError, "must be >= 1; got 0"),
     ],
 )
 def test_bad_divergence_options(options, error, match):
@@ -510,6 +521,18 @@ def test_one_indexed_labels_are_refused():
     labels = jnp.arange(64) % 3 + 1
     with pytest.raises(ValueError, match=r"\[0, 3\).*got \[3.*subtract 1"):
         _fit(model=_mlp(num_classes=3), labels=labels)
+
+
+def test_labels_are_checked_against_a_wrapped_model():
+    class Wrapper(eqx.Module):
+        inner: MLP
+
+        def __call__(self, x, s, t, *, cond=None):
+            return self.inner(x, s, t, cond=cond)
+
+    labels = jnp.arange(64) % 4
+    with pytest.raises(ValueError, match=r"must lie in \[0, 3\).*got \[3"):
+        _fit(model=Wrapper(_mlp(num_classes=3)), labels=labels)
 
 
 def test_negative_labels_other_than_the_null_label_are_refused():

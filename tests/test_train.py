@@ -85,6 +85,10 @@ def test_public_names_are_documented():
         "NonFiniteError",
         "save_checkpoint",
         "load_checkpoint",
+        "checkpoint_header",
+        "CheckpointError",
+        "Divergence",
+        "DivergenceError",
     ]:
         assert (getattr(fmcalc.train, name).__doc__ or "").strip(), name
     assert fmcalc.train.__doc__ and "fit(" in fmcalc.train.__doc__
