@@ -47,7 +47,7 @@ try:
                   (Term("eulerian", meanflow(v_c), times),))  # fmt: skip
 except ValueError as error:
     print(f"rejected: {error}\n")
-# (`Method(..., biased="why")` accepts it knowingly, as SoFlow's spec does.)
+# (`Term(..., biased="why")` accepts it knowingly, as SoFlow's spec does.)
 
 # The tangent is the EMA's velocity. Differentiating the EMA too, `D(V_ema, ...)`,
 # passes the same check but diverged here: a lagging copy inside a derivative.

@@ -29,8 +29,14 @@ from ._derivative import (
     AbstractDerivative as AbstractDerivative,
     FiniteDifference as FiniteDifference,
 )
+from ._diagnostics import CallRole as CallRole, Finding as Finding
 from ._ema import ema_update as ema_update
 from ._evaluate import evaluate as evaluate, residual_loss as residual_loss
+from ._explain import (
+    Explanation as Explanation,
+    TermExplanation as TermExplanation,
+    explain as explain,
+)
 from ._expr import (
     AbstractExpr as AbstractExpr,
     AbstractVelocity as AbstractVelocity,

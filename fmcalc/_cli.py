@@ -392,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     methods_parser.add_argument(
         "-v", "--verbose", action="store_true", help="also print every residual"
     )
+    explain_parser = sub.add_parser(
+        "explain",
+        help="a method's terms: each network call's gradient role and the update",
+    )
+    explain_parser.add_argument("name", help="a registry name (see `fmcalc methods`)")
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -405,6 +410,18 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "methods":
         print(methods_table(args.verbose), flush=True)
+        return 0
+    if args.command == "explain":
+        from . import explain, methods
+
+        if args.name not in methods.names():
+            print(
+                f"fmcalc explain: unknown method {args.name!r}; the registered ones "
+                f"are {', '.join(methods.names())}.",
+                file=sys.stderr,
+            )
+            return 2
+        print(explain(args.name))
         return 0
     jax.config.update("jax_enable_x64", True)
     start = time.perf_counter()

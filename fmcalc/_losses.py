@@ -56,6 +56,21 @@ class AbstractLoss(eqx.Module):
 
     depends_on_residual: ClassVar[bool]
 
+    @property
+    def formula(self) -> str:
+        """The loss as a formula of the residual `R` (and the prediction `P`), for
+        printing a method."""
+        return f"{type(self).__name__}(R)"
+
+    @property
+    def gradient_weight(self) -> str | None:
+        """The weight `w` in the loss's gradient, `∇θ ℓ = w · R · ∂θ R`, as a formula;
+        `None` if the gradient is not of that form."""
+        return None
+
+    def __str__(self) -> str:
+        return self.formula
+
     @abc.abstractmethod
     def __call__(
         self,
@@ -81,6 +96,14 @@ class SquaredError(AbstractLoss):
     """
 
     depends_on_residual: ClassVar[bool] = False
+
+    @property
+    def formula(self) -> str:
+        return "‖R‖²"
+
+    @property
+    def gradient_weight(self) -> str | None:
+        return "2"
 
     def __call__(
         self,
@@ -122,6 +145,15 @@ class PseudoHuber(AbstractLoss):
     def __check_init__(self):
         if self.c is not None:
             _check_positive("PseudoHuber", "c", self.c)
+
+    @property
+    def formula(self) -> str:
+        c = "0.00054√dim" if self.c is None else f"{self.c:g}"
+        return f"√(‖R‖² + c²) - c, c = {c}"
+
+    @property
+    def gradient_weight(self) -> str | None:
+        return "1/√(‖R‖² + c²)"
 
     def __call__(
         self,
@@ -178,6 +210,14 @@ class Adaptive(AbstractLoss):
             raise ValueError(f"`Adaptive(p=...)` must be ≥ 0; got {self.p!r}.")
         _check_positive("Adaptive", "c", self.c)
 
+    @property
+    def formula(self) -> str:
+        return f"‖R‖² / sg[(‖R‖² + {self.c:g})^{self.p:g}]"
+
+    @property
+    def gradient_weight(self) -> str | None:
+        return f"2/sg[(‖R‖² + {self.c:g})^{self.p:g}]"
+
     def __call__(
         self,
         residual: Float[Array, " dim"],
@@ -208,6 +248,14 @@ class LogVariance(AbstractLoss):
     """
 
     depends_on_residual: ClassVar[bool] = False
+
+    @property
+    def formula(self) -> str:
+        return "e^(-w(s, t)) ‖R‖² + w(s, t)"
+
+    @property
+    def gradient_weight(self) -> str | None:
+        return "2 e^(-w(s, t))"
 
     def __call__(
         self,
@@ -247,6 +295,10 @@ class Cosine(AbstractLoss):
     """
 
     depends_on_residual: ClassVar[bool] = True
+
+    @property
+    def formula(self) -> str:
+        return "1 - ⟨P, P - R⟩ / (‖P‖ ‖P - R‖)"
 
     def __call__(
         self,
@@ -293,6 +345,20 @@ class TimeWeighted(AbstractLoss):
     def depends_on_residual(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.loss.depends_on_residual
 
+    @property
+    def formula(self) -> str:
+        return f"{self._name}(s, t) · [{self.loss.formula}]"
+
+    @property
+    def gradient_weight(self) -> str | None:
+        inner = self.loss.gradient_weight
+        return None if inner is None else f"{self._name}(s, t) · {inner}"
+
+    @property
+    def _name(self) -> str:
+        name = getattr(self.weight, "__name__", "w").lstrip("_")
+        return "w" if name == "<lambda>" else name
+
     def __call__(
         self,
         residual: Float[Array, " dim"],
@@ -337,6 +403,17 @@ class Sum(AbstractLoss):
     @property
     def depends_on_residual(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
         return any(loss.depends_on_residual for loss in self.losses)
+
+    @property
+    def formula(self) -> str:
+        return " + ".join(f"[{loss.formula}]" for loss in self.losses)
+
+    @property
+    def gradient_weight(self) -> str | None:
+        weights = [loss.gradient_weight for loss in self.losses]
+        if None in weights:
+            return None
+        return "(" + " + ".join(weights) + ")"  # pyright: ignore[reportCallIssue,reportArgumentType]
 
     def __call__(
         self,

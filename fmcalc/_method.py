@@ -12,12 +12,13 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._batch import Batch
 from ._derivative import AbstractDerivative
+from ._diagnostics import Finding, findings, warn
 from ._evaluate import _Interpreter
 from ._expr import AbstractExpr, Param, Sub, Variable, walk
 from ._losses import AbstractLoss, SquaredError, drop_labels
 from ._schedules import AbstractSchedule
 from ._times import AbstractTimeSampler
-from ._validate import validate
+from ._validate import check_residual
 from .cost._estimate import estimate
 
 
@@ -36,6 +37,20 @@ class Term(eqx.Module):
     - `times`: the time sampler for this term's rows.
     - `loss`: the per-example loss of the residual (default `‖R‖²`).
     - `weight`: a constant factor.
+    - `biased`: why this term is biased by construction, if it is: the exact map
+      is not its fixed point (consistency models at a finite step `Δs`), or the
+      conditional velocity `eps - x0` enters it where its expectation is not the
+      marginal velocity (a finite difference along `eps - x0`), which is otherwise
+      refused (see [`fmcalc.validate`][]). The fixed-point check then reports the
+      bias instead of failing.
+    - `input_gradient`: why the online network may reach this term's loss only
+      through the input of a network without parameter gradient (CTM compares in
+      data space through the EMA map); otherwise the method raises
+      [`fmcalc.GradientPathWarning`][].
+
+    A term is checked when it is built, by the same checks as
+    [`fmcalc.validate`][]: some parameter gradient must reach the residual, and the
+    conditional velocity must keep the update unbiased unless `biased` says why.
     """
 
     name: str = eqx.field(static=True)
@@ -43,6 +58,8 @@ class Term(eqx.Module):
     times: AbstractTimeSampler
     loss: AbstractLoss = SquaredError()
     weight: float = eqx.field(static=True, default=1.0)
+    biased: str | None = eqx.field(static=True, default=None)
+    input_gradient: str | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         if not isinstance(self.residual, AbstractExpr):
@@ -66,9 +83,32 @@ class Term(eqx.Module):
                 f"{type(self.times).__name__} draws none; wrap it as "
                 "`fmcalc.WithIntermediate(...)` or use a sampler with `uses_u`."
             )
+        for field in ("biased", "input_gradient"):
+            value = getattr(self, field)
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                raise TypeError(
+                    f"Term {self.name!r}: `{field}` must be a sentence saying why, or "
+                    f"None; got {value!r}."
+                )
+        try:
+            check_residual(self.residual, biased=self.biased)
+        except ValueError as error:
+            raise ValueError(f"Term {self.name!r}: {error}") from None
+
+    def findings(self, *, biased: str | None = None) -> list[Finding]:
+        """The warnings this term deserves ([`fmcalc.GradientPathWarning`][],
+        [`fmcalc.FixedPointShiftWarning`][]), each with the declaration that accepts
+        it: the term's own, or the method's `biased`."""
+        return findings(
+            self.residual,
+            self.loss,
+            name=self.name,
+            biased=self.biased or biased,
+            input_gradient=self.input_gradient,
+        )
 
     def __str__(self) -> str:
-        return f"{self.name}: {self.residual}"
+        return f"{self.name}: R = {self.residual}; loss {self.loss}"
 
 
 def _leaf_names(expr: AbstractExpr, kind: type) -> set[str]:
@@ -115,9 +155,14 @@ class Method(eqx.Module):
     - `schedules`: values of the [`fmcalc.Param`][] leaves as functions of the
       training step (curricula).
     - `label_dropout`: the probability that `batch` drops an example's label.
-    - `biased`: why the method is biased by construction, if it is (consistency
-      training at finite `Δs`); such a method skips the marginal-from-conditional
-      validation of its residuals.
+    - `biased`: why the method's fixed point is knowingly shifted, if it is: a loss
+      weighted by its residual on a term that uses the conditional velocity
+      (MeanFlow's adaptive weight). It accepts every term's
+      [`fmcalc.FixedPointShiftWarning`][]; a term whose residual is biased by
+      construction says so itself (`Term(..., biased=...)`).
+
+    Building a method raises, once, each [`fmcalc.FmcalcWarning`][] its terms
+    deserve and do not declare; [`fmcalc.explain`][] shows them all.
 
     `method.batch(key, x0)` draws the noise, times and label dropout;
     `method.loss(model, batch)` is deterministic given its inputs.
@@ -168,9 +213,18 @@ class Method(eqx.Module):
                 f"schedule for them (schedules: {sorted(self.schedules)}); pass "
                 "`schedules={name: fmcalc.schedules.Constant(value), ...}`."
             )
-        if self.biased is None:
-            for term in self.terms:
-                validate(term.residual)
+        if self.biased is not None and not (
+            isinstance(self.biased, str) and self.biased.strip()
+        ):
+            raise TypeError(
+                f"Method {self.name!r}: `biased` must be a sentence saying why, or "
+                f"None; got {self.biased!r}."
+            )
+        warn(self.findings())
+
+    def findings(self) -> list[Finding]:
+        """Every warning the method's terms deserve, declared or not."""
+        return [f for term in self.terms for f in term.findings(biased=self.biased)]
 
     def __str__(self) -> str:
         lines = [f"{self.name} ({self.rule}, {self.learning}, output {self.output})"]
@@ -242,6 +296,15 @@ class Method(eqx.Module):
         return Batch(x0, eps, s, t, u, cond)
 
     # ----------------------------------------------------------------------- loss
+
+    @property
+    def settled_step(self) -> int | None:
+        """The first training step at which every schedule has reached its final
+        value (0 without schedules), or `None` if one never settles."""
+        steps = [schedule.settled for schedule in self.schedules.values()]
+        if None in steps:
+            return None
+        return max(steps, default=0)  # pyright: ignore[reportArgumentType,reportCallIssue]
 
     def params(self, step) -> dict[str, Array]:
         """The values of the method's schedules at `step`."""

@@ -47,7 +47,7 @@ _WHY = (
 )
 
 
-def _uses_conditional(expr: AbstractExpr) -> bool:
+def uses_conditional(expr: AbstractExpr) -> bool:
     found = []
 
     def visit(node):
@@ -172,7 +172,7 @@ def _check_finite_differences(expr: AbstractExpr) -> None:
         if (
             isinstance(node, Derivative)
             and isinstance(node.strategy, FiniteDifference)
-            and any(_uses_conditional(d) for d in node.along)
+            and any(uses_conditional(d) for d in node.along)
         ):
             raise ValueError(
                 f"`{node}` is a finite difference along the conditional velocity: it "
@@ -185,20 +185,15 @@ def _check_finite_differences(expr: AbstractExpr) -> None:
     walk(expr, visit)
 
 
-def validate(residual: AbstractExpr) -> AbstractExpr:
-    """Check a residual statically; raise a `ValueError` that explains what is wrong.
+def check_residual(residual: AbstractExpr, *, biased: str | None = None) -> None:
+    """The checks every residual passes, whether it is validated on its own, held by
+    a [`fmcalc.Term`][] or by a [`fmcalc.Method`][]: raise a `ValueError` (or a
+    `TypeError` for a residual that is not a vector expression) that says what is
+    wrong.
 
-    Checks that the conditional velocity `eps - x0` (if used) keeps the update
-    unbiased: evaluated only at `(x_s, s)`, entering the residual affinely (a JVP
-    tangent is fine, a finite difference or a network input is not), and not
-    multiplied into anything that carries gradient outside a stop-gradient. A
-    residual with a [`fmcalc.Teacher`][] or an analytic velocity needs none of this.
-
-    **Arguments:**
-
-    - `residual`: the expression to check.
-
-    **Returns:** `residual`, unchanged, so the call can be chained.
+    - Some parameter gradient of the online network must reach the residual.
+    - Unless `biased` says why the bias is accepted, the conditional velocity
+      `eps - x0` must keep the update unbiased (see [`fmcalc.validate`][]).
     """
     if not isinstance(residual, AbstractExpr):
         raise TypeError(
@@ -208,13 +203,43 @@ def validate(residual: AbstractExpr) -> AbstractExpr:
         raise TypeError(
             f"A residual must be a vector shaped like x; `{residual}` is a time."
         )
-    if not _uses_conditional(residual):
-        return residual
-    _check_finite_differences(residual)
-    if _degree(residual) > 1:
+    if not biased and uses_conditional(residual):
+        _check_finite_differences(residual)
+        if _degree(residual) > 1:
+            raise ValueError(
+                f"The residual `{residual}` is non-linear in the conditional velocity "
+                "(it multiplies it with itself), so the update is biased." + _WHY
+            )
+        _check_gradient_path(residual)
+    if not carries_gradient(residual):
         raise ValueError(
-            f"The residual `{residual}` is non-linear in the conditional velocity "
-            "(it multiplies it with itself), so the update is biased." + _WHY
+            f"No gradient reaches the online network through the residual "
+            f"`{residual}`: every online call sits under a stop-gradient (or there is "
+            "none), so training would never change the model. Put `sg[...]` on the "
+            "target only, e.g. `V(x, s, t) - sg[target]`."
         )
-    _check_gradient_path(residual)
+
+
+def validate(residual: AbstractExpr) -> AbstractExpr:
+    """Check a residual statically; raise a `ValueError` that explains what is wrong.
+
+    - The online network must receive some parameter gradient through it (a
+      residual whose every online call sits under a stop-gradient trains nothing).
+    - The conditional velocity `eps - x0` (if used) must keep the update unbiased:
+      evaluated only at `(x_s, s)`, entering the residual affinely (a JVP tangent
+      is fine, a finite difference or a network input is not), and not multiplied
+      into anything that carries gradient outside a stop-gradient. A residual with
+      a [`fmcalc.Teacher`][] or an analytic velocity needs none of this.
+
+    [`fmcalc.Term`][] and [`fmcalc.Method`][] run the same checks at construction
+    (a term that declares `biased=` skips the second); [`fmcalc.explain`][] lists
+    the warnings a method would raise on top.
+
+    **Arguments:**
+
+    - `residual`: the expression to check.
+
+    **Returns:** `residual`, unchanged, so the call can be chained.
+    """
+    check_residual(residual)
     return residual

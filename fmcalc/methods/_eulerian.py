@@ -60,14 +60,9 @@ def ct(
     """
     v = ConditionalVelocity()(x, s)
     residual = F(x, s, t) - sg(F_ema(x + (u - s) * v, u, t))
-    return Method(
-        "ct",
-        "eulerian",
-        "self-distillation",
-        "F",
-        (Term("consistency", residual, times, loss),),
-        biased="finite Δs: the target network is evaluated at x + (u - s)(eps - x0)",
-    )
+    biased = "finite Δs: the target network is evaluated at x + (u - s)(eps - x0)"
+    term = Term("consistency", residual, times, loss, biased=biased)
+    return Method("ct", "eulerian", "self-distillation", "F", (term,))
 
 
 @register("cd")
@@ -86,13 +81,9 @@ def cd(
     Euler step's local error, `O(Δs²)`.
     """
     residual = F(x, s, t) - sg(F_ema(x + (u - s) * velocity(x, s), u, t))
-    return Method(
-        "cd",
-        "eulerian",
-        "distillation",
-        "F",
-        (Term("consistency", residual, times, loss),),
-    )
+    biased = "finite Δs: the target is one Euler step of the teacher, error O(Δs²)"
+    term = Term("consistency", residual, times, loss, biased=biased)
+    return Method("cd", "eulerian", "distillation", "F", (term,))
 
 
 @register("ctm")
@@ -110,19 +101,17 @@ def ctm(
     teacher's ODE solver as a flow map (pass e.g. a diffrax solve of the teacher, or
     an analytic flow, as `aux=`); the outer network is the EMA (no parameter
     gradient, but gradients flow through its input); the inner target uses the
-    online weights under stop-gradient (`ctm_target_inner_type='model_sg'`). Their
+    online weights under stop-gradient (`ctm_target_inner_type='model_sg'`). The
+    online map's gradient reaches the loss directly through `F_ema`'s identity part,
+    `F_ema(y, t, 0) = y - t V_ema(y, t, 0)`, preconditioned by `V_ema`'s input
+    Jacobian (`fmcalc.explain("ctm")` lists both paths). Their
     `G(x_t, t, s)` with `t > s` is our `F(x_s, s, t)`. DSM and GAN terms omitted.
     """
     mid = s + fraction * (t - s)
     target = F_ema(F(F_aux(x, s, mid), mid, t), t, 0)
     residual = F_ema(F(x, s, t), t, 0) - sg(target)
-    return Method(
-        "ctm",
-        "eulerian",
-        "distillation",
-        "F",
-        (Term("consistency", residual, times, loss),),
-    )
+    term = Term("consistency", residual, times, loss)
+    return Method("ctm", "eulerian", "distillation", "F", (term,))
 
 
 @register("emd")
@@ -214,18 +203,17 @@ def soflow(
     SoFlow anneals the step (`r_k` from 0.1 to 0.002 of `s - t`), here a fixed `h`.
     Its adaptive weight is `loss=fmcalc.Adaptive(...)`.
     """
-    residual = rules.eulerian(
-        form="V",
-        stop_gradient="target",
-        derivative=JVP(),
-        velocity=ConditionalVelocity(),
+    v = ConditionalVelocity()(x, s)
+    dV = D(V, at=(x, s, t), along=(v, 1, 0), by=derivative)
+    residual = V(x, s, t) - sg(v + (t - s) * dV)
+    biased = (
+        None
+        if isinstance(derivative, JVP)
+        else "finite difference along eps - x0: O(h), vanishing as h -> 0"
     )
-    terms = (anchor(anchor_times), Term("eulerian", residual, times, loss))
-    method = Method("soflow", "eulerian", "self-distillation", "V", terms, split=split)
-    return method.replace(
-        derivative=derivative,
-        biased="finite difference along eps - x0: O(h), vanishing as h -> 0",
-    )
+    term = Term("eulerian", residual, times, loss, biased=biased)
+    terms = (anchor(anchor_times), term)
+    return Method("soflow", "eulerian", "self-distillation", "V", terms, split=split)
 
 
 @register("facm")
@@ -297,12 +285,18 @@ def meanflow(
     residual = rules.meanflow(derivative=derivative, velocity=velocity)
     term = Term("meanflow", residual, times, loss)
     return Method(
-        "meanflow",
-        "eulerian",
-        "marginal-from-conditional",
-        "V",
-        (term,),
-        label_dropout=label_dropout,
+        "meanflow", "eulerian", "marginal-from-conditional", "V", (term,),
+        label_dropout=label_dropout, biased=_robust_shift(loss),
+    )  # fmt: skip
+
+
+def _robust_shift(loss: AbstractLoss) -> str | None:
+    """The declaration of MeanFlow's and iMF's residual-dependent weighting."""
+    if not loss.depends_on_residual:
+        return None
+    return (
+        f"{loss} weighs each example by its residual: the fixed point is a robust "
+        "location of eps - x0 given x_s (the paper's choice; SquaredError() removes it)"
     )
 
 
@@ -327,9 +321,6 @@ def imf(
     """
     residual = rules.improved_meanflow(derivative=derivative)
     return Method(
-        "imf",
-        "eulerian",
-        "marginal-from-conditional",
-        "V",
-        (Term("imf", residual, times, loss),),
-    )
+        "imf", "eulerian", "marginal-from-conditional", "V",
+        (Term("imf", residual, times, loss),), biased=_robust_shift(loss),
+    )  # fmt: skip

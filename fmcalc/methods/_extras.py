@@ -39,11 +39,10 @@ def sct(
     step = g if c is None else Normalize(g, c)
     residual = V(x, s, t) - sg(V(x, s, t) - step)
     biased = None if c is None else "tangent normalisation g / (‖g‖ + c)"
-    term = Term("consistency", residual, times)
+    term = Term("consistency", residual, times, biased=biased)
     return Method(
-        "sct", "eulerian", "self-distillation", "V", (term,),
-        schedules={"r": warmup}, biased=biased,
-    )  # fmt: skip
+        "sct", "eulerian", "self-distillation", "V", (term,), schedules={"r": warmup}
+    )
 
 
 def _inverse_source(s, t):
@@ -73,9 +72,8 @@ def ect(
     r = Param("ratio")
     v = ConditionalVelocity()(x, s)
     residual = F(x, s, t) - sg(F(x - r * s * v, s - r * s, t))
+    biased = "finite Δs: the target is evaluated at x - r s (eps - x0)"
+    term = Term("consistency", residual, times, loss, biased=biased)
     return Method(
-        "ect", "eulerian", "self-distillation", "F",
-        (Term("consistency", residual, times, loss),),
-        schedules={"ratio": ratio},
-        biased="finite Δs: the target is evaluated at x - r s (eps - x0)",
-    )  # fmt: skip
+        "ect", "eulerian", "self-distillation", "F", (term,), schedules={"ratio": ratio}
+    )
