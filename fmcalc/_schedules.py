@@ -37,6 +37,13 @@ class AbstractSchedule(eqx.Module):
     def __call__(self, step: Int[ArrayLike, ""]) -> Float[Array, ""]:
         """The value at training step `step`."""
 
+    @property
+    def settled(self) -> int | None:
+        """The first step from which the value no longer changes, or `None` if it
+        changes forever. Checks of a method run there by default (the end of its
+        curricula)."""
+        return None
+
 
 class Constant(AbstractSchedule):
     """The same value at every step.
@@ -50,6 +57,10 @@ class Constant(AbstractSchedule):
 
     def __check_init__(self):
         _check_real("Constant", "value", self.value)
+
+    @property
+    def settled(self) -> int | None:
+        return 0
 
     def __call__(self, step: Int[ArrayLike, ""]) -> Float[Array, ""]:
         return jnp.full_like(_float_step(step), self.value)
@@ -109,6 +120,10 @@ class Sigmoid(AbstractSchedule):
                 f"last={last!r})."
             )
 
+    @property
+    def settled(self) -> int | None:
+        return self.end
+
     def __call__(self, step: Int[ArrayLike, ""]) -> Float[Array, ""]:
         step = _float_step(step)
         middle = (self.start + self.end) / 2
@@ -145,6 +160,10 @@ class Exponential(AbstractSchedule):
         _check_positive("Exponential", "last", self.last)
         _check_int("Exponential", "steps", self.steps, 1)
 
+    @property
+    def settled(self) -> int | None:
+        return self.steps
+
     def __call__(self, step: Int[ArrayLike, ""]) -> Float[Array, ""]:
         progress = jnp.clip(_float_step(step) / self.steps, 0.0, 1.0)
         log_ratio = math.log(self.last / self.first)
@@ -175,6 +194,10 @@ class LinearWarmup(AbstractSchedule):
         _check_real("LinearWarmup", "first", self.first)
         _check_real("LinearWarmup", "last", self.last)
         _check_int("LinearWarmup", "steps", self.steps, 1)
+
+    @property
+    def settled(self) -> int | None:
+        return self.steps
 
     def __call__(self, step: Int[ArrayLike, ""]) -> Float[Array, ""]:
         progress = jnp.clip(_float_step(step) / self.steps, 0.0, 1.0)
@@ -213,6 +236,12 @@ class Doubling(AbstractSchedule):
                     f"`Doubling(maximum=...)` must be ≥ initial = {initial!r}; got "
                     f"{maximum!r}."
                 )
+
+    @property
+    def settled(self) -> int | None:
+        if self.maximum is None:
+            return None
+        return self.every * math.ceil(math.log2(self.maximum / self.initial))
 
     def __call__(self, step: Int[ArrayLike, ""]) -> Float[Array, ""]:
         initial = jnp.full_like(_float_step(step), self.initial)

@@ -17,22 +17,35 @@ from ._checks import (
     tolerance as tolerance,
 )
 from ._fixed_point import (
+    TRUNCATION_CONSTANT as TRUNCATION_CONSTANT,
     FixedPointResult as FixedPointResult,
     TermCheck as TermCheck,
     check_fixed_point as check_fixed_point,
     descent_alignment as descent_alignment,
     uses_conditional_velocity as uses_conditional_velocity,
 )
+from ._flows import asymmetric_mixture as asymmetric_mixture
+from ._stability import (
+    StabilityResult as StabilityResult,
+    check_stability as check_stability,
+)
 from ._strategies import (
     EDGE_TIMES as EDGE_TIMES,
+    PROFILE as PROFILE,
     dimensions as dimensions,
+    gaussian_mixtures as gaussian_mixtures,
     gaussians as gaussians,
     means as means,
+    property_settings as property_settings,
     seeds as seeds,
     spd_covariances as spd_covariances,
     time_pairs as time_pairs,
     time_triples as time_triples,
     times as times,
+)
+from ._training import (
+    TrainingResult as TrainingResult,
+    check_training as check_training,
 )
 from ._unbiased import (
     AffinePerturbation as AffinePerturbation,

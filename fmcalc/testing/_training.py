@@ -1,0 +1,294 @@
+"""A short training run that tells a working loss from one that only looks right."""
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import PRNGKeyArray
+
+from .._method import Method
+from .._sampling import model_velocity, sample, sample_euler
+from .._schedules import AbstractSchedule
+from .._times import Equal, FixedSource, FixedTarget, KarrasGrid
+from ..flows._base import AbstractFlow
+from ..nn import MLP
+from ._flows import asymmetric_mixture
+
+
+class TrainingResult(NamedTuple):
+    """Outcome of [`fmcalc.testing.check_training`][].
+
+    Errors are paired: the mean distance between the sample a model draws from a
+    noise `eps` and the exact end point `F*(eps, 1, 0)` of the same noise.
+
+    - `method`: the method's name.
+    - `steps`: the training steps of each run.
+    - `one_step`, `two_step`: the method's error with 1 and 2 jumps (`NaN` for
+      2 jumps of a map trained only from noise, `s = 1`, or only to data,
+      `t = 0`: the jump through `t = 1/2` would use a map it never trained).
+    - `flow_matching`: flow matching's error with 128 Euler steps, trained with the
+      same budget (model, steps, batch, optimiser, key).
+    - `trivial`: the error of predicting the data mean for every noise.
+    - `margin`, `multiple`: the bars (see `passed`).
+    - `failure`: why training stopped early, if it did (non-finite or diverging
+      steps), else `None`.
+    - `seconds`: the wall time of the check (the flow-matching run included unless
+      it was cached).
+    - `passed`: training finished and `max(one_step, two_step) <= margin · trivial`
+      and `<= multiple · flow_matching` (the 2-jump error left out where it is
+      `NaN`).
+    """
+
+    method: str
+    steps: int
+    one_step: float
+    two_step: float
+    flow_matching: float
+    trivial: float
+    margin: float
+    multiple: float
+    failure: str | None
+    seconds: float
+    passed: bool
+
+    def __str__(self) -> str:
+        worst = np.nanmax([self.one_step, self.two_step])
+        verdict = "pass"
+        if self.failure is not None:
+            verdict = f"FAIL: training stopped ({self.failure})"
+        elif not self.passed:
+            reasons = []
+            if not worst <= self.margin * self.trivial:
+                reasons.append(
+                    f"{worst:.3g} is not below {self.margin:g} x the data mean's "
+                    f"{self.trivial:.3g}"
+                )
+            if not worst <= self.multiple * self.flow_matching:
+                reasons.append(
+                    f"{worst:.3g} is above {self.multiple:g} x flow matching's "
+                    f"{self.flow_matching:.3g}"
+                )
+            verdict = "FAIL: " + "; ".join(reasons)
+        return (
+            f"{self.method} after {self.steps} steps: paired error "
+            f"{self.one_step:.3g} (1 jump), {self.two_step:.3g} (2 jumps); flow "
+            f"matching {self.flow_matching:.3g} (128 Euler steps); data mean "
+            f"{self.trivial:.3g} -> {verdict} ({self.seconds:.0f} s)"
+        )
+
+
+def _one_jump_only(method: Method) -> bool:
+    """Whether the method trains its map only from noise (`s = 1`) or only to data
+    (`t = 0`): then a 2-jump sample passes through a map it never trained."""
+    samplers = [t.times for t in method.terms if not isinstance(t.times, Equal)]
+    return bool(samplers) and all(
+        (isinstance(times, FixedSource) and times.source == 1)
+        or (isinstance(times, FixedTarget) and times.target == 0)
+        or isinstance(times, KarrasGrid)
+        for times in samplers
+    )
+
+
+@eqx.filter_jit
+def _jumps(model, noise, steps: int):
+    return jax.vmap(lambda e: sample(model, e, steps=steps))(noise)
+
+
+@eqx.filter_jit
+def _euler(model, noise, steps: int):
+    velocity = model_velocity(model)
+    return jax.vmap(lambda e: sample_euler(velocity, e, steps=steps))(noise)
+
+
+@eqx.filter_jit
+def _exact(flow, noise):
+    return jax.vmap(lambda e: flow.flow_map(e, 1.0, 0.0))(noise)
+
+
+def _error(samples, exact) -> float:
+    distance = np.linalg.norm(np.asarray(samples) - np.asarray(exact), axis=-1)
+    return float(np.mean(distance))
+
+
+_BASELINES: dict[str, float] = {}
+
+
+class _Compressed(AbstractSchedule):
+    """`schedule` run `factor` times faster: a curriculum that settles within a
+    short run."""
+
+    schedule: AbstractSchedule
+    factor: float = eqx.field(static=True)
+
+    def __call__(self, step):
+        scaled = jnp.floor(jnp.asarray(step) * self.factor)
+        return self.schedule(scaled.astype(jnp.result_type(int)))
+
+    @property
+    def settled(self) -> int | None:
+        settled = self.schedule.settled
+        return None if settled is None else math.ceil(settled / self.factor)
+
+
+def _within(method: Method, steps: int) -> Method:
+    """`method` with every curriculum compressed to settle by half the run."""
+    schedules = {}
+    for name, schedule in method.schedules.items():
+        settled = schedule.settled
+        if settled is not None and settled > steps // 2:
+            schedule = _Compressed(schedule, settled / (steps // 2))
+        schedules[name] = schedule
+    return eqx.tree_at(lambda m: m.schedules, method, schedules)
+
+
+def _train(method, model, flow, *, key, steps, batch_size, learning_rate, **nets):
+    from .. import train
+
+    optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
+    return train.fit(
+        method,
+        model,
+        flow.sample,
+        key=key,
+        steps=steps,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        ema_decay=1 - 50 / steps,
+        progress=False,
+        **nets,
+    ).model
+
+
+def check_training(
+    method: Method,
+    *,
+    key: PRNGKeyArray,
+    flow: AbstractFlow | None = None,
+    steps: int = 3000,
+    batch_size: int = 256,
+    width: int = 64,
+    depth: int = 3,
+    learning_rate: float = 2e-3,
+    n: int = 2000,
+    margin: float = 0.6,
+    multiple: float = 20.0,
+    teacher: Callable | None = None,
+    aux: Callable | None = None,
+) -> TrainingResult:
+    """Train `method` briefly and compare its samples with the exact ones.
+
+    The fixed-point and stability checks are local: a loss can have the exact map
+    as an attracting fixed point and still train to something else from a random
+    start (the online network reached only through a frozen network's input does
+    this). This check trains a small MLP ([`fmcalc.nn.MLP`][], `skip=True`) with
+    [`fmcalc.train.fit`][] (Adam, the learning rate decayed to 0 on a cosine) on
+    the broad asymmetric 2-D mixture and measures the paired error of its 1- and
+    2-jump samples against the exact end points, next to flow matching trained
+    with the same budget (sampled with 128 Euler steps) and the trivial predictor
+    (the data mean). A method whose rule is `"diagonal"` learns a velocity and is
+    sampled like flow matching.
+
+    What each method gets: the mixture's exact velocity as teacher and its exact
+    map as `aux`; an EMA over the last `steps / 50` steps if it reads one; its
+    curricula compressed to settle by half the run (a 10k-step warm-up takes
+    `steps / 2` here), so a short run trains the method itself rather than its
+    first phase.
+
+    The bars are loose on purpose: a correct method need not match flow matching
+    after a short run, but one that trains to garbage does not come near it. The
+    measured figures for every registry method and for deliberately wrong specs,
+    with their times, are in `benchmarks/results/trust.md`.
+
+    **Arguments:**
+
+    - `method`: the [`fmcalc.Method`][].
+    - `key`: PRNG key (model initialisation, training, noise).
+    - `flow`: the data, an analytic 2-D flow; default
+      [`fmcalc.testing.asymmetric_mixture`][]`(broad=True)` (its `aux` map then
+      solved at `rtol = 1e-6`: training targets need fewer digits than the end
+      points).
+    - `steps`, `batch_size`, `learning_rate`: the training budget.
+    - `width`, `depth`: the MLP.
+    - `n`: how many noise samples the errors average over.
+    - `margin`: the worse of the 1- and 2-jump errors must be at most `margin`
+      times the data mean's...
+    - `multiple`: ...and at most `multiple` times flow matching's.
+    - `teacher`, `aux`: override the exact teacher and `aux` map.
+
+    **Returns:** a [`fmcalc.testing.TrainingResult`][]. Flow matching's run is
+    cached per process for equal settings, so checking several methods pays for it
+    once.
+    """
+    from .. import methods, train
+
+    start = time.perf_counter()
+    if flow is None:
+        flow = asymmetric_mixture(broad=True)
+        # Training targets need far fewer digits than the exact end points.
+        aux = (
+            asymmetric_mixture(broad=True, rtol=1e-6, atol=1e-6) if aux is None else aux
+        )
+    dtype = flow.sample(jax.random.key(0), 1).dtype
+    dim = flow.sample(jax.random.key(0), 1).shape[-1]
+    k_model, k_train, k_noise = jax.random.split(key, 3)
+    model = MLP(dim, width=width, depth=depth, skip=True, dtype=dtype, key=k_model)
+    budget = dict(
+        key=k_train, steps=steps, batch_size=batch_size, learning_rate=learning_rate
+    )
+    noise = jax.random.normal(k_noise, (n, dim), dtype)
+    exact = _exact(flow, noise)
+    mean = np.mean(np.asarray(flow.sample(jax.random.fold_in(k_noise, 1), 20_000)), 0)
+    trivial = _error(np.broadcast_to(mean, exact.shape), exact)
+
+    digest = hashlib.sha256(np.asarray(jax.random.key_data(key)).tobytes())
+    for leaf in jax.tree.leaves(eqx.filter(flow, eqx.is_array)):
+        digest.update(np.asarray(leaf).tobytes())
+    cache = f"{digest.hexdigest()}{(steps, batch_size, width, depth, learning_rate)}"
+    if cache not in _BASELINES:
+        baseline = _train(methods.get("flow-matching"), model, flow, **budget)
+        _BASELINES[cache] = _error(_euler(baseline, noise, 128), exact)
+    flow_matching = _BASELINES[cache]
+
+    failure = None
+    one = two = float("nan")
+    nets = dict(
+        teacher=flow.velocity if teacher is None else teacher,
+        aux=flow if aux is None else aux,
+    )
+    try:
+        trained = _train(_within(method, steps), model, flow, **budget, **nets)
+    except train.NonFiniteError as error:
+        failure = str(error).splitlines()[0]
+    else:
+        if method.rule == "diagonal":  # a velocity, not a map: sample it as one
+            one = two = _error(_euler(trained, noise, 128), exact)
+        else:
+            one = _error(_jumps(trained, noise, 1), exact)
+            if not _one_jump_only(method):
+                two = _error(_jumps(trained, noise, 2), exact)
+    worst = float(np.nanmax([one, two])) if failure is None else float("nan")
+    passed = bool(
+        failure is None
+        and worst <= margin * trivial
+        and worst <= multiple * flow_matching
+    )
+    return TrainingResult(
+        method.name,
+        steps,
+        one,
+        two,
+        flow_matching,
+        trivial,
+        margin,
+        multiple,
+        failure,
+        time.perf_counter() - start,
+        passed,
+    )
