@@ -1,0 +1,89 @@
+"""`check_training`: a short run on the broad asymmetric mixture tells a loss that
+trains from one that only has the right fixed point."""
+
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+import fmcalc
+from fmcalc import D, Diagonal, FiniteDifference, FlowMap, Network, S, T, X, methods, sg
+from fmcalc.testing import check_training
+from fmcalc.testing._training import _within
+
+
+# A few training runs of 10 to 40 s each.
+slow = pytest.mark.slow
+F = FlowMap(Network())
+FD = FiniteDifference(1e-3, "central")
+
+
+def _lsd_with_ema_teacher(wrong: bool) -> fmcalc.Method:
+    """Lagrangian self-distillation with central differences and an EMA teacher,
+    the stop-gradient on the target, or (`wrong`) moved to the prediction."""
+    derivative = D(F, at=(X, S, T), along=(0, 0, 1), by=FD)
+    teacher = Diagonal(Network("ema"))(F(X, S, T), T)
+    residual = sg(derivative) - teacher if wrong else derivative - sg(teacher)
+    anchor = fmcalc.Term(
+        "anchor", fmcalc.flow_matching(), fmcalc.Equal(fmcalc.Uniform())
+    )
+    term = fmcalc.Term("lagrangian", residual, fmcalc.UniformTriangle())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fmcalc.GradientPathWarning)
+        return fmcalc.Method(
+            "lsd-ema", "lagrangian", "self-distillation", "V", (anchor, term),
+            split=(0.75, 0.25),
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def right():
+    return check_training(_lsd_with_ema_teacher(False), key=jax.random.key(0))
+
+
+@slow
+def test_the_wrong_gradient_path_fails(right):
+    wrong = check_training(_lsd_with_ema_teacher(True), key=jax.random.key(0))
+    assert not wrong.passed, str(wrong)
+    assert max(wrong.one_step, wrong.two_step) > wrong.margin * wrong.trivial
+    assert "FAIL" in str(wrong)
+    # The same spec with the stop-gradient on the target trains.
+    assert right.passed, str(right)
+    assert max(right.one_step, right.two_step) < 0.5 * wrong.trivial
+
+
+@slow
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("lsd", {}),
+        ("meanflow", {"loss": fmcalc.SquaredError()}),
+        ("shortcut", {}),
+        ("emd", {}),
+    ],
+)
+def test_registry_methods_pass_at_the_defaults(name, overrides, right):
+    result = check_training(methods.get(name, **overrides), key=jax.random.key(0))
+    assert result.passed, str(result)
+    assert result.failure is None and result.steps == 3000
+    # Flow matching's run was cached from the first check with these settings.
+    assert result.flow_matching == right.flow_matching
+    assert result.trivial == right.trivial
+    assert np.isfinite(result.two_step)
+
+
+@slow
+def test_flow_matching_is_judged_as_a_velocity(right):
+    result = check_training(methods.get("flow-matching"), key=jax.random.key(0))
+    assert result.one_step == result.two_step == pytest.approx(right.flow_matching)
+
+
+def test_curricula_settle_within_the_run():
+    method = methods.get("ayf-emd")  # tangent warm-up over 10k steps
+    assert method.settled_step == 10_000
+    short = _within(method, 3000)
+    assert short.settled_step == 1500
+    assert float(short.params(1500)["r"]) == 1.0
+    assert float(short.params(750)["r"]) == pytest.approx(0.5)
+    assert _within(methods.get("lsd"), 3000) == methods.get("lsd")
