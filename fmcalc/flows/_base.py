@@ -1,6 +1,7 @@
 import abc
 
 import equinox as eqx
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._custom_types import Cond, Time, Vector
@@ -39,3 +40,30 @@ class AbstractFlow(eqx.Module):
     def __call__(self, x: Vector, s: Time, t: Time, *, cond: Cond = None) -> Vector:
         """The exact average velocity `V(x, s, t)`, so the flow acts as a model."""
         return self.average_velocity(x, s, t, cond=cond)
+
+    def _repr_pretty_(self, printer, cycle: bool) -> None:
+        # IPython's and hypothesis's pretty printers: the flow's own short repr
+        # rather than every field.
+        printer.text(repr(self))
+
+
+def format_array(value, digits: int = 3, rows: int = 6) -> str:
+    """A short, readable rendering of a parameter for a flow's `repr`: rounded to
+    `digits` significant digits, at most `rows` leading rows (traced values show
+    their shape)."""
+    try:
+        array = np.asarray(value)
+    except Exception:  # a tracer under `jit`: no values to show
+        return f"<{getattr(value, 'dtype', '?')}{list(getattr(value, 'shape', ()))}>"
+    shown = array if array.ndim == 0 or array.shape[0] <= rows else array[:rows]
+    text = np.array2string(
+        shown,
+        precision=digits,
+        separator=", ",
+        max_line_width=10**6,
+        formatter={"float_kind": lambda v: f"{v:.{digits}g}"},
+    )
+    text = " ".join(text.split())
+    if shown is not array:
+        text = f"{text[:-1]}, ... ({array.shape[0]} rows)]"
+    return text

@@ -6,7 +6,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from .._custom_types import Cond, Time, Vector
 from .._misc import check_precision, in_unit_interval
-from ._base import AbstractFlow
+from ._base import AbstractFlow, format_array
 
 
 def _check_vector(name: str, x, dim: int) -> None:
@@ -74,6 +74,12 @@ class Gaussian(AbstractFlow):
     singular: bool = eqx.field(static=True)
 
     # Shapes are checked in the body, which names what is wrong.
+    def __repr__(self) -> str:
+        cov = (self.eigvecs * self.eigvals[None, :]) @ self.eigvecs.T
+        return (
+            f"Gaussian(mean={format_array(self.mean)}, cov={format_array(cov)})"
+        )
+
     def __init__(self, mean: Float[ArrayLike, " _"], cov: Float[ArrayLike, "_ _"]):
         """**Arguments:**
 

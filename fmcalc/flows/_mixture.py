@@ -10,7 +10,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 from .._batch import NULL_LABEL
 from .._custom_types import Cond, Label, Time, Vector
 from .._misc import check_precision
-from ._base import AbstractFlow
+from ._base import AbstractFlow, format_array
 from ._gaussian import _check_times, _check_vector
 
 
@@ -139,6 +139,14 @@ class GaussianMixture(AbstractFlow):
     labels: Int[Array, " k"] | None
     classes: tuple[int, ...] | None = eqx.field(static=True)
     solver: _RescaledSolve
+
+    def __repr__(self) -> str:
+        covs = jnp.einsum("kij,kj,klj->kil", self.eigvecs, self.eigvals, self.eigvecs)
+        labels = "" if self.labels is None else f", labels={format_array(self.labels)}"
+        return (
+            f"GaussianMixture(weights={format_array(self.weights)}, "
+            f"means={format_array(self.means)}, covs={format_array(covs)}{labels})"
+        )
 
     def __init__(
         self,
@@ -425,6 +433,9 @@ class PointCloud(AbstractFlow):
     points: Float[Array, "n dim"]
     t_min: float = eqx.field(static=True)
     solver: _RescaledSolve
+
+    def __repr__(self) -> str:
+        return f"PointCloud(points={format_array(self.points)}, t_min={self.t_min:g})"
 
     def __init__(
         self,

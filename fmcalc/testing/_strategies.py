@@ -1,17 +1,79 @@
 """Hypothesis strategies for property tests of flow maps.
 
 Every array is built with numpy from one drawn seed instead of element by element, so
-its shape depends only on the dimension: jitted checks hit their compilation cache
-across examples, and a failing example shrinks to a small seed.
+its shape depends only on the dimension (fix it with `dim=`), and its dtype is an
+argument: jitted checks hit their compilation cache across examples. A failing
+example prints as the flow's own repr, its parameters rounded.
+
+Property tests of JAX models want different settings from hypothesis's defaults:
+compiling makes the first example slow (no deadline), every new shape recompiles
+(shrinking a dimension pays a compilation per candidate, which can take minutes),
+and each example is costly (a bounded count). [`fmcalc.testing.PROFILE`][] is a
+settings profile with these choices, registered when `fmcalc.testing` is imported:
+
+```python
+import hypothesis
+import fmcalc.testing
+
+hypothesis.settings.load_profile(fmcalc.testing.PROFILE)  # e.g. in conftest.py
+```
+
+or, per test, `@fmcalc.testing.property_settings(max_examples=10)`.
 """
 
 import math
+from collections.abc import Callable
 
+import hypothesis
 import hypothesis.strategies as st
 import numpy as np
 from jaxtyping import Float
 
-from ..flows import Gaussian
+from ..flows import Gaussian, GaussianMixture
+
+
+PROFILE = "fmcalc"
+"""The name of the hypothesis settings profile for property tests of JAX models:
+no deadline (the first example compiles), no shrinking (a smaller dimension means a
+new compilation per candidate; the strategies draw arrays from seeds, so a shrunk
+example is not simpler anyway), 25 examples, and the failing example's blob
+printed so it can be replayed with `@hypothesis.reproduce_failure`. Registered on
+import of `fmcalc.testing`; load it with `hypothesis.settings.load_profile(PROFILE)`."""
+
+_PROFILE_SETTINGS = hypothesis.settings(
+    deadline=None,
+    max_examples=25,
+    phases=(
+        hypothesis.Phase.explicit,
+        hypothesis.Phase.reuse,
+        hypothesis.Phase.generate,
+    ),
+    suppress_health_check=(hypothesis.HealthCheck.too_slow,),
+    print_blob=True,
+)
+hypothesis.settings.register_profile(PROFILE, _PROFILE_SETTINGS)
+
+
+def property_settings(**overrides) -> Callable[[Callable], Callable]:
+    """The settings of [`fmcalc.testing.PROFILE`][] with `overrides`, as a
+    decorator for one test.
+
+    **Arguments:**
+
+    - `overrides`: any `hypothesis.settings` options, e.g. `max_examples=10`.
+
+    **Returns:** a `hypothesis.settings` object.
+
+    **Example:**
+
+    ```python
+    @fmcalc.testing.property_settings(max_examples=5)
+    @hypothesis.given(fmcalc.testing.gaussians(dim=3))
+    def test_my_model(flow):
+        ...
+    ```
+    """
+    return hypothesis.settings(_PROFILE_SETTINGS, **overrides)
 
 
 EDGE_TIMES: tuple[float, ...] = (0.0, 1e-6, 1e-3, 1 - 1e-3, 1 - 1e-6, 1.0)
@@ -196,14 +258,16 @@ def gaussians(
     """
     dims = dimensions(min_dim, max_dim) if dim is None else st.just(dim)
 
-    def for_dim(d: int) -> st.SearchStrategy[Gaussian]:
-        return st.builds(
-            Gaussian,
-            means(d, mean_scale, dtype=dtype),
-            spd_covariances(d, min_eigenvalue, max_eigenvalue, dtype=dtype),
-        )
+    @st.composite
+    def draw_gaussian(draw) -> Gaussian:
+        # Drawn inside a composite (not `st.builds`), so that a failing example
+        # prints as the flow's own repr, its parameters rounded.
+        d = draw(dims)
+        mean = draw(means(d, mean_scale, dtype=dtype))
+        cov = draw(spd_covariances(d, min_eigenvalue, max_eigenvalue, dtype=dtype))
+        return Gaussian(mean, cov)
 
-    return dims.flatmap(for_dim)
+    return draw_gaussian()
 
 
 def times(include_edges: bool = True) -> st.SearchStrategy[float]:
@@ -287,3 +351,63 @@ def time_triples(
     """
     each = times(include_edges)
     return st.tuples(each, each, each)
+
+
+def gaussian_mixtures(
+    dim: int | None = None,
+    *,
+    components: int = 3,
+    min_dim: int = 1,
+    max_dim: int = 4,
+    mean_scale: float = 2.0,
+    min_eigenvalue: float = 0.05,
+    max_eigenvalue: float = 1.0,
+    dtype: type[np.floating] = np.float64,
+) -> st.SearchStrategy[GaussianMixture]:
+    """Analytic Gaussian-mixture flows [`fmcalc.flows.GaussianMixture`][] with
+    `components` components: Dirichlet(1) weights, means from
+    [`fmcalc.testing.means`][], covariances from
+    [`fmcalc.testing.spd_covariances`][].
+
+    Their flow maps come from an ODE solve, so a property test over mixtures is
+    slower than one over Gaussians; keep `dim` small and the example count low.
+
+    **Arguments:**
+
+    - `dim`: a fixed dimension, or `None` to draw it from
+      [`fmcalc.testing.dimensions`][]`(min_dim, max_dim)`.
+    - `components`: the number of components, at least 1.
+    - `mean_scale`, `min_eigenvalue`, `max_eigenvalue`: as for
+      [`fmcalc.testing.gaussians`][] (broader components by default: narrow ones
+      stiffen the solve near `t = 0`).
+    - `dtype`: the numpy floating dtype of the parameters.
+
+    **Returns:** a strategy of `GaussianMixture` flows.
+
+    **Example:**
+
+    ```python
+    @fmcalc.testing.property_settings(max_examples=5)
+    @hypothesis.given(fmcalc.testing.gaussian_mixtures(dim=2))
+    def test_semigroup(flow):
+        ...
+    ```
+    """
+    if components < 1:
+        raise ValueError(f"`components` must be at least 1; got {components}.")
+    dims = dimensions(min_dim, max_dim) if dim is None else st.just(dim)
+
+    @st.composite
+    def draw_mixture(draw) -> GaussianMixture:
+        d = draw(dims)
+        seed = draw(seeds())
+        weights = np.random.default_rng(seed).dirichlet(np.ones(components))
+        mean = means(d, mean_scale, dtype=dtype)
+        cov = spd_covariances(d, min_eigenvalue, max_eigenvalue, dtype=dtype)
+        return GaussianMixture(
+            weights.astype(dtype),
+            np.stack([draw(mean) for _ in range(components)]),
+            np.stack([draw(cov) for _ in range(components)]),
+        )
+
+    return draw_mixture()
