@@ -37,6 +37,7 @@ from ._expr import (
     ConditionalVelocity,
     Derivative,
     Div,
+    FlowMap,
     Mul,
     Neg,
     StopGradient,
@@ -100,13 +101,18 @@ def call_roles(residual: AbstractExpr) -> list[CallRole]:
             visit(node.operand, "none", fd)
             return
         if isinstance(node, Derivative):
-            lowered = node.lowered
-            if lowered is not None:
-                is_fd = isinstance(node.strategy, FiniteDifference)
-                visit(lowered, context, fd or is_fd)
+            is_fd = isinstance(node.strategy, FiniteDifference)
+            if not is_fd and node.lowered is not None:  # a flow map's JVP
+                visit(node.lowered, context, fd)
                 return
-            network = node.function.role  # pyright: ignore[reportAttributeAccessIssue]
-            record(node, network, context, True)
+            # A finite difference is listed as one call, not as its stencil.
+            function = node.function
+            network = (
+                function.network.role
+                if isinstance(function, FlowMap)
+                else function.role  # pyright: ignore[reportAttributeAccessIssue]
+            )
+            record(node, network, context, is_fd)
             inner = _inner(context, network == "online")
             for child in (*node.at, *node.along):
                 visit(child, inner, fd)
@@ -147,7 +153,9 @@ def _role(node: AbstractExpr, network: str, contexts: set) -> str:
     if not direct:
         return THROUGH_INPUT
     if isinstance(node, Derivative):
-        return THROUGH_JVP
+        return (
+            THROUGH_FD if isinstance(node.strategy, FiniteDifference) else THROUGH_JVP
+        )
     return PARAMETER if False in direct else THROUGH_FD
 
 

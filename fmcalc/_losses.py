@@ -465,17 +465,17 @@ def drop_labels(
     """Label dropout for classifier-free guidance: each label becomes `null` with
     probability `probability`, independently.
 
-    The default `null = -1` follows the convention that a negative label means "no
-    label". Models whose unconditional embedding is an extra row (the `fmcalc.nn`
-    models use `num_classes`) take `null=num_classes`. Rows that already hold the
-    null label stay as they are. MeanFlow, iMF and TVM drop with probability 0.1.
+    The default is [`fmcalc.NULL_LABEL`][] (`-1`), the one "no label" value that
+    batches, methods and the `fmcalc.nn` models understand (the models map it to
+    their unconditional embedding row). Rows that already hold the null label stay
+    as they are. MeanFlow, iMF and TVM drop with probability 0.1.
 
     **Arguments:**
 
     - `key`: a PRNG key.
     - `labels`: integer labels, shape `(n,)`.
     - `probability`: the dropout probability, in `[0, 1]`.
-    - `null`: the label of a dropped row (default -1).
+    - `null`: the label of a dropped row (default `NULL_LABEL`, -1).
 
     **Returns:** the labels with dropped rows set to `null`.
     """

@@ -162,7 +162,7 @@ def eulerian(
     **Arguments:**
 
     - `form`: `"F"` or `"V"`.
-    - `stop_gradient`: `"none"`, `"derivative"`, `"target"` (V form), or
+    - `stop_gradient`: `"none"`, `"derivative"` / `"target"` (V form), or
       `"tangent"` / `"spatial"` (F form).
     - `derivative`: [`fmcalc.JVP`][] or [`fmcalc.FiniteDifference`][].
     - `velocity`: the velocity at `(x, s)`: a teacher, the conditional velocity
@@ -170,8 +170,14 @@ def eulerian(
     - `network`, `target_network`: as in [`fmcalc.lagrangian`][].
     """
     _check_choice("form", form, ("F", "V"))
+    if form == "F" and stop_gradient == "derivative":
+        raise ValueError(
+            "The F form of the Eulerian residual is the derivative itself, so "
+            "stop_gradient='derivative' would leave no gradient at all; use 'none' "
+            "(EMD), 'spatial' (ESD) or 'tangent', or the V form."
+        )
     allowed = (
-        ("none", "derivative", "tangent", "spatial")
+        ("none", "tangent", "spatial")
         if form == "F"
         else ("none", "target", "derivative")
     )

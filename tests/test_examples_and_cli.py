@@ -20,7 +20,12 @@ EXAMPLES = {
     "ayf_emd": (("--steps", "20"), ("step 10: r = 1.00", "2-step paired error")),
     "new_method": (
         ("--steps", "20"),
-        ("rejected: `D~fd[central", "-> pass", "measured (FPE)", "paired error"),
+        (
+            "rejected: Term 'eulerian': `D~fd[central",
+            "-> pass",
+            "measured (FPE)",
+            "paired error",
+        ),
     ),
 }
 

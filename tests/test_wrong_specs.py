@@ -1,163 +1,88 @@
-"""A battery of deliberately wrong specs: each is flagged by at least one of the
-kit's layers (refused at construction, a warning, the fixed point, stability,
-training), in the order a user meets them; none of them flags a registry method
-(`test_explain.py`, `test_fixed_point.py`, `test_stability.py`,
-`test_training_check.py` show that side)."""
+"""A battery of deliberately wrong specs (`benchmarks/trust.py`): each is flagged by
+at least one layer of the kit, cheapest first (refused at construction, a warning,
+the fixed point, stability, training). That no layer flags a registry method is
+shown by `test_explain.py`, `test_fixed_point.py`, `test_stability.py`,
+`test_training_check.py` and the committed run `benchmarks/results/trust/`."""
 
-import warnings
-from collections.abc import Callable
+import importlib.util
+import math
+import pathlib
+import sys
 
 import jax
 import pytest
 
-import fmcalc
-from fmcalc import (
-    D,
-    Diagonal,
-    FiniteDifference,
-    FlowMap,
-    Network,
-    Normalize,
-    S,
-    T,
-    Teacher,
-    U,
-    X,
-    sg,
-)
-from fmcalc.testing import check_fixed_point, check_stability, check_training
 
+PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "trust.py"
+sys.path.insert(0, str(PATH.parent))
+_spec = importlib.util.spec_from_file_location("fmcalc_benchmark_trust", PATH)
+assert _spec is not None and _spec.loader is not None
+trust = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(trust)
 
-V, V_ema = Network(), Network("ema")
-F, F_ema = FlowMap(V), FlowMap(V_ema)
-v, v_c = Teacher(), fmcalc.ConditionalVelocity()
-x, s, t, u = X, S, T, U
-FD = FiniteDifference(1e-3, "central")
-TRIANGLE = fmcalc.UniformTriangle()
-MIDPOINT = fmcalc.WithIntermediate(fmcalc.UniformTriangle())
-MID = s + 0.5 * (t - s)
-
-
-def _anchor(loss=None) -> fmcalc.Term:
-    loss = fmcalc.SquaredError() if loss is None else loss
-    return fmcalc.Term(
-        "anchor", fmcalc.flow_matching(), fmcalc.Equal(fmcalc.Uniform()), loss
-    )
-
-
-def _distillation(residual, times=TRIANGLE, loss=None) -> fmcalc.Method:
-    loss = fmcalc.SquaredError() if loss is None else loss
-    term = fmcalc.Term("term", residual, times, loss)
-    return fmcalc.Method("wrong", "lagrangian", "distillation", "V", (term,))
-
-
-def _self(residual, times=TRIANGLE) -> fmcalc.Method:
-    term = fmcalc.Term("term", residual, times)
-    return fmcalc.Method(
-        "wrong", "lagrangian", "self-distillation", "V", (_anchor(), term),
-        split=(0.75, 0.25),
-    )  # fmt: skip
-
-
-def _meanflow(target_tangent=(1, 0), sign=1.0, loss=None) -> fmcalc.Method:
-    da, db = target_tangent
-    dV = D(V, at=(x, s, t), along=(v_c(x, s), da, db))
-    residual = V(x, s, t) - sg(v_c(x, s) + sign * (t - s) * dV)
-    term = fmcalc.Term(
-        "meanflow", residual, fmcalc.SortedPair(fmcalc.LogitNormal(-0.4, 1.0)),
-        fmcalc.SquaredError() if loss is None else loss,
-    )  # fmt: skip
-    return fmcalc.Method("wrong", "eulerian", "marginal-from-conditional", "V", (term,))
-
-
-WRONG: dict[str, Callable[[], fmcalc.Method]] = {
-    # misplaced stop-gradients
-    "LSD, stop-gradient on the prediction": lambda: _self(
-        sg(D(F, at=(x, s, t), along=(0, 0, 1), by=FD)) - Diagonal(V_ema)(F(x, s, t), t)
-    ),
-    "LSD, stop-gradient on the whole residual": lambda: _self(
-        sg(D(F, at=(x, s, t), along=(0, 0, 1)) - Diagonal()(F(x, s, t), t))
-    ),
-    "MeanFlow without its stop-gradient": lambda: _distillation(
-        V(x, s, t) - (v_c(x, s) + (t - s) * D(V, at=(x, s, t), along=(v_c(x, s), 1, 0)))
-    ),
-    "shortcut, stop-gradient on the prediction instead of the target": lambda: _self(
-        sg(V(x, s, t)) - (0.5 * V(x, s, MID) + 0.5 * V(F(x, s, MID), MID, t))
-    ),
-    # gradient only through frozen networks
-    "CTM compared through the EMA network's velocity only": lambda: _distillation(
-        V_ema(F(x, s, t), t, 0) - sg(V_ema(F(F(x, s, u), u, t), t, 0)), MIDPOINT
-    ),
-    "EMD on the EMA map with the online map as its input": lambda: _distillation(
-        D(F_ema, at=(F(x, s, t), s, t), along=(v(x, s), 1, 0))
-    ),
-    # sign slips
-    "MeanFlow, the derivative term with the wrong sign": lambda: _meanflow(sign=-1.0),
-    "Eulerian, advection with the wrong sign": lambda: _distillation(
-        D(F, at=(x, s, t), along=(0, 1, 0)) - D(F, at=(x, s, t), along=(v(x, s), 0, 0))
-    ),
-    "AYF-LMD tangent surrogate with the sign read literally": lambda: _distillation(
-        F(x, s, t)
-        - sg(
-            F(x, s, t)
-            - Normalize(D(F, at=(x, s, t), along=(0, 0, 1)) - v(F(x, s, t), t), 0.1)
-        ),
-        fmcalc.SortedPair(fmcalc.LogitNormal(-0.8, 1.0)),
-    ),
-    # time-argument slips
-    "MeanFlow, derivative along the target time": lambda: _meanflow((0, 1)),
-    "Lagrangian, teacher at the source time": lambda: _distillation(
-        D(F, at=(x, s, t), along=(0, 0, 1)) - sg(v(F(x, s, t), s))
-    ),
-    "Lagrangian, teacher at the start point": lambda: _distillation(
-        D(F, at=(x, s, t), along=(0, 0, 1)) - sg(v(x, t))
-    ),
-    "shortcut, second jump back to the source": lambda: _self(
-        V(x, s, t) - sg(0.5 * V(x, s, MID) + 0.5 * V(F(x, s, MID), MID, s))
-    ),
-    "flow matching at the wrong time": lambda: _distillation(V(x, t, t) - v(x, s)),
-    # robust losses on the conditional velocity
-    "pseudo-Huber flow matching": lambda: fmcalc.Method(
-        "wrong",
-        "diagonal",
-        "marginal-from-conditional",
-        "V",
-        (_anchor(fmcalc.PseudoHuber()),),
-    ),  # fmt: skip
-    "cosine flow matching": lambda: fmcalc.Method(
-        "wrong",
-        "diagonal",
-        "marginal-from-conditional",
-        "V",
-        (_anchor(fmcalc.Cosine()),),
-    ),  # fmt: skip
-    "MeanFlow with an undeclared adaptive weight": lambda: _meanflow(
-        loss=fmcalc.Adaptive(p=0.5)
-    ),
+# Flagged at construction or by the fixed point: seconds each.
+QUICK = {
+    "LSD, stop-gradient on the prediction",
+    "LSD, stop-gradient on the whole residual",
+    "MeanFlow without its stop-gradient",
+    "CTM compared through the EMA network's velocity only",
+    "EMD on the EMA map, the online map only as its input",
+    "Lagrangian, teacher at the start point",
+    "flow matching at the wrong time",
+    "pseudo-Huber flow matching",
+    "cosine flow matching",
+    "MeanFlow with an undeclared adaptive weight",
 }
 
 
-def _flags(build: Callable[[], fmcalc.Method]) -> list[str]:
-    """The kit's layers, cheapest first, up to the first that flags the spec."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", fmcalc.FmcalcWarning)
-            method = build()
-    except (ValueError, TypeError) as error:
-        return [f"refused: {type(error).__name__}"]
-    except fmcalc.FmcalcWarning as warning:
-        return [f"warning: {type(warning).__name__}"]
-    key = jax.random.key(0)
-    if not check_fixed_point(method, key=key).passed:
-        return ["fixed point"]
-    if not check_stability(method, key=key).passed:
-        return ["stability"]
-    if not check_training(method, key=key).passed:
-        return ["training"]
-    return []
-
-
-@pytest.mark.parametrize("case", WRONG)
+@pytest.mark.parametrize(
+    "case",
+    [
+        case if case in QUICK else pytest.param(case, marks=pytest.mark.slow)
+        for case in trust.WRONG
+    ],
+)
 def test_wrong_spec_is_flagged(case):
-    flags = _flags(WRONG[case])
-    assert flags, f"{case}: no layer of the kit flags it"
+    layer, said = trust.first_flag(trust.WRONG[case], jax.random.key(0))
+    assert layer is not None, f"{case}: no layer of the kit flags it"
+    assert said
+
+
+def _row(passed: bool) -> dict:
+    layer = {"passed": True, "seconds": 1.0}
+    return {
+        "warnings": [] if passed else ["GradientPathWarning"],
+        "fixed_point": {**layer, "declared": False, "residual": 0.0},
+        "stability_gaussian": {**layer, "smallest_real": 0.01},
+        "stability_mixture": {**layer, "smallest_real": 0.01},
+        "training": {
+            **layer,
+            "one_step": 0.1,
+            "two_step": math.nan,
+            "flow_matching": 0.05,
+            "trivial": 1.4,
+        },
+    }
+
+
+def test_report_checks_fail_on_failing_input():
+    from _machine import machine
+
+    good = {
+        "machine": machine(),
+        "seconds": 60.0,
+        "registry": {"lsd": _row(True)},
+        "wrong": {"a wrong spec": ("fixed point", "FAIL: ...")},
+    }
+    assert all(ok for _, ok, _ in trust.checks(good))
+    assert "- ok: registry: 1 of 1" in trust.report(good)
+    bad = {
+        **good,
+        "registry": {"lsd": _row(True), "mine": _row(False)},
+        "wrong": {"a wrong spec": (None, "")},
+    }
+    (_, registry, text), (_, wrong, missed) = trust.checks(bad)
+    assert not registry and "not: mine" in text
+    assert not wrong and "not: a wrong spec" in missed
+    page = trust.report(bad)
+    assert "FAIL: registry" in page and "| a wrong spec | NOTHING |" in page

@@ -164,8 +164,8 @@ def check_stability(
     size = theta0.shape[0]
     offsets = delta * jnp.eye(size, dtype=dtype)
     updates = jax.jit(jax.vmap(update))
-    plus = np.asarray(updates(theta0 + offsets), np.float64)
-    minus = np.asarray(updates(theta0 - offsets), np.float64)
+    plus = np.asarray(updates(theta0[None, :] + offsets), np.float64)
+    minus = np.asarray(updates(theta0[None, :] - offsets), np.float64)
     # Column j of J is ∂G/∂θ_j.
     jacobian = ((plus - minus) / (2 * delta)).T
     at_map = np.asarray(jax.jit(update)(theta0), np.float64)
