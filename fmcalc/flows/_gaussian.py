@@ -76,9 +76,7 @@ class Gaussian(AbstractFlow):
     # Shapes are checked in the body, which names what is wrong.
     def __repr__(self) -> str:
         cov = (self.eigvecs * self.eigvals[None, :]) @ self.eigvecs.T
-        return (
-            f"Gaussian(mean={format_array(self.mean)}, cov={format_array(cov)})"
-        )
+        return f"Gaussian(mean={format_array(self.mean)}, cov={format_array(cov)})"
 
     def __init__(self, mean: Float[ArrayLike, " _"], cov: Float[ArrayLike, "_ _"]):
         """**Arguments:**

@@ -396,8 +396,8 @@ def check_fixed_point(
         # A term's own declaration (a finite step, a difference along eps - x0)
         # accepts any departure; a method's (a robust weighting) only the shift.
         shift_only = not check._replace(p_value=1.0).reasons(rtol, alpha)
-        passed = at_fixed_point or bool(term.biased) or (
-            bool(method.biased) and shift_only
+        passed = (
+            at_fixed_point or bool(term.biased) or (bool(method.biased) and shift_only)
         )
         checks.append(check._replace(at_fixed_point=at_fixed_point, passed=passed))
     checks = tuple(checks)
