@@ -322,11 +322,21 @@ def methods_table(verbose: bool = False) -> str:
     term on every row); with `verbose`, each method's residuals."""
     from . import methods
 
-    header = ("method", "rule", "learning", "output", "terms", "FPE split", "FPE all")
+    header = (
+        "method",
+        "full name",
+        "rule",
+        "learning",
+        "output",
+        "terms",
+        "FPE split",
+        "FPE all",
+    )
     body = []
     texts = []
     for name in methods.names():
         m = methods.get(name)
+        full_name = methods.info(name).full_name
         shares = m.split or (1.0,) * len(m.terms)
         terms = ", ".join(
             f"{t.name} {share:.3g}" if m.split else t.name
@@ -336,6 +346,7 @@ def methods_table(verbose: bool = False) -> str:
         body.append(
             (
                 name,
+                full_name,
                 m.rule,
                 m.learning,
                 m.output,
@@ -345,7 +356,7 @@ def methods_table(verbose: bool = False) -> str:
             )
         )
         texts.append(str(m))
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(7)]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(8)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(header, widths, strict=True))]
     lines.append("-|-".join("-" * w for w in widths))
     lines += [
@@ -354,6 +365,10 @@ def methods_table(verbose: bool = False) -> str:
     ]
     if verbose:
         lines += ["", *texts]
+    lines += [
+        "",
+        "`fmcalc methods NAME`: one method's citation, formula, options and cost.",
+    ]
     return "\n".join(lines)
 
 
@@ -387,7 +402,15 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="smaller batches (same checks)"
     )
     methods_parser = sub.add_parser(
-        "methods", help="list the registered training methods and their static cost"
+        "methods",
+        help="list the registered training methods and their static cost, or "
+        "describe one",
+    )
+    methods_parser.add_argument(
+        "name",
+        nargs="?",
+        help="a registry name: print its full name, citation, formula, options with "
+        "defaults, cost and known deviations",
     )
     methods_parser.add_argument(
         "-v", "--verbose", action="store_true", help="also print every residual"
@@ -408,20 +431,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command == "methods":
-        print(methods_table(args.verbose), flush=True)
-        return 0
-    if args.command == "explain":
+    if args.command in ("methods", "explain") and args.name is not None:
         from . import explain, methods
 
         if args.name not in methods.names():
             print(
-                f"fmcalc explain: unknown method {args.name!r}; the registered ones "
-                f"are {', '.join(methods.names())}.",
+                f"fmcalc {args.command}: unknown method {args.name!r}; the "
+                f"registered ones are {', '.join(methods.names())}.",
                 file=sys.stderr,
             )
             return 2
-        print(explain(args.name))
+        if args.command == "methods":
+            print(methods.doc(args.name), flush=True)
+        else:
+            print(explain(args.name))
+        return 0
+    if args.command == "methods":
+        print(methods_table(args.verbose), flush=True)
         return 0
     jax.config.update("jax_enable_x64", True)
     start = time.perf_counter()

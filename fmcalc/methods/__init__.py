@@ -1,15 +1,24 @@
-"""Every method of the taxonomy as a short declarative spec built from the public
-primitives. `names()` lists them; `get(name, **overrides)` builds one.
+"""Every method of the literature as a short declarative spec built from the public
+primitives. `names()` lists them; `get(name, **overrides)` builds one; `info(name)`
+and `doc(name)` say what it is: full name, citation, formula, options, cost and
+known deviations from public code.
 
-Each spec's docstring gives its loss in fmcalc's convention, how the paper's symbols
-translate, its defaults (with the paper or code they come from) and which deviations
-of public code it follows or avoids.
+Each spec's docstring gives its loss in fmcalc's convention and how the paper's
+symbols translate.
 """
 
 # isort: off
-# Registration order is the listing order: the taxonomy's 22 methods, then extras.
+# Registration order is the listing order: Dieleman's 22 methods, then extras.
 from . import _baseline, _lagrangian, _eulerian, _compositional  # noqa: F401
 from . import _extras  # noqa: F401
 
 # isort: on
-from ._registry import get as get, names as names, register as register
+from ._registry import (
+    MethodInfo as MethodInfo,
+    doc as doc,
+    get as get,
+    info as info,
+    names as names,
+    options as options,
+    register as register,
+)

@@ -7,7 +7,16 @@ from .._times import AbstractTimeSampler, Equal, LogitNormal
 from ._registry import register
 
 
-@register("flow-matching")
+@register(
+    "flow-matching",
+    full_name="Flow matching",
+    citation='Lipman, Chen, Ben-Hamu, Nickel, Le, "Flow Matching for Generative '
+    'Modeling", ICLR 2023; Liu, Gong, Liu, "Flow Straight and Fast: Learning to '
+    'Generate and Transfer Data with Rectified Flow", ICLR 2023',
+    summary="The baseline: learn the marginal velocity v(x, t) = V(x, t, t) from "
+    "eps - x0, and sample with many Euler steps.",
+    dieleman_cost=3,
+)
 def flow_matching(
     *,
     times: AbstractTimeSampler = Equal(LogitNormal(0.0, 1.0)),

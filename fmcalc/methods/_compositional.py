@@ -16,7 +16,21 @@ from ._common import F, anchor, s, t, x
 from ._registry import register
 
 
-@register("shortcut")
+@register(
+    "shortcut",
+    full_name="Shortcut models",
+    citation='Frans, Hafner, Levine, Abbeel, "One Step Diffusion via Shortcut '
+    'Models", ICLR 2025',
+    summary="Train from scratch: flow matching on 7/8 of the rows; on the rest, one "
+    "jump must equal two half jumps of an EMA target, on a dyadic grid of steps.",
+    deviations=(
+        "The network sees (s, t); theirs is conditioned on t and the step size "
+        "k = log2(1/d).",
+        "Their clipping of the target to ±4 is not applied (`fmcalc.Clip` in a "
+        "custom spec).",
+    ),
+    dieleman_cost=8,
+)
 def shortcut(
     *,
     times: AbstractTimeSampler = DyadicSteps(7),
@@ -31,9 +45,7 @@ def shortcut(
       `u = (s + t)/2`, on the rest, with the step `s - t = 2^-k` on a dyadic grid.
 
     Their time runs from noise (0) to data (1) and they condition on `k = log2(1/d)`
-    rather than on `t`; here the network sees `(s, t)`. The EMA target (0.999)
-    follows `bootstrap_ema=1`; their magnitude clipping of the target to ±4 is
-    `fmcalc.Clip` in a custom spec.
+    rather than on `t`. The EMA target (0.999) follows `bootstrap_ema=1`.
     """
     residual = rules.compositional(form="V", u=0.5, target_network=target_network)
     terms = (anchor(), Term("compositional", residual, times, loss))
@@ -42,7 +54,21 @@ def shortcut(
     )
 
 
-@register("splitmeanflow")
+@register(
+    "splitmeanflow",
+    full_name="SplitMeanFlow",
+    citation="Guo, Wang, Yuan, Cao, Chen, Chen, Huo, Zhang, Wang, Liu, Wang, "
+    '"SplitMeanFlow: Interval Splitting Consistency in Few-Step Generative '
+    'Modeling", arXiv 2025',
+    summary="Distil a teacher: the teacher's velocity on the diagonal, and interval "
+    "splitting V(x, s, t) = r V(x, s, u) + (1 - r) V(F(x, s, u), u, t) at a random "
+    "split point.",
+    deviations=(
+        "Public re-implementations choose the branch per step with probability "
+        "1/2; here each batch gives half its rows to each (the same expectation).",
+    ),
+    dieleman_cost=9,
+)
 def splitmeanflow(
     *,
     times: AbstractTimeSampler = WithIntermediate(UniformTriangle()),
@@ -54,9 +80,7 @@ def splitmeanflow(
     - `R = V(x, s, t) - sg[r V(x, s, u) + (1 - r) V(F(x, s, u), u, t)]` with
       `u = s + r (t - s)`, `r ~ U[0, 1]` (their `λ`).
 
-    The public re-implementations choose the branch per step with probability
-    1/2; here each batch gives half its rows to each (same expectation). The split
-    targets use the online weights under stop-gradient.
+    The split targets use the online weights under stop-gradient.
     """
     residual = rules.compositional(form="V", u=U)
     terms = (anchor(velocity=Teacher()), Term("compositional", residual, times))
@@ -65,7 +89,15 @@ def splitmeanflow(
     )
 
 
-@register("psd")
+@register(
+    "psd",
+    full_name="Progressive self-distillation",
+    citation='Boffi, Albergo, Vanden-Eijnden, "How to build a consistency model: '
+    'Learning flow maps via self-distillation", NeurIPS 2025',
+    summary="Train from scratch: a flow-matching anchor plus SplitMeanFlow's "
+    "interval splitting (a uniform split point, or the midpoint).",
+    dieleman_cost=8,
+)
 def psd(
     *,
     midpoint: bool = False,
@@ -87,7 +119,17 @@ def psd(
     return Method("psd", "compositional", "self-distillation", "V", terms, split=split)
 
 
-@register("fmm")
+@register(
+    "fmm",
+    full_name="Flow map matching",
+    citation='Boffi, Albergo, Vanden-Eijnden, "Flow map matching with stochastic '
+    'interpolants: A mathematical framework for consistency models", TMLR 2025',
+    summary="Train from scratch, marginal-from-conditional: map x_s to t and "
+    "differentiate the way back at its end; that velocity at x_s is matched to "
+    "eps - x0.",
+    deviations=("The paper's invertibility term is omitted, as in the code.",),
+    dieleman_cost=9,
+)
 def fmm(
     *,
     derivative: AbstractDerivative = JVP(),
@@ -101,8 +143,7 @@ def fmm(
     way back at its end. The conditional velocity enters only additively, so the
     learning is marginal-from-conditional with no stop-gradient at all; both
     network calls get gradients (9 FPE). Times cover the full square (backward
-    maps are learned too). The paper's invertibility term is omitted, as in the
-    code.
+    maps are learned too).
     """
     back = D(F, at=(F(x, s, t), t, s), along=(0, 0, 1), by=derivative)
     residual = back - ConditionalVelocity()(x, s)
@@ -112,7 +153,20 @@ def fmm(
     )  # fmt: skip
 
 
-@register("pfmm")
+@register(
+    "pfmm",
+    full_name="Progressive flow map matching",
+    citation='Boffi, Albergo, Vanden-Eijnden, "Flow map matching with stochastic '
+    'interpolants: A mathematical framework for consistency models", TMLR 2025',
+    summary="Distil a pre-trained partial flow map (passed as `aux=`) into one that "
+    "jumps twice as far.",
+    deviations=(
+        "The code refreshes a frozen teacher snapshot every `distill_steps` and "
+        "doubles the window |t - s| each phase; here the teacher is fixed and "
+        "`times` is restricted by hand.",
+    ),
+    dieleman_cost=5,
+)
 def pfmm(
     *,
     times: AbstractTimeSampler = UniformTriangle(),
@@ -121,9 +175,6 @@ def pfmm(
     partial flow map `F_aux` (passed as `aux=`) into one that jumps twice as far,
 
     `R = F(x, s, t) - sg[F_aux(F_aux(x, s, u), u, t)]`, `u = (s + t)/2`.
-
-    In the code the teacher is a frozen snapshot refreshed every `distill_steps`
-    and the window `|t - s|` doubles each phase: restrict `times` accordingly.
     """
     residual = rules.compositional(form="F", u=0.5, target_network=Network("aux"))
     return Method(

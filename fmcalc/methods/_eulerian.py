@@ -41,7 +41,18 @@ from ._common import F, F_aux, F_ema, V, anchor, s, t, u, x
 from ._registry import register
 
 
-@register("ct")
+@register(
+    "ct",
+    full_name="Consistency training",
+    citation='Song, Dhariwal, Chen, Sutskever, "Consistency Models", ICML 2023',
+    summary="Train from scratch a map to data (t = 0): the map at s must equal the "
+    "EMA map at the adjacent, less noisy grid point on the same noise.",
+    deviations=(
+        "LPIPS is replaced by the squared error; iCT's pseudo-Huber loss is "
+        "`loss=fmcalc.PseudoHuber()`.",
+    ),
+    dieleman_cost=4,
+)
 def ct(
     *,
     times: AbstractTimeSampler = KarrasGrid(18),
@@ -65,7 +76,19 @@ def ct(
     return Method("ct", "eulerian", "self-distillation", "F", (term,))
 
 
-@register("cd")
+@register(
+    "cd",
+    full_name="Consistency distillation",
+    citation='Song, Dhariwal, Chen, Sutskever, "Consistency Models", ICML 2023',
+    summary="Distil a teacher into a map to data (t = 0): the target is the EMA map "
+    "after one Euler step of the teacher to the adjacent grid point.",
+    deviations=(
+        "One Euler step of the teacher where the original takes a Heun step (two "
+        "teacher calls).",
+        "LPIPS is replaced by the squared error.",
+    ),
+    dieleman_cost=5,
+)
 def cd(
     *,
     velocity: AbstractVelocity = Teacher(),
@@ -77,7 +100,7 @@ def cd(
     `R = F(x, s, 0) - sg[F_ema(x + (u - s) v(x, s), u, 0)]`,
 
     one Euler step of the teacher from `s` to the adjacent grid point `u` (the
-    original uses Heun: two teacher calls). At the exact map the residual is the
+    original uses Heun). At the exact map the residual is the
     Euler step's local error, `O(Δs²)`.
     """
     residual = F(x, s, t) - sg(F_ema(x + (u - s) * velocity(x, s), u, t))
@@ -86,7 +109,21 @@ def cd(
     return Method("cd", "eulerian", "distillation", "F", (term,))
 
 
-@register("ctm")
+@register(
+    "ctm",
+    full_name="Consistency trajectory models",
+    citation="Kim, Lai, Liao, Murata, Takida, Uesaka, He, Mitsufuji, Ermon, "
+    '"Consistency Trajectory Models: Learning Probability Flow ODE Trajectory of '
+    'Diffusion", ICLR 2024',
+    summary="Distil a teacher's solver into a two-time map, compared in data space "
+    "through the EMA map to t = 0.",
+    deviations=(
+        "The DSM and GAN terms are omitted.",
+        "Counts 8 FPE against Dieleman's 7: the gradient also flows back through "
+        "the EMA map at the loss point, F_ema(F(x, s, t), t, 0), into its input.",
+    ),
+    dieleman_cost=7,
+)
 def ctm(
     *,
     times: AbstractTimeSampler = UniformTriangle(),
@@ -105,7 +142,7 @@ def ctm(
     online map's gradient reaches the loss directly through `F_ema`'s identity part,
     `F_ema(y, t, 0) = y - t V_ema(y, t, 0)`, preconditioned by `V_ema`'s input
     Jacobian (`fmcalc.explain("ctm")` lists both paths). Their
-    `G(x_t, t, s)` with `t > s` is our `F(x_s, s, t)`. DSM and GAN terms omitted.
+    `G(x_t, t, s)` with `t > s` is our `F(x_s, s, t)`.
     """
     mid = s + fraction * (t - s)
     target = F_ema(F(F_aux(x, s, mid), mid, t), t, 0)
@@ -114,7 +151,15 @@ def ctm(
     return Method("ctm", "eulerian", "distillation", "F", (term,))
 
 
-@register("emd")
+@register(
+    "emd",
+    full_name="Eulerian map distillation",
+    citation='Boffi, Albergo, Vanden-Eijnden, "Flow map matching with stochastic '
+    'interpolants: A mathematical framework for consistency models", TMLR 2025',
+    summary="Distil a teacher: the map must not change as its source moves along the "
+    "teacher's flow, with no stop-gradient (a space-time JVP, backpropagated).",
+    dieleman_cost=7,
+)
 def emd(
     *,
     derivative: AbstractDerivative = JVP(),
@@ -132,7 +177,21 @@ def emd(
     )
 
 
-@register("esd")
+@register(
+    "esd",
+    full_name="Eulerian self-distillation",
+    citation='Boffi, Albergo, Vanden-Eijnden, "How to build a consistency model: '
+    'Learning flow maps via self-distillation", NeurIPS 2025',
+    summary="Train from scratch: flow matching anchors the diagonal, and the "
+    "Eulerian residual uses that diagonal as the velocity, the spatial JVP under a "
+    "stop-gradient.",
+    deviations=(
+        "Counts 11 FPE against Dieleman's 10: V(x, s, s), the spatial JVP's "
+        "tangent, is a forward pass of its own, since the anchor has its own rows "
+        "and times.",
+    ),
+    dieleman_cost=10,
+)
 def esd(
     *,
     derivative: AbstractDerivative = JVP(),
@@ -153,7 +212,20 @@ def esd(
     return Method("esd", "eulerian", "self-distillation", "V", terms, split=split)
 
 
-@register("ayf-emd")
+@register(
+    "ayf-emd",
+    full_name="Align Your Flow, Eulerian form (AYF-EMD)",
+    citation='Sabour, Fidler, Kreis, "Align Your Flow: Scaling Continuous-Time Flow '
+    'Map Distillation", NeurIPS 2025',
+    summary="Distil a teacher with MeanFlow's residual as an sCM-style normalised "
+    "tangent, with a tangent warm-up.",
+    deviations=(
+        "The tangent warm-up reaches r = 1; the unofficial code stops at 0.99, which "
+        "keeps a flow-matching pull towards straight maps.",
+        "There is no official training code; the times follow the unofficial code.",
+    ),
+    dieleman_cost=6,
+)
 def ayf_emd(
     *,
     derivative: AbstractDerivative = JVP(),
@@ -169,8 +241,7 @@ def ayf_emd(
     `R = V(x, s, t) - sg[V(x, s, t) - g / (‖g‖ + c)]`,
 
     whose update is MeanFlow's with a teacher and a normalised tangent. `r` is the
-    tangent warm-up (0 -> 1; the unofficial code stops at 0.99, which keeps a
-    flow-matching pull towards straight maps). The JVP runs under the stop-gradient
+    tangent warm-up (0 -> 1). The JVP runs under the stop-gradient
     and its primal is the prediction. Autoguidance: `velocity=Autoguided(...)`.
     """
     v = velocity(x, s)
@@ -183,7 +254,20 @@ def ayf_emd(
     )
 
 
-@register("soflow")
+@register(
+    "soflow",
+    full_name="Solution flow models (SoFlow)",
+    citation='Luo, Yuan, Liu, "SoFlow: Solution Flow Models for One-Step Generative '
+    'Modeling", ICLR 2026',
+    summary="Train from scratch: MeanFlow's residual with a finite-difference "
+    "derivative along eps - x0, plus a flow-matching anchor on 75% of the rows.",
+    deviations=(
+        "A fixed finite-difference step h; SoFlow anneals it (from 0.1 to 0.002 of "
+        "s - t).",
+        "Its adaptive weight is off by default (`loss=fmcalc.Adaptive(...)`).",
+    ),
+    dieleman_cost=7,
+)
 def soflow(
     *,
     derivative: AbstractDerivative = FiniteDifference(1e-3),
@@ -200,8 +284,7 @@ def soflow(
     `R = V(x, s, t) - sg[v + (t - s) (V(x + h v, s + h, t) - V(x, s, t)) / h]`,
     `v = eps - x0`. SoFlow's `(t, s)` is our `(s, t)`. The difference quotient
     evaluates the network at `x + h (eps - x0)`, so the update is biased at `O(h)`;
-    SoFlow anneals the step (`r_k` from 0.1 to 0.002 of `s - t`), here a fixed `h`.
-    Its adaptive weight is `loss=fmcalc.Adaptive(...)`.
+    here `h` is fixed.
     """
     v = ConditionalVelocity()(x, s)
     dV = D(V, at=(x, s, t), along=(v, 1, 0), by=derivative)
@@ -216,7 +299,19 @@ def soflow(
     return Method("soflow", "eulerian", "self-distillation", "V", terms, split=split)
 
 
-@register("facm")
+@register(
+    "facm",
+    full_name="Flow-anchored consistency models",
+    citation='Peng, Zhu, Liu, Wu, Li, Sun, Wu, "FACM: Flow-Anchored Consistency '
+    'Models", arXiv 2025',
+    summary="Distil a teacher: a flow-matching anchor (squared error plus cosine) "
+    "and a clipped, relaxed MeanFlow-style consistency term to data, on every row.",
+    deviations=(
+        "Counts 9 FPE against Dieleman's 8: the anchor and the consistency term each "
+        "have their own rows and times, so the teacher runs at both points.",
+    ),
+    dieleman_cost=8,
+)
 def facm(
     *,
     derivative: AbstractDerivative = JVP(),
@@ -256,7 +351,19 @@ def _facm_weight(s, t):
     return jnp.cos(jnp.pi * (1 - s) / 2)
 
 
-@register("meanflow")
+@register(
+    "meanflow",
+    full_name="MeanFlow",
+    citation='Geng, Deng, Bai, Kolter, He, "Mean Flows for One-step Generative '
+    'Modeling", NeurIPS 2025',
+    summary="Train from scratch, marginal-from-conditional: the Eulerian identity "
+    "in average-velocity form, with eps - x0 inside a stop-gradient target.",
+    deviations=(
+        "The adaptive weight's c = 1e-3 is CIFAR-10's and its p = 1 ImageNet's "
+        "(ImageNet: c = 0.01; CIFAR-10: p = 0.75).",
+    ),
+    dieleman_cost=4,
+)
 def meanflow(
     *,
     derivative: AbstractDerivative = JVP(),
@@ -277,9 +384,10 @@ def meanflow(
     Defaults: both times logit-normal(-0.4, 1), sorted, 75% of rows with `t = s`
     (ImageNet); adaptive weight `1/sg(‖R‖² + c)^p`, `p = 1` (ImageNet `c = 0.01`,
     CIFAR `c = 1e-3, p = 0.75`). The adaptive weight makes the fixed point a robust
-    location of `eps - x0 | x_s`, not its mean, on non-Gaussian data (DESIGN.md);
-    `loss=fmcalc.SquaredError()` removes it. CFG folded into the target:
-    `guidance=fmcalc.MeanFlowGuidance(omega, kappa)` with `label_dropout=0.1`.
+    location of `eps - x0 | x_s`, not its mean, on non-Gaussian data (see
+    [`fmcalc.Adaptive`][]); `loss=fmcalc.SquaredError()` removes it. CFG folded
+    into the target: `guidance=fmcalc.MeanFlowGuidance(omega, kappa)` with
+    `label_dropout=0.1`.
     """
     velocity = ConditionalVelocity() if guidance is None else guidance
     residual = rules.meanflow(derivative=derivative, velocity=velocity)
@@ -300,7 +408,19 @@ def _robust_shift(loss: AbstractLoss) -> str | None:
     )
 
 
-@register("imf")
+@register(
+    "imf",
+    full_name="Improved MeanFlow",
+    citation='Geng, Lu, Zu, Shechtman, Kolter, He, "Improved Mean Flows: On the '
+    'Challenges of Fastforward Generative Models", arXiv 2025',
+    summary="Train from scratch: a compound velocity, V minus a stop-gradient JVP "
+    "along the model's own diagonal, trained by flow matching.",
+    deviations=(
+        "The auxiliary velocity head is the model's own diagonal V(x, s, s).",
+        "The network sees (s, t); iMF's network is not conditioned on s.",
+    ),
+    dieleman_cost=5,
+)
 def imf(
     *,
     derivative: AbstractDerivative = JVP(),
@@ -315,9 +435,8 @@ def imf(
     trained by flow matching; the JVP's tangent is the model's own diagonal, so the
     conditional velocity only enters additively (unbiased even without the
     stop-gradient, which saves the second-order backward). iMF writes
-    `V + (s - t) sg(D_s V)` in their `(t, r)`; same sign in ours. Its auxiliary
-    velocity head is the diagonal here. Defaults: logit-normal(-0.4, 1) sorted, 50%
-    of rows `t = s`, adaptive `c = 0.01, p = 1`.
+    `V + (s - t) sg(D_s V)` in their `(t, r)`; same sign in ours. Defaults:
+    logit-normal(-0.4, 1) sorted, 50% of rows `t = s`, adaptive `c = 0.01, p = 1`.
     """
     residual = rules.improved_meanflow(derivative=derivative)
     return Method(

@@ -11,7 +11,20 @@ from ._common import F, V, s, t, x
 from ._registry import register
 
 
-@register("sct")
+@register(
+    "sct",
+    full_name="Continuous-time consistency training (sCT)",
+    citation='Lu, Song, "Simplifying, Stabilizing and Scaling Continuous-Time '
+    'Consistency Models", ICLR 2025',
+    summary="Train from scratch a map to data: MeanFlow's tangent at t = 0, "
+    "normalised and warmed up (sCM's tangent loss).",
+    deviations=(
+        "The network predicts V in fmcalc's linear interpolant, not TrigFlow's "
+        "parameterisation.",
+        "Its learned weight is off by default (`loss=fmcalc.LogVariance()` with "
+        "`w(s, t)` as `aux`).",
+    ),
+)
 def sct(
     *,
     derivative: AbstractDerivative = JVP(),
@@ -27,8 +40,7 @@ def sct(
     The tangent `g` is MeanFlow's residual at `t = 0`; `r` is the tangent warm-up
     (0 -> 1). TrigFlow's `x_τ = cos τ x0 + sin τ z` is our `x_s` (up to scale) at
     `s = tan τ / (1 + tan τ)`, so sCT's `log(σ_d tan τ) ~ N(-1.0, 1.4)` (CIFAR-10)
-    is `LogitNormal(-1.0, 1.4)` for data of unit scale. Its learned weight is
-    `loss=fmcalc.LogVariance()` (with `w(s, t)` as `aux`). The normalisation is
+    is `LogitNormal(-1.0, 1.4)` for data of unit scale. The normalisation is
     not linear in `eps - x0`, so the exact map is a fixed point only where `g`'s
     conditional law is symmetric; `c=None` drops it (then this is MeanFlow at
     `t = 0`, unbiased).
@@ -50,7 +62,17 @@ def _inverse_source(s, t):
     return 1 / s
 
 
-@register("ect")
+@register(
+    "ect",
+    full_name="Easy consistency tuning (ECT)",
+    citation='Geng, Pokle, Luo, Lin, Kolter, "Consistency Models Made Easy", ICLR 2025',
+    summary="Train from scratch a map to data: consistency between s and (1 - r) s "
+    "on the same noise, the online network as target, r shrinking over training.",
+    deviations=(
+        "r follows a schedule (default a geometric decay); ECT halves r every stage "
+        "and multiplies it by n(σ) = 1 + 8 sigmoid(-σ).",
+    ),
+)
 def ect(
     *,
     ratio: AbstractSchedule = Exponential(0.1, 0.002, 100_000),
@@ -63,9 +85,7 @@ def ect(
 
     consistency training between `s` and `u = (1 - r) s` on the same noise, with
     the online network under stop-gradient as the target (no EMA) and `r` shrinking
-    over training. ECT halves `r` every stage (`q = 2`) and multiplies it by
-    `n(σ) = 1 + 8 sigmoid(-σ)`; here `r` follows a schedule (default a geometric
-    decay). Their weight `1/(t - r)` is `1/(r s)`: within a stage `∝ 1/s`, the
+    over training. Their weight `1/(t - r)` is `1/(r s)`: within a stage `∝ 1/s`, the
     default pseudo-Huber weighting. EDM's `log σ ~ N(-1.1, 2.0)` is
     `LogitNormal(-1.1, 2.0)` in our time (`s = σ / (1 + σ)`).
     """

@@ -19,7 +19,22 @@ from ._common import F, V, V_ema, anchor, s, t, x
 from ._registry import register
 
 
-@register("lmd")
+@register(
+    "lmd",
+    full_name="Lagrangian map distillation",
+    citation='Boffi, Albergo, Vanden-Eijnden, "Flow map matching with stochastic '
+    'interpolants: A mathematical framework for consistency models", TMLR 2025',
+    summary="Distil a teacher: the map's time derivative at its end point must equal "
+    "the teacher's velocity there, backpropagated through the JVP and the teacher's "
+    "input.",
+    deviations=(
+        "Times default to s >= t (the sampling direction); the paper samples the "
+        "full square.",
+        "The 2024 code's `lagrangian_distill` takes the time derivative at F(x_s) "
+        "instead of x_s (an unused function); not followed.",
+    ),
+    dieleman_cost=9,
+)
 def lmd(
     *,
     derivative: AbstractDerivative = JVP(),
@@ -31,11 +46,9 @@ def lmd(
     `R = ∂_t F(x, s, t) - v(F(x, s, t), t)`, no stop-gradient anywhere.
 
     The loss is minimised by backpropagating through the JVP and through the
-    teacher's input (8 FPE: the seed counts 9, but the teacher's backward needs
-    only its input gradient). Paper symbols: their `X_{s,t}` is our `F(·, s, t)`;
-    they sample the full square, we default to `s >= t` (sampling direction). The
-    2024 code's `lagrangian_distill` takes `∂_t` at `F(x_s)` instead of `x_s` (an
-    unused function; not followed).
+    teacher's input (8 FPE: Dieleman's table counts 9, but the teacher's backward
+    needs only its input gradient). Paper symbols: their `X_{s,t}` is our
+    `F(·, s, t)`.
     """
     residual = rules.lagrangian(
         form="F", stop_gradient="none", derivative=derivative, velocity=velocity
@@ -45,7 +58,20 @@ def lmd(
     )
 
 
-@register("lsd")
+@register(
+    "lsd",
+    full_name="Lagrangian self-distillation",
+    citation='Boffi, Albergo, Vanden-Eijnden, "How to build a consistency model: '
+    'Learning flow maps via self-distillation", NeurIPS 2025',
+    summary="Train from scratch: flow matching anchors the diagonal V(x, t, t), and "
+    "the map's time derivative follows that diagonal's velocity at the map's end "
+    "point, under a stop-gradient.",
+    deviations=(
+        "The learned log-variance weight `e^{-w} L + w` is off by default; it is "
+        "`loss=fmcalc.LogVariance()` with `w(s, t)` passed as `aux`.",
+    ),
+    dieleman_cost=10,
+)
 def lsd(
     *,
     derivative: AbstractDerivative = JVP(),
@@ -61,9 +87,7 @@ def lsd(
       uniform on the triangle.
 
     The teacher is the online model's own diagonal under stop-gradient (not an
-    EMA), as in the official code; gradients flow through the JVP. Their learned
-    log-variance weight `e^{-w} L + w` is available as
-    `loss=fmcalc.LogVariance()` with `w(s, t)` passed as `aux`.
+    EMA), as in the official code; gradients flow through the JVP.
     """
     residual = rules.lagrangian(
         form="F", stop_gradient="target", derivative=derivative, velocity=Diagonal()
@@ -72,7 +96,25 @@ def lsd(
     return Method("lsd", "lagrangian", "self-distillation", "V", terms, split=split)
 
 
-@register("ayf-lmd")
+@register(
+    "ayf-lmd",
+    full_name="Align Your Flow, Lagrangian form (AYF-LMD)",
+    citation='Sabour, Fidler, Kreis, "Align Your Flow: Scaling Continuous-Time Flow '
+    'Map Distillation", NeurIPS 2025',
+    summary="Distil a teacher with the Lagrangian residual as an sCM-style "
+    "normalised tangent; the JVP runs under the stop-gradient.",
+    deviations=(
+        "The sign: AYF's surrogate `F - sg[F - ĝ]`, read in fmcalc's convention, "
+        "moves the map away from its fixed point for s > t (it passes the "
+        "fixed-point check and fails `fmcalc.testing.check_stability`); the spec "
+        "uses the sign that descends.",
+        "The space: the tangent loss acts on V, not F; the F-space surrogate's "
+        "update is this one weighted by s - t, which starves short jumps.",
+        "There is no official training code; the times follow the unofficial code "
+        "(both logit-normal(-0.8, 1), sorted).",
+    ),
+    dieleman_cost=6,
+)
 def ayf_lmd(
     *,
     derivative: AbstractDerivative = JVP(),
@@ -87,18 +129,8 @@ def ayf_lmd(
 
     so the update is `ĝ ∇_θ V` with the normalised tangent `ĝ` (`g` is also the
     `V`-form Lagrangian residual); the JVP runs under the stop-gradient (no
-    backward through it). Two deliberate choices, both measured (300 Adam steps,
-    2-D mixture, `tests/test_method_training.py`):
-
-    - the sign: AYF's surrogate `F - sg[F - ĝ]`, read in our convention, moves the
-      map *away* from its fixed point for `s > t` (distance to the exact map
-      3.8 -> 4e5); the correct `F`-space surrogate is `F - sg[F + ĝ]`;
-    - the space: that `F`-space surrogate's update is this one weighted by
-      `s - t`, which starves short jumps (distance 3.76 -> 3.83, against -> 2.39
-      here).
-
-    AYF's `f(x_t, t, s)` is our `F(x_s, s, t)`. Times: both logit-normal(-0.8, 1)
-    and sorted (unofficial code; there is no official training code).
+    backward through it). The correct `F`-space surrogate would be
+    `F - sg[F + ĝ]`. AYF's `f(x_t, t, s)` is our `F(x_s, s, t)`.
     """
     g = D(F, at=(x, s, t), along=(0, 0, 1), by=derivative) - velocity(F(x, s, t), t)
     residual = V(x, s, t) - sg(V(x, s, t) - Normalize(g, c))
@@ -111,7 +143,19 @@ def ayf_lmd(
     )
 
 
-@register("tvm")
+@register(
+    "tvm",
+    full_name="Terminal velocity matching",
+    citation='Zhou, Parger, Haque, Song, "Terminal Velocity Matching", arXiv 2025',
+    summary="Train from scratch: the Lagrangian residual with a fast EMA's diagonal "
+    "velocity as the target, plus flow matching at an independent time, both on "
+    "every row.",
+    deviations=(
+        "The CFG scaling by 1/w and the guidance-conditioned network are left to "
+        "the model.",
+    ),
+    dieleman_cost=10,
+)
 def tvm(
     *,
     derivative: AbstractDerivative = JVP(),
@@ -125,8 +169,8 @@ def tvm(
     - plus flow matching `V(x, s', s') - (eps - x0)` at an independent time,
 
     both on every row (no sub-batch). TVM's convention equals ours. Their CFG
-    scaling by `β = 1/w` and the guidance-conditioned network are left to the model;
-    gap-first time sampling ([`fmcalc.GapFirst`][]).
+    scaling and guidance conditioning are left to the model; gap-first time
+    sampling ([`fmcalc.GapFirst`][]).
     """
     residual = rules.lagrangian(
         form="F",
@@ -138,7 +182,23 @@ def tvm(
     return Method("tvm", "lagrangian", "self-distillation", "V", terms)
 
 
-@register("freeflow")
+@register(
+    "freeflow",
+    full_name="FreeFlow: flow map distillation without data",
+    citation='Tong, Ma, Xie, Jaakkola, "Flow Map Distillation Without Data", '
+    "arXiv 2025",
+    summary="Distil a teacher without data, from pure noise (s = 1): the map's "
+    "generating velocity follows the teacher along the map's own trajectory.",
+    deviations=(
+        "Dieleman's table lists a stop-gradient on the finite difference; every "
+        "semigradient variant measured diverged from a random initialisation, so "
+        "the default backpropagates through it (`stop_gradient=` gives the others).",
+        "The distribution-level corrector, an auxiliary denoiser trained on "
+        "generated samples, is not part of this spec (it needs a second noise "
+        "sample per row); no training code is public.",
+    ),
+    dieleman_cost=12,
+)
 def freeflow(
     *,
     derivative: AbstractDerivative = FiniteDifference(1e-3, "central"),
@@ -154,14 +214,7 @@ def freeflow(
 
     the time derivative a central finite difference, backpropagated; the teacher's
     velocity at the map's output is the target. The data is never used
-    (`x_1 = eps`). The seed's table lists a stop-gradient on the difference; with
-    it, every semi-gradient variant we measured diverges from a random
-    initialisation (300 steps, 2-D mixture: distance to the exact map 0.92 -> 22
-    with sCM's tangent form, -> 9.1 with `stop_gradient="derivative"`), while this
-    one trains (-> 0.91, loss 3.2 -> 2.0); pass `stop_gradient=` to reproduce. The
-    distribution-level corrector, which trains an auxiliary denoiser on generated
-    samples, needs a second noise sample per row and is not part of this spec; no
-    training code is public.
+    (`x_1 = eps`).
     """
     residual = rules.lagrangian(
         form="F", stop_gradient=stop_gradient, derivative=derivative, velocity=velocity
@@ -175,7 +228,20 @@ def freeflow(
     )
 
 
-@register("pid")
+@register(
+    "pid",
+    full_name="Physics-informed distillation",
+    citation='Tee, Zhang, Yoon, Gowda, Kim, Yoo, "Physics Informed Distillation for '
+    'Diffusion Models", TMLR 2024',
+    summary="Distil a teacher without data into a single-source map from noise, in "
+    "data space: the map's implied denoiser matches the teacher's at its output.",
+    deviations=(
+        "LPIPS is replaced by the squared error.",
+        "Their backward difference on a 250-point Karras grid is a finite difference "
+        "of step 1e-3 at times uniform in [0.002, 1].",
+    ),
+    dieleman_cost=7,
+)
 def pid(
     *,
     derivative: AbstractDerivative = FiniteDifference(1e-3),
@@ -188,8 +254,7 @@ def pid(
     `R = (F(x, 1, t) - t ∂_t F(x, 1, t)) - sg[F(x, 1, t) - t v(F(x, 1, t), t)]`,
 
     the implied denoiser against the teacher's denoiser at the map's output, with
-    the derivative a finite difference that is backpropagated through (their
-    backward difference on a 250-point Karras grid; LPIPS replaced by MSE). Their
+    the derivative a finite difference that is backpropagated through. Their
     `x_θ(z, σ) = (σ/σ_max) z + (1 - σ/σ_max) net` is our `F(eps, 1, t)` with the
     denoised-field output.
     """

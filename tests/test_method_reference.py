@@ -1,0 +1,74 @@
+"""Every registry method says what it is: full name, citation, summary, formula,
+options, cost and deviations, from `fmcalc.methods.doc` and `fmcalc methods NAME`."""
+
+import inspect
+
+import pytest
+
+import fmcalc
+from fmcalc._cli import main
+
+
+NAMES = fmcalc.methods.names()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_method_carries_its_facts(name):
+    info = fmcalc.methods.info(name)
+    assert info.name == name
+    assert info.full_name and info.summary
+    # Authors, a quoted title, a venue and a year.
+    assert '"' in info.citation and any(
+        str(y) in info.citation for y in range(2020, 2030)
+    )
+    assert all(d.strip() for d in info.deviations)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cli_prints_the_reference_entry(name, capsys):
+    assert main(["methods", name]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == fmcalc.methods.doc(name).strip()
+    info = fmcalc.methods.info(name)
+    assert out.startswith(f"{name}: {info.full_name}")
+    for section in ("formula", "options", "cost", "deviations"):
+        assert f"\n{section}" in out, section
+    assert info.citation.split(",")[0] in out
+    # Every option with its default.
+    for option, parameter in fmcalc.methods.options(name).items():
+        assert f"{option}" in out and repr(parameter.default) in out
+    # Cross-references of the documentation are plain names in a terminal.
+    assert "][]" not in out
+
+
+def test_listing_gives_full_names(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in NAMES:
+        assert fmcalc.methods.info(name).full_name in out
+
+
+def test_unknown_name_is_refused(capsys):
+    assert main(["methods", "no-such-method"]) == 2
+    assert "lsd" in capsys.readouterr().err
+
+
+def test_markdown_form():
+    text = fmcalc.methods.doc("meanflow", format="markdown")
+    assert text.startswith("### `meanflow`: MeanFlow")
+    assert "| `loss` |" in text and "Dieleman's table: 4" in text
+    # A ValueError, or the run-time type check's TypeError first under pytest.
+    with pytest.raises((ValueError, TypeError), match="format"):
+        fmcalc.methods.doc("meanflow", format="html")  # pyright: ignore
+
+
+def test_register_needs_its_facts():
+    with pytest.raises(TypeError, match="citation"):
+        fmcalc.methods.register("x", full_name="X", citation="", summary="y")
+    assert "x" not in fmcalc.methods.names()
+
+
+def test_options_are_the_builders_keywords():
+    options = fmcalc.methods.options("lsd")
+    assert list(options) == ["derivative", "times", "split", "loss"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in options.values())
