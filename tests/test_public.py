@@ -8,6 +8,7 @@ import pytest
 
 NAMESPACES = [
     "fmcalc",
+    "fmcalc.datasets",
     "fmcalc.flows",
     "fmcalc.testing",
     "fmcalc.cost",
