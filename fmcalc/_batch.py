@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._conventions import interpolate
-from ._misc import concrete, in_unit_interval
+from ._misc import checked, concrete, in_unit_interval
 
 
 NULL_LABEL = -1
@@ -36,7 +36,7 @@ def _labels(cond, batch_shape: tuple[int, ...]):
         )
         values = concrete(leaf)
         if values is None:
-            return eqx.error_if(leaf, leaf < NULL_LABEL, message + ".")
+            return checked(leaf, leaf < NULL_LABEL, message + ".")
         if (values < NULL_LABEL).any():
             raise ValueError(f"{message}; got {values[values < NULL_LABEL][:5]}.")
         return leaf

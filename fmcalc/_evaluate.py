@@ -33,6 +33,7 @@ from ._expr import (
     _is_zero,
     walk,
 )
+from ._precision import Cast
 from ._validate import differentiated, validate
 
 
@@ -248,6 +249,8 @@ class _Interpreter:
         network = first.function
         assert isinstance(network, Network)
         net = self.network(network.role)
+        if isinstance(net, Cast):
+            net = net.for_jvp()
         cond = None if network.unconditional else self.batch.cond
 
         def fn(*args):

@@ -14,6 +14,15 @@ def concrete(a) -> np.ndarray | None:
         return None
 
 
+def checked(carrier, bad, message: str):
+    """`carrier`, once the traced booleans `bad` are checked all false when the
+    program runs, by `eqx.error_if` on a scalar added to it: the check's callback
+    runs on one device, and an array carried through it would be gathered there
+    from a batch split over several."""
+    zero = jnp.zeros((), jnp.result_type(carrier))
+    return carrier + eqx.error_if(zero, jnp.any(bad), message)
+
+
 def in_unit_interval(name: str, t, carrier):
     """`carrier`, once the time(s) `t` are checked to lie in `[0, 1]`: at once if `t`
     is concrete (a `ValueError`), else when the traced program runs, by
@@ -22,7 +31,7 @@ def in_unit_interval(name: str, t, carrier):
     message = f"Time `{name}` must lie in [0, 1] (t = 0 is data, t = 1 is noise)"
     values = concrete(t)
     if values is None:
-        return eqx.error_if(carrier, ~((t >= 0) & (t <= 1)), message + ".")
+        return checked(carrier, ~((t >= 0) & (t <= 1)), message + ".")
     bad = ~((values >= 0) & (values <= 1))
     if bad.any():
         raise ValueError(f"{message}; got {values[bad].ravel()[:5]}.")

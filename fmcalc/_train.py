@@ -9,7 +9,7 @@ import signal
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import equinox as eqx
@@ -17,9 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
+from . import _checkpoint_orbax
 from ._batch import NULL_LABEL, Batch
 from ._checkpoint import (
     CheckpointError,
@@ -31,9 +34,21 @@ from ._checkpoint import (
     save_checkpoint,
     text,
 )
+from ._derivative import FiniteDifference
 from ._ema import ema_update
 from ._expr import Call, Derivative, Network, walk
 from ._method import Method, term_loss
+from ._parallel import (
+    Layout,
+    check_mesh,
+    constrain,
+    fetch,
+    fetch_tree,
+    place,
+    put,
+)
+from ._precision import Precision
+from ._stream import Stream, is_stream
 from ._warnings import EMAHorizonWarning
 
 
@@ -69,6 +84,10 @@ class TrainResult(eqx.Module):
       at every step run in this call.
     - `skipped`: how many steps of this call were skipped as non-finite.
     - `evaluations`: `(step, results)` of every call of the `evaluate` hook.
+    - `mesh`: the devices the run used (`result.mesh.devices`), as a
+      `jax.sharding.Mesh`. The arrays of the state are laid out on it as training
+      left them (replicated, or split along `shard_params`), so training or
+      sampling can go on there without a copy to one device.
     """
 
     model: PyTree
@@ -80,6 +99,7 @@ class TrainResult(eqx.Module):
     metrics: dict[str, np.ndarray]
     skipped: int
     evaluations: list[tuple[int, dict[str, float]]]
+    mesh: Mesh
 
     @property
     def state(self) -> TrainState:
@@ -289,47 +309,114 @@ class _Problem(eqx.Module):
     aux: Any
     batch_size: int = eqx.field(static=True)
     ema_decay: float | None = eqx.field(static=True)
+    layout: Layout = eqx.field(static=True)
+    accumulate: int = eqx.field(static=True)
+    precision: Precision | None = eqx.field(static=True)
 
-    def batch(self, key, step) -> tuple[Batch, Array | None]:
-        """Step `step`'s batch and, for an array `data`, the indices of its rows."""
+    def batch(self, key, step, rows=None) -> tuple[Batch, Array | None]:
+        """Step `step`'s batch, its rows split over the mesh, and, for an array
+        `data`, the indices of its rows. `rows` are the `(x0, labels)` a stream
+        gave for this step."""
         k_data, k_batch = jax.random.split(jax.random.fold_in(key, step))
-        if isinstance(self.data, jax.Array):
+        indices = cond = None
+        if rows is not None:
+            x0, cond = rows
+        elif isinstance(self.data, jax.Array):
             n = self.data.shape[0]
             indices = jax.random.randint(k_data, (self.batch_size,), 0, n)
             x0 = self.data[indices]
+            cond = None if self.labels is None else self.labels[indices]
         else:
-            indices = None
             x0 = jnp.asarray(self.data(k_data, self.batch_size))
             if x0.ndim != 2 or x0.shape[0] != self.batch_size:
                 raise ValueError(
                     f"`data(key, n)` must return an array of shape (n, dim); with "
                     f"n={self.batch_size} it returned shape {x0.shape}."
                 )
-        cond = None if self.labels is None else self.labels[indices]
-        return self.method.batch(k_batch, x0, cond=cond), indices
+        rows_sharding = self.layout.rows
+        x0 = jax.lax.with_sharding_constraint(x0, rows_sharding)
+        batch = self.method.batch(k_batch, x0, cond=cond)
+        batch = jax.tree.map(
+            lambda a: jax.lax.with_sharding_constraint(a, rows_sharding), batch
+        )
+        return batch, indices
 
     def networks(self, model, ema) -> dict[str, Any]:
         if self.ema_decay is None:
             params, static = eqx.partition(model, eqx.is_array)
             ema = eqx.combine(jax.lax.stop_gradient(params), static)
+        if self.precision is not None:
+            model, ema = self.precision(model), self.precision(ema)
         return {"online": model, "ema": ema, "aux": self.aux}
 
 
-def _candidate(model, ema, opt_state, step, key, problem: _Problem):
+def _micro_batches(a: Array, k: int) -> Array:
+    """Rows `a` as `k` micro-batches along a new leading axis, row `r` in
+    micro-batch `r % k`: each device's rows then feed every micro-batch, so no
+    rows move between devices."""
+    return a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1)
+
+
+def _accumulated(problem: _Problem, model, ema, batch: Batch, step):
+    """The loss, metrics and gradient of `batch`, summed over `accumulate`
+    micro-batches that each hold an equal share of every term's rows: the same
+    sums as one pass over the batch, in another order."""
+    method, k = problem.method, problem.accumulate
+    pairs = method.term_rows(batch)
+    n_data = method.data_rows(batch.x0.shape[0])
+    params = method.params(step)
+    chunks = [jax.tree.map(lambda a: _micro_batches(a, k), rows) for _, rows in pairs]
+
+    def micro_loss(model, chunk):
+        networks = problem.networks(model, ema)
+        total = jnp.zeros((), batch.x0.dtype)
+        sums = {}
+        for (term, _), rows in zip(pairs, chunk, strict=True):
+            losses, squared = jax.vmap(
+                lambda ex, term=term: term_loss(
+                    term, ex, networks, problem.teacher, params
+                )
+            )(rows)
+            total = total + term.weight * jnp.sum(losses) / n_data
+            sums[f"{term.name}/loss"] = jnp.sum(losses)
+            sums[f"{term.name}/residual"] = jnp.sum(squared)
+        return total, sums
+
+    gradient = eqx.filter_value_and_grad(micro_loss, has_aux=True)
+    first = gradient(model, jax.tree.map(lambda a: a[0], chunks))
+
+    def body(carry, chunk):
+        return jax.tree.map(jnp.add, carry, gradient(model, chunk)), None
+
+    rest = jax.tree.map(lambda a: a[1:], chunks)
+    ((loss, sums), grads), _ = jax.lax.scan(body, first, rest)
+    counts = {term.name: rows.x0.shape[0] for term, rows in pairs}
+    metrics = {
+        name: value / counts[name.rpartition("/")[0]] for name, value in sums.items()
+    }
+    return (loss, metrics), grads
+
+
+def _candidate(model, ema, opt_state, step, key, problem: _Problem, rows=None):
     """One step's loss, metrics, gradient and update, before anything is kept."""
-    batch, _ = problem.batch(key, step)
+    batch, _ = problem.batch(key, step, rows)
 
     def loss_fn(model):
+        networks = problem.networks(model, ema)
         return problem.method.loss(
-            model,
+            networks["online"],
             batch,
             teacher=problem.teacher,
-            ema=problem.networks(model, ema)["ema"],
+            ema=networks["ema"],
             aux=problem.aux,
             step=step,
         )
 
-    (loss, metrics), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
+    if problem.accumulate == 1:
+        gradient = eqx.filter_value_and_grad(loss_fn, has_aux=True)
+        (loss, metrics), grads = gradient(model)
+    else:
+        (loss, metrics), grads = _accumulated(problem, model, ema, batch, step)
     params = eqx.filter(model, eqx.is_inexact_array)
     updates, new_opt_state = problem.optimizer.update(grads, opt_state, params)
     new_model = eqx.apply_updates(model, updates)
@@ -341,9 +428,9 @@ def _candidate(model, ema, opt_state, step, key, problem: _Problem):
 
 
 @eqx.filter_jit
-def _step(model, ema, opt_state, step, key, problem: _Problem):
+def _step(model, ema, opt_state, step, key, problem: _Problem, rows):
     loss, metrics, grads, updates, new = _candidate(
-        model, ema, opt_state, step, key, problem
+        model, ema, opt_state, step, key, problem, rows
     )
     squares = sum((jnp.sum(g**2) for g in jax.tree.leaves(grads)), jnp.zeros(()))
     metrics = {**metrics, "grad_norm": jnp.sqrt(squares)}
@@ -357,6 +444,9 @@ def _step(model, ema, opt_state, step, key, problem: _Problem):
         new,
         (model, ema, opt_state),
     )
+    # The state leaves the step laid out as it came in: replicated, or split along
+    # `shard_params`, whatever layout the partitioner would prefer.
+    updated = constrain(updated, problem.layout.state)
     alignment = sum(
         (
             jnp.vdot(u, g)
@@ -371,9 +461,9 @@ def _step(model, ema, opt_state, step, key, problem: _Problem):
 
 
 @eqx.filter_jit
-def _update_soundness(problem: _Problem, model, ema, opt_state, key, step):
+def _update_soundness(problem: _Problem, model, ema, opt_state, key, step, rows):
     """Per array, whether step `step`'s update would leave it sound."""
-    new = _candidate(model, ema, opt_state, step, key, problem)[-1]
+    new = _candidate(model, ema, opt_state, step, key, problem, rows)[-1]
     return _soundness(*new)
 
 
@@ -384,17 +474,17 @@ def _unsound(flags: PyTree, names: tuple[str, ...]) -> list[str]:
     """The paths of the arrays flagged unsound, prefixed by their part's name."""
     return [
         name + jax.tree_util.keystr(path)
-        for name, part in zip(names, jax.device_get(flags), strict=True)
-        for path, ok in jax.tree_util.tree_leaves_with_path(part)
+        for name, part in zip(names, flags, strict=True)
+        for path, ok in jax.tree_util.tree_leaves_with_path(fetch_tree(part))
         if not ok
     ]
 
 
 @eqx.filter_jit
-def _finite_rows(problem: _Problem, model, ema, key, step):
+def _finite_rows(problem: _Problem, model, ema, key, step, rows):
     """For each term, whether each of its rows of step `step`'s batch has a finite
     loss and gradient, and the rows' times; and the data rows drawn."""
-    batch, indices = problem.batch(key, step)
+    batch, indices = problem.batch(key, step, rows)
     params = problem.method.params(step)
     checks = []
     for term, rows in problem.method.term_rows(batch):
@@ -417,7 +507,7 @@ def _steps_text(first: int, last: int) -> tuple[str, str]:
     return f"step {last} had", "its update was"
 
 
-def _diagnose_update(problem: _Problem, state: TrainState, first: int):
+def _diagnose_update(problem: _Problem, state: TrainState, first: int, rows):
     """Name the arrays a finite loss and gradient's update made unsound."""
     flags = _update_soundness(
         problem,
@@ -425,7 +515,8 @@ def _diagnose_update(problem: _Problem, state: TrainState, first: int):
         state.ema,
         state.opt_state,
         state.key,
-        jnp.asarray(state.step),
+        _step_number(state.step, problem.layout),
+        rows,
     )
     leaves = _unsound(flags, ("model", "ema", "opt_state"))
     steps, skipped = _steps_text(first, state.step)
@@ -443,16 +534,21 @@ def _diagnose_update(problem: _Problem, state: TrainState, first: int):
 
 
 def _diagnose(
-    problem: _Problem, state: TrainState, metrics, first: int, initial: TrainState
+    problem: _Problem,
+    state: TrainState,
+    metrics,
+    first: int,
+    initial: TrainState,
+    rows,
 ):
     """Re-evaluate the last step's batch row by row to say where it went wrong, and
     with the parameters the run started from to say whether they ran away."""
-    step = jnp.asarray(state.step)
-    checks, indices = jax.device_get(
-        _finite_rows(problem, state.model, state.ema, state.key, step)
+    step = _step_number(state.step, problem.layout)
+    checks, indices = fetch_tree(
+        _finite_rows(problem, state.model, state.ema, state.key, step, rows)
     )
-    before, _ = jax.device_get(
-        _finite_rows(problem, initial.model, initial.ema, state.key, step)
+    before, _ = fetch_tree(
+        _finite_rows(problem, initial.model, initial.ema, state.key, step, rows)
     )
     ran_away = all(bool(np.all(c[0]) and np.all(c[1])) for c in before)
     terms = problem.method.terms
@@ -576,15 +672,80 @@ def _check_data(data, labels, batch_size: int, method: Method, model: PyTree):
         if not jnp.issubdtype(labels.dtype, jnp.integer):
             raise TypeError(f"`labels` must be integers; got {labels.dtype}.")
         _check_labels(labels, model)
+    return data, labels
+
+
+def _check_batch(method: Method, batch_size: int, accumulate: int) -> None:
+    """Every term gets rows, and, with `accumulate`, rows that the micro-batches
+    can share equally."""
     rows = batch_size * (len(method.terms) if method.split is None else 1)
-    for term, count in zip(method.terms, method.row_counts(rows), strict=True):
+    counts = method.row_counts(rows)
+    for term, count in zip(method.terms, counts, strict=True):
         if count == 0:
             raise ValueError(
                 f"With batch_size={batch_size}, the split {method.split} of method "
                 f"{method.name!r} gives the term {term.name!r} no rows; use a larger "
                 "`batch_size`."
             )
-    return data, labels
+    uneven = [
+        f"{term.name!r} {count}"
+        for term, count in zip(method.terms, counts, strict=True)
+        if count % accumulate
+    ]
+    if uneven:
+        raise ValueError(
+            f"With accumulate={accumulate}, every micro-batch takes an equal share of "
+            f"each term's rows, but at batch_size={batch_size} method {method.name!r} "
+            f"gives its terms {', '.join(uneven)} rows, not multiples of "
+            f"{accumulate}. Use a batch size whose split gives every term a multiple "
+            f"of {accumulate} rows (e.g. {batch_size * accumulate})."
+        )
+
+
+def _check_precision(method: Method, precision: Precision) -> None:
+    """A finite difference computed in 16 bits must still resolve its step."""
+    for term in method.terms:
+
+        def visit(node):
+            strategy = getattr(node, "strategy", None)
+            if isinstance(node, Derivative) and isinstance(strategy, FiniteDifference):
+                strategy.check_dtype(precision.compute)
+
+        walk(term.residual, visit)
+
+
+def _step_number(step: int, layout: Layout) -> Array:
+    """A step number as the compiled step takes it: an array on the run's mesh (a
+    Python int would be static, and compile a program per step)."""
+    return put(jnp.asarray(step), layout.replicated)
+
+
+def _global_rows(stream: Stream, layout: Layout) -> tuple[Array, Array | None]:
+    """The stream's next batch, this process's rows of the global batch."""
+    local = stream.next()
+    return tuple(  # pyright: ignore[reportReturnType]
+        None
+        if a is None
+        else jax.make_array_from_process_local_data(
+            layout.rows, a, (a.shape[0] * jax.process_count(), *a.shape[1:])
+        )
+        for a in local
+    )
+
+
+def _gathered(state: TrainState) -> TrainState:
+    """`state` with its arrays whole on this host (a collective: every process
+    calls it)."""
+
+    def whole(x):
+        if not eqx.is_array(x):
+            return x
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jnp.asarray(fetch(jax.random.key_data(x)))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return fetch(x)
+
+    return jax.tree.map(whole, state)
 
 
 def _check_options(**options) -> None:
@@ -663,14 +824,25 @@ def _warn_ema_horizon(method: Method, ema_decay: float | None, steps: int) -> No
     )
 
 
-def _describe_data(data) -> str:
+def _describe_data(data, stream: Stream | None, processes: int) -> str:
+    if stream is not None:
+        # Each process reads its own stream, so its position means nothing to a
+        # job of another size.
+        return f"stream {text(type(stream.iterator))} read by {processes} process(es)"
     if callable(data):
         return f"function {text(data)}"
     return f"{data.dtype}{list(data.shape)}"
 
 
 def _run_record(
-    method: Method, data, labels, batch_size, ema_decay, clip_norm
+    method: Method,
+    data,
+    labels,
+    batch_size,
+    ema_decay,
+    clip_norm,
+    stream: Stream | None,
+    processes: int,
 ) -> dict[str, Any]:
     """What must be the same for a checkpoint to continue this run."""
     record: dict[str, Any] = {
@@ -679,11 +851,73 @@ def _run_record(
     }
     return record | {
         "batch_size": batch_size,
-        "data": _describe_data(data),
-        "labels": None if labels is None else _describe_data(labels),
+        "data": _describe_data(data, stream, processes),
+        "labels": None if labels is None else _describe_data(labels, None, processes),
         "ema_decay": ema_decay,
         "clip_norm": clip_norm,
     }
+
+
+def _saves(path: str, fresh: TrainState, shardings, stream: bool) -> Iterator:
+    """The checkpoints to resume from, newest first: `(name, read)`, where `read()`
+    gives the verified header and a function `load(weights_only)` of the state
+    (checked against `fresh`; only its model and EMA, on a fresh optimiser at step
+    0, if `weights_only`) and the stream's position."""
+    if _checkpoint_orbax.is_directory(path):
+        for number in _checkpoint_orbax.saves(path):
+
+            def read(number=number):
+                header = _checkpoint_orbax.header(path, number)
+
+                def load(weights_only: bool):
+                    fields = ("model", "ema") if weights_only else None
+                    parts, position = _checkpoint_orbax.restore(
+                        path,
+                        number,
+                        header,
+                        fresh,
+                        shardings,
+                        fields=fields or ("model", "ema", "opt_state", "key"),
+                        stream=stream and not weights_only,
+                    )
+                    if weights_only:
+                        state = TrainState(
+                            parts["model"], parts["ema"], fresh.opt_state, 0, fresh.key
+                        )
+                        return state, None
+                    state = TrainState(
+                        parts["model"],
+                        parts["ema"],
+                        parts["opt_state"],
+                        header["step"],
+                        parts["key"],
+                    )
+                    return state, position
+
+                return header, load
+
+            yield _checkpoint_orbax.label(path, number), read
+        return
+    for candidate in (path, previous_path(path)):
+        if not os.path.exists(candidate):
+            continue
+
+        def read_file(candidate=candidate):
+            with open(candidate, "rb") as f:
+                header, payload = decode(candidate, f.read())
+
+            def load(weights_only: bool):
+                if weights_only:
+                    model, ema = restore(
+                        candidate, header, payload, fresh, fields=("model", "ema")
+                    )
+                    return TrainState(model, ema, fresh.opt_state, 0, fresh.key), None
+                state = restore(candidate, header, payload, fresh)
+                return state, header.get("stream")
+
+            return header, load
+
+        yield candidate, read_file
 
 
 def _resume(
@@ -691,59 +925,62 @@ def _resume(
     fresh: TrainState,
     run: dict[str, Any],
     resume: bool | Literal["weights-only"],
-) -> tuple[TrainState, dict[str, Any] | None]:
-    """The state to start from (and the saved divergence monitor): from `path`, or
-    from the previous checkpoint if `path` is damaged."""
-    damaged = []
-    for candidate in (path, previous_path(path)):
-        if not os.path.exists(candidate):
-            continue
+    shardings,
+    stream: bool,
+) -> tuple[TrainState, dict[str, Any] | None, str | None]:
+    """The state to start from, the saved divergence monitor and the stream's
+    position: from the newest checkpoint at `path`, or from the one before it if
+    the newest is damaged."""
+    damaged: list[CheckpointError] = []
+    for name, read in _saves(path, fresh, shardings, stream):
         try:
-            with open(candidate, "rb") as f:
-                header, payload = decode(candidate, f.read())
+            header, load = read()
+            # A checkpoint saved by hand has no record of its run; then only its
+            # structure can be checked.
+            problems = differences(header["run"], run) if "run" in header else []
+            if problems and resume is True:
+                # Another model is the first thing to name, and `load` names it.
+                load(False)
+                raise CheckpointError(
+                    f"The checkpoint {name!r} was written by another run: "
+                    + "; ".join(problems)
+                    + ". Pass the same method, batch size, data and options to "
+                    "continue it; `resume='weights-only'` to start a new run from "
+                    "its weights (fine-tuning); or a new path (or `resume=False`) to "
+                    "start afresh.",
+                    path=name,
+                    problems=problems,
+                    damaged=False,
+                )
+            state, position = load(bool(problems))
         except CheckpointError as error:
+            if not error.damaged:
+                raise
             damaged.append(error)
             continue
         if damaged:
             warnings.warn(
-                f"{damaged[0]} Resuming from the previous checkpoint {candidate!r} "
+                f"{damaged[0]} Resuming from the previous checkpoint {name!r} "
                 f"(step {header.get('step')}) instead.",
                 RuntimeWarning,
                 stacklevel=3,
             )
-        # A checkpoint saved by hand has no record of its run; then only its
-        # structure can be checked.
-        problems = differences(header["run"], run) if "run" in header else []
-        if not problems:
-            return restore(candidate, header, payload, fresh), header.get("monitor")
-        if resume is True:
-            # Another model is the first thing to name, and `restore` names it.
-            restore(candidate, header, payload, fresh)
-            raise CheckpointError(
-                f"The checkpoint {candidate!r} was written by another run: "
-                + "; ".join(problems)
-                + ". Pass the same method, batch size, data and options to continue "
-                "it; `resume='weights-only'` to start a new run from its weights "
-                "(fine-tuning); or a new path (or `resume=False`) to start afresh.",
-                path=candidate,
-                problems=problems,
-                damaged=False,
-            )
-        model, ema = restore(candidate, header, payload, fresh, fields=("model", "ema"))
-        return TrainState(model, ema, fresh.opt_state, 0, fresh.key), None
+        monitor = None if problems else header.get("monitor")
+        return state, monitor, position
     if damaged:
         raise damaged[0]
-    return fresh, None
+    return fresh, None, None
 
 
 @contextlib.contextmanager
-def _catch_sigterm() -> Iterator[list[int]]:
+def _catch_sigterm(catch: bool) -> Iterator[list[int]]:
     """Turn SIGTERM into a flag that the loop polls, so the run can be saved before
-    the process ends. Only where SIGTERM still has its default action (terminate),
-    and only in the main thread, where Python runs signal handlers."""
+    the process ends. Only if `catch`, where SIGTERM still has its default action
+    (terminate), and only in the main thread, where Python runs signal handlers."""
     received: list[int] = []
     if (
-        threading.current_thread() is not threading.main_thread()
+        not catch
+        or threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
     ):
         yield received
@@ -761,7 +998,7 @@ def _catch_sigterm() -> Iterator[list[int]]:
 def fit(
     method: Method,
     model: PyTree,
-    data: ArrayLike | Callable[..., Any],
+    data: ArrayLike | Callable[..., Any] | Iterable[Any],
     *,
     key: PRNGKeyArray,
     steps: int,
@@ -780,6 +1017,10 @@ def fit(
     eval_every: int | None = None,
     max_nonfinite: int = 10,
     progress: bool = True,
+    mesh: Mesh | None = None,
+    shard_params: str | None = None,
+    accumulate: int = 1,
+    precision: Precision | None = None,
 ) -> TrainResult:
     """Train `model` with `method`.
 
@@ -788,6 +1029,17 @@ def fit(
     `i` uses the key `jax.random.fold_in(key, i)` and passes `step=i` to the loss
     (curricula), so a run resumed from a checkpoint reproduces the uninterrupted run
     exactly.
+
+    **Devices and processes.** The step runs on every device of `mesh` (by default
+    every device of every process): each device takes an equal share of the
+    batch's rows; the parameters, EMA and optimiser state are replicated (or split
+    along `shard_params`), and the gradient is summed across devices by the
+    compiled program. The batch is the one a single device would draw, so a run on
+    N devices equals the 1-device run up to the order of floating-point sums. In a
+    job of several processes (`jax.distributed.initialize`), call `fit` the same way
+    in every process: an array `data` (the same in every process) or a sampling
+    function gives each device only its own rows of the global batch; an iterable
+    gives each process its own rows. Progress bars and warnings come from process 0.
 
     **Failure behaviour.**
 
@@ -812,8 +1064,14 @@ def fit(
     - `method`: the [`fmcalc.Method`][].
     - `model`: the model, called per example as `model(x, s, t, cond=cond)`.
     - `data`: an `(N, dim)` float32 or float64 array whose rows are drawn uniformly
-      with replacement, or a function `data(key, n)` returning `(n, dim)` samples,
-      traceable by JAX (e.g. an analytic flow's `flow.sample`).
+      with replacement; a function `data(key, n)` returning `(n, dim)` samples,
+      traceable by JAX (e.g. an analytic flow's `flow.sample`); or an iterable of
+      batches (a generator, a grain `DataLoader` or dataset iterator), one per step,
+      each this process's `batch_size / jax.process_count()` rows: an array
+      `(rows, dim)` or a pair `(x0, labels)`. A resumed run continues from the
+      position in the stream that the checkpoint recorded: the iterator's own state
+      when it has `get_state`/`set_state` (grain's do), else the number of batches
+      drawn, which the resumed run skips in the stream it is given from its start.
     - `key`: the run's PRNG key (on resume, the checkpoint's key is used).
     - `steps`: the total number of steps; a resumed run continues up to it.
     - `batch_size`: data rows per step (the method's split gives them to its terms).
@@ -833,7 +1091,11 @@ def fit(
       `None` for no clipping.
     - `checkpoint`: a file to save the state to, or `None`. Its header records the
       model's structure, the method, the batch size and the data
-      ([`fmcalc.train.checkpoint_header`][]).
+      ([`fmcalc.train.checkpoint_header`][]). A run of several processes writes a
+      directory there instead, with orbax-checkpoint: each process writes the
+      shards it holds, the header is written once, and the directory keeps the last
+      two saves (its `.prev`). Either kind resumes in a run of any number of
+      processes and devices, which then goes on writing that kind.
     - `checkpoint_every`: save every this many steps (and at the end).
     - `resume`: `True` to continue from `checkpoint` if the file exists (it must
       have been written by the same run: same model structure, method, batch size,
@@ -848,6 +1110,22 @@ def fit(
     - `eval_every`: how often to call `evaluate`; `None` for only at the end.
     - `max_nonfinite`: how many consecutive skipped steps stop the run.
     - `progress`: whether to show a progress bar with the loss and steps/s.
+    - `mesh`: a `jax.sharding.Mesh` of the devices to train on, e.g.
+      `jax.sharding.Mesh(jax.devices()[:4], ("data",))`; the batch's rows are split
+      over all its axes, so `batch_size / accumulate` must be a multiple of its
+      size. `None` for every device, on one axis `"data"`.
+    - `shard_params`: a mesh axis along which to split the parameters, the EMA and
+      the optimiser's state (each array along its largest dimension that the axis
+      divides; the others stay replicated), for a model whose state does not fit
+      one device: the devices gather each weight when they use it. `None`
+      replicates them.
+    - `accumulate`: split each step's batch into this many micro-batches, each
+      with an equal share of every term's rows, and sum their gradients: the same
+      update as one pass over the batch, with a micro-batch's activations in
+      memory.
+    - `precision`: a [`fmcalc.train.Precision`][] policy to run the online and EMA
+      networks in bfloat16 or float16 (optionally their JVPs in float32), or
+      `None` to compute in the parameters' dtype.
 
     **Returns:** a [`fmcalc.train.TrainResult`][].
     """
@@ -859,7 +1137,16 @@ def fit(
         checkpoint_every=checkpoint_every,
         max_nonfinite=max_nonfinite,
         eval_every=eval_every,
+        accumulate=accumulate,
     )
+    if precision is not None and not isinstance(precision, Precision):
+        raise TypeError(
+            "`precision` must be an fmcalc.train.Precision (or None to compute in "
+            f"the parameters' dtype); got {precision!r}."
+        )
+    mesh = check_mesh(mesh, batch_size, accumulate, shard_params)
+    processes = jax.process_count()
+    lead = jax.process_index() == 0
     if ema_decay is not None and not 0 <= ema_decay <= 1:
         raise ValueError(f"`ema_decay` must lie in [0, 1] or be None; got {ema_decay}.")
     if clip_norm is not None and not clip_norm > 0:
@@ -882,26 +1169,88 @@ def fit(
         )
     if clip_norm is not None:
         optimizer = _clipped(optimizer, clip_norm)
-    data, labels = _check_data(data, labels, batch_size, method, model)
+    stream = None
+    if is_stream(data):
+        if labels is not None:
+            raise ValueError(
+                "`labels` go with an array `data`; a stream of batches yields its "
+                "labels with its rows, as pairs `(x0, labels)`."
+            )
+        stream = Stream(data, batch_size // processes)  # pyright: ignore[reportArgumentType]
+    else:
+        data, labels = _check_data(data, labels, batch_size, method, model)
+    _check_batch(method, batch_size, accumulate)
+    if precision is not None:
+        _check_precision(method, precision)
     broken = _unsound(_soundness_of(model, None, None), ("", "", ""))
     if broken:
         raise ValueError(
             "The initial `model` has non-finite or exploded parameters: "
             f"{broken[:5]} (of {len(broken)}). Initialise them finite."
         )
-    _warn_ema_horizon(method, ema_decay, steps)
+    if lead:
+        _warn_ema_horizon(method, ema_decay, steps)
+    directory = False
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)
-        _check_checkpoint_path(checkpoint)
-    problem = _Problem(
-        method, optimizer, data, labels, teacher, aux, batch_size, ema_decay
-    )
+        directory = _checkpoint_orbax.is_directory(checkpoint) or (
+            processes > 1 and not os.path.isfile(checkpoint)
+        )
+        if not directory:
+            _check_checkpoint_path(checkpoint)
+        if stream is not None and processes > 1 and not directory:
+            raise ValueError(
+                f"The checkpoint {checkpoint!r} is a file, written by a run of one "
+                "process; a run of several processes fed by streams keeps each "
+                "process's position in a checkpoint directory. Pass a new path."
+            )
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-    state = TrainState(model, model, opt_state, 0, key)
-    run = _run_record(method, data, labels, batch_size, ema_decay, clip_norm)
+    parts = {"model": model, "ema": model, "opt_state": opt_state}
+    shardings = {
+        name: Layout.of(mesh, shard_params, part).state for name, part in parts.items()
+    }
+    layout = Layout(
+        mesh,
+        shard_params,
+        shardings["model"] + shardings["ema"] + shardings["opt_state"],
+    )
+    shardings["key"] = (layout.replicated,)
+    if stream is None and not callable(data):
+        data = put(data, layout.replicated)
+        labels = None if labels is None else put(labels, layout.replicated)
+    problem = _Problem(
+        method,
+        optimizer,
+        data,
+        labels,
+        teacher,
+        aux,
+        batch_size,
+        ema_decay,
+        layout,
+        accumulate,
+        precision,
+    )
+
+    def placed(state: TrainState) -> TrainState:
+        return TrainState(
+            *(place(getattr(state, name), shardings[name]) for name in parts),
+            step=state.step,
+            key=put(state.key, layout.replicated),
+        )
+
+    state = placed(TrainState(model, model, opt_state, 0, key))
+    run = _run_record(
+        method, data, labels, batch_size, ema_decay, clip_norm, stream, processes
+    )
     monitor = _Monitor(0.0 if divergence is None else divergence.smoothing)
     if checkpoint is not None and resume:
-        state, saved_monitor = _resume(checkpoint, state, run, resume)
+        state, saved_monitor, position = _resume(
+            checkpoint, state, run, resume, shardings, stream is not None
+        )
+        state = placed(state)
+        if position is not None:
+            stream.seek(position)  # pyright: ignore[reportOptionalMemberAccess]
         if saved_monitor is not None and divergence is not None:
             monitor = _Monitor(divergence.smoothing, **saved_monitor)
 
@@ -927,8 +1276,21 @@ def fit(
                 rows={},
                 leaves=broken,
             )
-        record = {"run": run, "monitor": monitor_state}
-        save_checkpoint(checkpoint, state, record=record)
+        record: dict[str, Any] = {"run": run, "monitor": monitor_state}
+        position = None if stream is None else stream.position_at(state.step)
+        if directory:
+            _checkpoint_orbax.save(checkpoint, state, record, position)
+        elif processes == 1:
+            if position is not None:
+                record["stream"] = position
+            save_checkpoint(checkpoint, state, record=record)
+        else:
+            # A file is written by one process, after every process has helped
+            # gather the arrays it holds a part of.
+            local = _gathered(state)
+            if lead:
+                save_checkpoint(checkpoint, local, record=record)
+            multihost_utils.sync_global_devices(f"fmcalc saved step {state.step}")
         saved = state.step
 
     def run_evaluation():
@@ -988,11 +1350,11 @@ def fit(
             terms=terms,
         )
 
-    def record(before: TrainState, outputs) -> None:
+    def record(before: TrainState, outputs, rows) -> None:
         """Read one step's loss, metrics and checks back from the device; save the
         state the step started from if it is due, now that its loss is known."""
         nonlocal skipped, consecutive
-        loss, metrics, checks = jax.device_get(outputs)
+        loss, metrics, checks = fetch_tree(outputs)
         kept = checks["finite"] and checks["sound"]
         if divergence is not None and before.step == 0 and kept:
             if checks["alignment"] > 0:
@@ -1018,42 +1380,52 @@ def fit(
             if consecutive >= max_nonfinite:
                 first = before.step - consecutive + 1
                 if checks["finite"]:
-                    raise _diagnose_update(problem, before, first)
-                raise _diagnose(problem, before, metrics, first, initial)
+                    raise _diagnose_update(problem, before, first, rows)
+                raise _diagnose(problem, before, metrics, first, initial, rows)
             what = (
                 "an update that breaks the state"
                 if checks["finite"]
                 else "non-finite loss or gradient (non-finite metrics: "
                 f"{[k for k, v in metrics.items() if not np.isfinite(v)]})"
             )
-            warnings.warn(
-                f"Step {before.step} skipped: {what}.", RuntimeWarning, stacklevel=3
-            )
+            if lead:
+                warnings.warn(
+                    f"Step {before.step} skipped: {what}.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         losses.append(float(loss))
         history.append(metrics)
         bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
         bar.update()
 
-    bar = tqdm(total=steps, initial=state.step, disable=not progress, unit="step")
-    with _catch_sigterm() as terminated, bar:
+    bar = tqdm(
+        total=steps, initial=state.step, disable=not (progress and lead), unit="step"
+    )
+    # In a job of several processes a save is collective, and a signal reaches
+    # one process only: the job resumes from its last periodic checkpoint.
+    catch = processes == 1
+    with _catch_sigterm(catch) as terminated, bar:
         try:
             # Step i's outputs are read after step i + 1 has been dispatched, so the
             # host's bookkeeping overlaps the device's work instead of idling it.
             pending = None
             while state.step < steps and not terminated:
                 before = state
+                rows = None if stream is None else _global_rows(stream, layout)
                 updated, outputs = _step(
                     before.model,
                     before.ema,
                     before.opt_state,
-                    jnp.asarray(before.step),
+                    _step_number(before.step, layout),
                     before.key,
                     problem,
+                    rows,
                 )
                 state = TrainState(*updated, step=before.step + 1, key=before.key)
                 if pending is not None:
                     record(*pending)
-                pending = (before, outputs)
+                pending = (before, outputs, rows)
                 if checkpoint is not None and before.step % checkpoint_every == 0:
                     # Read at once, so a save is never more than `checkpoint_every`
                     # steps behind the run.
@@ -1064,7 +1436,7 @@ def fit(
             if pending is not None:
                 record(*pending)
         except KeyboardInterrupt:
-            if checkpoint is not None and state.step > saved:
+            if catch and checkpoint is not None and state.step > saved:
                 save(state, monitor.snapshot())
             raise
         if checkpoint is not None and state.step > saved:
@@ -1086,4 +1458,5 @@ def fit(
         metrics={k: np.asarray([m[k] for m in history]) for k in names},
         skipped=skipped,
         evaluations=evaluations,
+        mesh=mesh,
     )

@@ -30,6 +30,7 @@ from ._checkpoint import (
     load_checkpoint as load_checkpoint,
     save_checkpoint as save_checkpoint,
 )
+from ._precision import Precision as Precision
 from ._train import (
     Divergence as Divergence,
     DivergenceError as DivergenceError,

@@ -1,12 +1,12 @@
 import os
 
-
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-
-import hypothesis  # noqa: E402
-import jax  # noqa: E402
+import hypothesis
+import jax
 
 
+# The test process keeps the machine's one CPU device, so `fit`'s default mesh
+# (every device) is one device, as on a laptop; runs on several simulated devices
+# or processes are subprocesses with their own XLA_FLAGS (tests/test_scale.py).
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

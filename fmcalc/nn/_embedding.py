@@ -6,6 +6,7 @@ from jaxtyping import Array, Float
 
 from .._batch import NULL_LABEL
 from .._custom_types import Label, Time
+from .._misc import checked
 
 
 def sinusoidal_embedding(
@@ -88,7 +89,7 @@ def embed_label(
             "`cond` must be a scalar integer label (batch with `jax.vmap`), but got "
             f"shape {label.shape} and dtype {label.dtype}."
         )
-    label = eqx.error_if(
+    label = checked(
         label,
         (label >= num_classes) | (label < NULL_LABEL),
         f"`cond` must be a class label in [0, {num_classes}) or fmcalc.NULL_LABEL = "
