@@ -1,0 +1,213 @@
+"""Training step cost on 1, 2, 4 and 8 devices, data-parallel and sharded.
+
+```
+python benchmarks/scaling.py [--quick] [--out DIR] [--devices N ...]
+                             [--methods NAME ...] [--models mlp transformer]
+```
+
+For MeanFlow, LSD and shortcut on an `fmcalc.nn.MLP` and a small
+`fmcalc.nn.Transformer`, the step that `fmcalc.train.fit` compiles is built on a
+mesh of the first N devices, with the batch split over them and the state either
+replicated (`data`) or split along the mesh (`sharded`, `fit(shard_params="data")`).
+For each it records, from the compiled program, the FLOPs and the memory of one
+device (XLA's `cost_analysis()` and `memory_analysis()` of the partitioned
+program: arguments, of which the state `(model, EMA, Adam moments)`, and
+temporaries), and the median wall time of a step. The batch is the same at every
+N, so the FLOPs per device should fall as 1/N and, sharded, so should the state.
+
+On a CPU the devices are simulated (`--xla_force_host_platform_device_count=8`,
+set here when XLA_FLAGS does not say): they share the machine's cores, so the
+wall times show the overhead of partitioning, not a speed-up.
+
+Writes `scaling.md` and `scaling.json` (with the command, machine, load, versions
+and commit) into `--out`: by default a scratch folder under the system's
+temporary directory; `--out benchmarks/results` updates the committed table.
+"""
+
+import os
+
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from _machine import machine  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+import fmcalc  # noqa: E402
+from fmcalc._parallel import Layout, array_leaves, place, put  # noqa: E402
+from fmcalc._train import _Problem, _step, _step_number  # noqa: E402
+from fmcalc.nn import MLP, Transformer  # noqa: E402
+
+
+METHODS = ("meanflow", "lsd", "shortcut")
+MODELS = ("mlp", "transformer")
+BATCH = 256
+SCRATCH = pathlib.Path(tempfile.gettempdir()) / "fmcalc-benchmarks"
+
+
+def network(kind: str, key) -> eqx.Module:
+    if kind == "mlp":
+        return MLP(16, width=256, depth=4, time_features=64, key=key)
+    return Transformer(
+        64, patch_size=2, width=64, depth=2, heads=4, time_features=64, key=key
+    )
+
+
+def build(method: str, kind: str, devices: int, sharded: bool):
+    """The step `fit` compiles on the first `devices` devices, and its inputs."""
+    model = network(kind, jax.random.key(0))
+    dim = 16 if kind == "mlp" else 64
+    flow = fmcalc.flows.Gaussian(
+        np.zeros(dim, np.float32), np.eye(dim, dtype=np.float32)
+    )
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-4))
+    mesh = Mesh(jax.devices()[:devices], ("data",))
+    axis = "data" if sharded else None
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    parts = {"model": model, "ema": model, "opt_state": opt_state}
+    shardings = {
+        name: Layout.of(mesh, axis, part).state for name, part in parts.items()
+    }
+    layout = Layout(
+        mesh, axis, shardings["model"] + shardings["ema"] + shardings["opt_state"]
+    )
+    problem = _Problem(
+        fmcalc.methods.get(method),
+        optimizer,
+        flow.sample,
+        None,
+        None,
+        None,
+        BATCH,
+        0.999,
+        layout,
+        1,
+        None,
+    )
+    state = [place(parts[name], shardings[name]) for name in parts]
+    key = put(jax.random.key(1), layout.replicated)
+    return state, key, layout, problem
+
+
+def state_bytes(state) -> int:
+    """Bytes of the state's arrays held by one device."""
+    return sum(x.addressable_shards[0].data.nbytes for x in array_leaves(state))
+
+
+def measure(method: str, kind: str, devices: int, sharded: bool, steps: int) -> dict:
+    state, key, layout, problem = build(method, kind, devices, sharded)
+    args = (*state, _step_number(0, layout), key, problem, None)
+    compiled = _step.lower(*args).compile().compiled
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled.memory_analysis()
+    times = []
+    for i in range(steps + 2):
+        start = time.perf_counter()
+        (model, ema, opt_state), outputs = _step(
+            *state, _step_number(i, layout), key, problem, None
+        )
+        jax.block_until_ready(outputs)
+        times.append(time.perf_counter() - start)
+        state = [model, ema, opt_state]
+    return {
+        "method": method,
+        "model": kind,
+        "devices": devices,
+        "layout": "sharded" if sharded else "data",
+        "flops": float(cost["flops"]),
+        "argument_bytes": int(memory.argument_size_in_bytes),
+        "temp_bytes": int(memory.temp_size_in_bytes),
+        "state_bytes": state_bytes(state),
+        "step_ms": 1e3 * statistics.median(times[2:]),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| model | method | layout | devices | GFLOP / device | x 1 device | "
+        "state MB / device | x 1 device | arguments MB | temporaries MB | step ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = {(r["model"], r["method"]): r for r in rows if r["devices"] == 1}
+    for r in rows:
+        one = base.get((r["model"], r["method"]))
+        flops = f"{r['flops'] / one['flops']:.3f}" if one else ""
+        state = f"{r['state_bytes'] / one['state_bytes']:.3f}" if one else ""
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['layout']} | {r['devices']} | "
+            f"{r['flops'] / 1e9:.3f} | {flops} | {r['state_bytes'] / 1e6:.3f} | "
+            f"{state} | {r['argument_bytes'] / 1e6:.3f} | "
+            f"{r['temp_bytes'] / 1e6:.3f} | {r['step_ms']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=pathlib.Path, default=SCRATCH)
+    parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument(
+        "--quick", action="store_true", help="MLP, MeanFlow, 1 and 2 devices, 3 steps"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.devices, args.methods, args.models, args.steps = (
+            [1, 2],
+            ["meanflow"],
+            ["mlp"],
+            3,
+        )
+    if max(args.devices) > len(jax.devices()):
+        parser.error(
+            f"--devices asks for {max(args.devices)} devices; JAX sees "
+            f"{len(jax.devices())}."
+        )
+    rows = []
+    for kind in args.models:
+        for method in args.methods:
+            for devices in args.devices:
+                for sharded in (False, True) if devices > 1 else (False,):
+                    row = measure(method, kind, devices, sharded, args.steps)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    record = {
+        "command": "python benchmarks/scaling.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine(),
+        "batch_size": BATCH,
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scaling.json").write_text(json.dumps(record, indent=1))
+    info = record["machine"]
+    header = (
+        "# Training step on 1 to 8 devices\n\n"
+        f"`{record['command']}` at commit `{info['git']['commit']}`"
+        f"{' (uncommitted changes)' if info['git']['dirty'] else ''}, on "
+        f"{info['jax_backend']} ({info['device_kind']}, {len(info['devices'])} "
+        f"devices; {info['processor']}, {info['cpu_count']} cores, load "
+        f"{info['load_average']}), jax {info['versions']['jax']}. Batch "
+        f"{BATCH}; per device: FLOPs and memory of the compiled, partitioned step "
+        "(`data`: state replicated; `sharded`: `shard_params='data'`).\n\n"
+    )
+    (args.out / "scaling.md").write_text(header + table(rows) + "\n")
+    print(f"wrote {args.out / 'scaling.md'}")
+
+
+if __name__ == "__main__":
+    main()
