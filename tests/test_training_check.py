@@ -87,3 +87,14 @@ def test_curricula_settle_within_the_run():
     assert float(short.params(1500)["r"]) == 1.0
     assert float(short.params(750)["r"]) == pytest.approx(0.5)
     assert _within(methods.get("lsd"), 3000) == methods.get("lsd")
+
+
+@slow
+def test_a_run_that_blows_up_fails_without_raising():
+    """A learning rate that blows up every run, flow matching's too: the check
+    reports a failure instead of raising."""
+    result = check_training(
+        methods.get("lsd"), key=jax.random.key(0), steps=50, learning_rate=1e6
+    )
+    assert not result.passed
+    assert "FAIL" in str(result)

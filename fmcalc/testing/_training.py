@@ -251,12 +251,18 @@ def check_training(
     for leaf in jax.tree.leaves(eqx.filter(flow, eqx.is_array)):
         digest.update(np.asarray(leaf).tobytes())
     cache = f"{digest.hexdigest()}{(steps, batch_size, width, depth, learning_rate)}"
+    stopped = (train.NonFiniteError, train.DivergenceError)
+    failure = None
     if cache not in _BASELINES:
-        baseline = _train(methods.get("flow-matching"), model, flow, **budget)
-        _BASELINES[cache] = _error(_euler(baseline, noise, 128), exact)
+        try:
+            baseline = _train(methods.get("flow-matching"), model, flow, **budget)
+        except stopped as error:
+            failure = f"flow matching's own run: {str(error).splitlines()[0]}"
+            _BASELINES[cache] = float("nan")
+        else:
+            _BASELINES[cache] = _error(_euler(baseline, noise, 128), exact)
     flow_matching = _BASELINES[cache]
 
-    failure = None
     one = two = float("nan")
     nets = dict(
         teacher=flow.velocity if teacher is None else teacher,
@@ -264,8 +270,8 @@ def check_training(
     )
     try:
         trained = _train(_within(method, steps), model, flow, **budget, **nets)
-    except train.NonFiniteError as error:
-        failure = str(error).splitlines()[0]
+    except stopped as error:
+        failure = failure or str(error).splitlines()[0]
     else:
         if method.rule == "diagonal":  # a velocity, not a map: sample it as one
             one = two = _error(_euler(trained, noise, 128), exact)
