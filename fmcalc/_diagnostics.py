@@ -253,9 +253,14 @@ def findings(
             Finding(
                 GradientPathWarning,
                 f"Term {name!r}: the online network reaches the loss only through "
-                f"the input of {', '.join(f'`{c}`' for c in frozen)}, which has no "
-                "parameter gradient of its own, so the update is that network's "
-                "input gradient, not a step towards the target. The exact map can "
+                f"the input of {', '.join(f'`{c}`' for c in frozen)}, "
+                + (
+                    "which has no parameter gradient of its own"
+                    if len(frozen) == 1
+                    else "which have no parameter gradient of their own"
+                )
+                + ", so the update is an input gradient of a frozen network, "
+                "not a step towards the target. The exact map can "
                 "be a fixed point of such a loss and still never be found by "
                 "training. If a stop-gradient is on the wrong side, move it onto "
                 "the target; if it is intended, declare it with "
