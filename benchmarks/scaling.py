@@ -64,10 +64,8 @@ def network(kind: str, key) -> eqx.Module:
     )
 
 
-def build(method: str, kind: str, devices: int, sharded: bool):
+def build(method: str, model: eqx.Module, dim: int, devices: int, sharded: bool):
     """The step `fit` compiles on the first `devices` devices, and its inputs."""
-    model = network(kind, jax.random.key(0))
-    dim = 16 if kind == "mlp" else 64
     flow = fmcalc.flows.Gaussian(
         np.zeros(dim, np.float32), np.eye(dim, dtype=np.float32)
     )
@@ -100,15 +98,24 @@ def build(method: str, kind: str, devices: int, sharded: bool):
     return state, key, layout, problem
 
 
+def compile_step(state, key, layout, problem) -> jax.stages.Compiled:
+    return (
+        _step.lower(*state, _step_number(0, layout), key, problem, None)
+        .compile()
+        .compiled
+    )
+
+
 def state_bytes(state) -> int:
     """Bytes of the state's arrays held by one device."""
     return sum(x.addressable_shards[0].data.nbytes for x in array_leaves(state))
 
 
 def measure(method: str, kind: str, devices: int, sharded: bool, steps: int) -> dict:
-    state, key, layout, problem = build(method, kind, devices, sharded)
-    args = (*state, _step_number(0, layout), key, problem, None)
-    compiled = _step.lower(*args).compile().compiled
+    dim = 16 if kind == "mlp" else 64
+    inputs = build(method, network(kind, jax.random.key(0)), dim, devices, sharded)
+    state, key, layout, problem = inputs
+    compiled = compile_step(*inputs)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     memory = compiled.memory_analysis()

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
+from . import _checkpoint_orbax
+
 
 FORMAT = 1
 _MAGIC = b"FMCALC-CHECKPOINT\n"
@@ -338,13 +340,17 @@ def checkpoint_header(path: str | os.PathLike) -> dict[str, Any]:
 
     **Arguments:**
 
-    - `path`: a file written by [`fmcalc.train.save_checkpoint`][].
+    - `path`: a file written by [`fmcalc.train.save_checkpoint`][], or a
+      checkpoint directory written by a run of several processes (then the header
+      of its newest save).
 
     **Returns:** the header as a dict.
 
     **Raises:** [`fmcalc.train.CheckpointError`][] if the file is damaged.
     """
     path = os.fspath(path)
+    if _checkpoint_orbax.is_directory(path):
+        return _checkpoint_orbax.header(path, _checkpoint_orbax.saves(path)[0])
     with open(path, "rb") as f:
         header, _ = decode(path, f.read())
     return header
@@ -403,9 +409,15 @@ def load_checkpoint(path: str | os.PathLike, like: PyTree) -> PyTree:
     The file's checksums are verified, and the structure it records (every module's
     class and static fields, every leaf's dtype and shape) must equal that of `like`.
 
+    A checkpoint directory, written by a run of several processes, is read too (its
+    newest save, whose arrays are checked against their fingerprints): then `like`
+    is a [`fmcalc.train.TrainState`][], and each array is laid out as the array of
+    `like` it replaces (on one device, or on a mesh; in a job of several
+    processes, every process calls it and reads only its shards).
+
     **Arguments:**
 
-    - `path`: the checkpoint file.
+    - `path`: the checkpoint file or directory.
     - `like`: a pytree of the same structure, shapes and dtypes (e.g. a
       [`fmcalc.train.TrainState`][] of the same model and optimiser).
 
@@ -415,6 +427,8 @@ def load_checkpoint(path: str | os.PathLike, like: PyTree) -> PyTree:
     damaged or what differs.
     """
     path = os.fspath(path)
+    if _checkpoint_orbax.is_directory(path):
+        return _checkpoint_orbax.load(path, like)
     with open(path, "rb") as f:
         header, payload = decode(path, f.read())
     return restore(path, header, payload, like)

@@ -7,14 +7,16 @@ process has written its shards), so the save before the last is what `.prev` is
 to a checkpoint file. Each save holds the state's arrays, written by the
 processes that hold them, with a JSON header written once: the same record as a
 checkpoint file's (what wrote it, the run, the pytree's structure from
-[`describe`][fmcalc._checkpoint.describe]) and a 64-bit fingerprint of every
+`describe`) and a 64-bit fingerprint of every
 array, computed by the devices from the array's bits, whatever its layout; a
 restore recomputes them. Each process's position in a stream of batches is kept
 with grain's per-process handler.
 """
 
+import dataclasses
 import functools
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
-from ._checkpoint import FORMAT, CheckpointError, _versions, describe, differences
+from . import _checkpoint
 from ._parallel import fetch
 
 
@@ -146,9 +148,9 @@ def save(path: str, state, record: dict[str, Any], position: str | None) -> None
     arrays, numbers = _split(state)
     header = {
         **record,
-        "format": FORMAT,
-        "versions": _versions(),
-        "tree": describe(state),
+        "format": _checkpoint.FORMAT,
+        "versions": _checkpoint._versions(),
+        "tree": _checkpoint.describe(state),
         "step": state.step,
         "numbers": numbers,
         "fingerprints": {part: fingerprints(leaves) for part, leaves in arrays.items()},
@@ -176,9 +178,9 @@ def label(path: str, save: int) -> str:
     return os.path.join(path, str(save))
 
 
-def _damaged(path: str, save: int, problem: str) -> CheckpointError:
+def _damaged(path: str, save: int, problem: str) -> "_checkpoint.CheckpointError":
     where = label(path, save)
-    return CheckpointError(
+    return _checkpoint.CheckpointError(
         f"The checkpoint {where!r} is damaged: {problem}. It cannot be loaded; the "
         f"directory {path!r} keeps the save before it, if there is one, or start "
         "afresh with a new path (or `resume=False`).",
@@ -198,8 +200,8 @@ def header(path: str, save: int) -> dict[str, Any]:
     except Exception as error:  # noqa: BLE001 - any failure to read is damage
         raise _damaged(path, save, f"its header cannot be read ({error})") from error
     found = restored["header"]
-    if not isinstance(found, dict) or found.get("format") != FORMAT:
-        raise _damaged(path, save, f"its header is not format {FORMAT}")
+    if not isinstance(found, dict) or found.get("format") != _checkpoint.FORMAT:
+        raise _damaged(path, save, f"its header is not format {_checkpoint.FORMAT}")
     return found
 
 
@@ -208,7 +210,7 @@ def restore(
     save: int,
     found: dict[str, Any],
     like,
-    shardings: dict[str, list],
+    shardings: Mapping[str, Sequence[Any]],
     *,
     fields: tuple[str, ...] = (*_PARTS, "key"),
     stream: bool = False,
@@ -217,16 +219,16 @@ def restore(
     part, one per array of `like`'s part), after checking its structure against
     `like` and its arrays against their fingerprints; and this process's stream
     position if `stream`."""
-    expected = describe(like)
+    expected = _checkpoint.describe(like)
     keep = lambda key: any(  # noqa: E731
         key == f".{f}" or key.startswith((f".{f}.", f".{f}[")) for f in fields
     )
-    problems = differences(
+    problems = _checkpoint.differences(
         {k: v for k, v in found["tree"].items() if keep(k)},
         {k: v for k, v in expected.items() if keep(k)},
     )
     if problems:
-        raise CheckpointError(
+        raise _checkpoint.CheckpointError(
             f"The checkpoint {label(path, save)!r} was written for another model or "
             "optimiser: "
             + "; ".join(problems)
@@ -267,6 +269,32 @@ def restore(
             continue
         out[part] = _refill(getattr(like, part), leaves, found["numbers"][part])
     return out, (position.text if stream else None)
+
+
+def load(path: str, like) -> Any:
+    """The newest save of the directory `path`, as [`fmcalc.train.load_checkpoint`][]
+    reads it: `like` (a `TrainState`) with the saved values, each array laid out
+    as the array of `like` it replaces."""
+    if not all(hasattr(like, f) for f in (*_PARTS, "step", "key")):
+        raise TypeError(
+            f"The checkpoint {path!r} is a directory of training states; pass "
+            "`like=` a fmcalc.train.TrainState of the same model and optimiser, "
+            f"not {type(like).__name__}."
+        )
+    newest = saves(path)[0]
+    found = header(path, newest)
+    layouts, _ = _split(like)
+    shardings = {
+        part: [_sharding_of(x) for x in leaves] for part, leaves in layouts.items()
+    }
+    parts, _ = restore(path, newest, found, like, shardings)
+    return dataclasses.replace(like, **parts, step=found["step"])
+
+
+def _sharding_of(x) -> jax.sharding.Sharding:
+    if isinstance(x, jax.Array):
+        return x.sharding
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _refill(like: PyTree, arrays: list, numbers: list) -> PyTree:

@@ -134,6 +134,13 @@ class _Interpreter:
         net = self.network(network.role)
         return _checked(self.describe(network, net), net(x, a, b, cond=cond), x)
 
+    def separate_jvp(self, network: Network) -> bool:
+        """Whether the network computes its JVPs at another precision than its
+        plain calls: then a JVP's primal is not the prediction, which is called
+        apart, at the plain calls' precision."""
+        net = self.networks.get(network.role)
+        return isinstance(net, Cast) and net.jvp_dtype != net.dtype
+
     def describe(self, network: Network, net: Callable) -> str:
         return f"The {network.role} network `{network.name}` ({_name(net)})"
 
@@ -181,7 +188,7 @@ class _Interpreter:
             self.jvp_group(node.primal.key)
             return self.values[key]
         if isinstance(node, Call):
-            if key in self.jvps:
+            if key in self.jvps and not self.separate_jvp(node.network):
                 self.jvp_group(key)
                 return self.values[key]
             return self.call_network(
@@ -277,7 +284,8 @@ class _Interpreter:
                         tangents[i] = tangent
             else:
                 primal, tangents = jvp_many(fn, primals, alongs)
-        self.values.setdefault(primal_key, primal)
+        if not self.separate_jvp(network):
+            self.values.setdefault(primal_key, primal)
         for node, tangent in zip(group, tangents, strict=True):
             self.values[node.key] = tangent
         self.in_progress.discard(primal_key)

@@ -134,9 +134,10 @@ def check_mesh(mesh: Any, batch_size: int, accumulate: int, shard_params) -> Mes
             f"`shard_params` must name an axis of the mesh {dict(mesh.shape)} (or be "
             f"None to replicate the parameters); got {shard_params!r}."
         )
-    rows = batch_size // accumulate
+    rows, uneven = divmod(batch_size, accumulate)
     step = mesh.size * accumulate
-    if rows % mesh.size or batch_size % accumulate:
+    # Micro-batches that do not divide the batch are refused with the terms' rows.
+    if not uneven and rows % mesh.size:
         what = (
             f"batch_size={batch_size}"
             if accumulate == 1

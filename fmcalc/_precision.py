@@ -32,13 +32,16 @@ class Precision(eqx.Module):
     their dtype, float32; every call of the online and EMA networks casts the
     parameters and the inputs `x`, `s`, `t` to `compute` and its output back to
     the data's dtype, so the residuals, the losses and every sum over the batch
-    are float32. A JVP (MeanFlow's `∂_s V + ∇_x V · v`, LSD's `∂_t F`) is the
-    least forgiving part: a tangent is a difference of nearby values, and a
-    16-bit float keeps 8 (bfloat16) or 11 (float16) bits of it. With
-    `jvp=jnp.float32` the network call that a JVP differentiates, its primal and
-    its tangent, runs in float32 while every other call runs in `compute`; the
-    JVP's primal is also the prediction wherever the same call appears, so it
-    is float32 too.
+    are float32.
+
+    A JVP (MeanFlow's `∂_s V + ∇_x V · v`, LSD's `∂_t F`) is the least forgiving
+    part: a tangent is a difference of nearby values, and a 16-bit float keeps 8
+    (bfloat16) or 11 (float16) bits of it. With `jvp=jnp.float32` the network
+    call that a JVP differentiates, its primal and its tangent, runs in float32,
+    and every other call in `compute`. The JVP's primal is then not reused as the
+    prediction where the same call appears (as it is otherwise): the prediction
+    is a call of its own in `compute`, which costs one more forward pass (at 16
+    bits) and keeps the differentiated path in low precision.
 
     Finite differences divide a difference of two outputs by a small step; in
     16 bits that is round-off, so `fit` refuses a method that uses one with a

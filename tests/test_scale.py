@@ -1,0 +1,433 @@
+"""Training beyond one device: a mesh of simulated devices, two processes with
+their own coordinator, sharded state, gradient accumulation, streams of batches,
+mixed precision and checkpoint directories.
+
+The test process has one CPU device (see conftest.py). Runs on 8 simulated devices
+(`--xla_force_host_platform_device_count=8`) and on two processes (each with 2
+devices, `jax.distributed` on a localhost coordinator, gloo collectives) are
+subprocesses running `scale_run.py`; a run on N devices must equal the 1-device
+run up to the order of floating-point sums.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import equinox as eqx
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fmcalc
+from fmcalc import train
+from fmcalc._checkpoint_orbax import save as save_directory
+from fmcalc.nn import MLP
+
+
+CHILD = Path(__file__).with_name("scale_run.py")
+OPTIMIZER = optax.adam(1e-2)
+# Reduction order is all that differs between layouts; Adam turns a near-zero
+# gradient component's rounding into a full step, so parameters are compared as
+# one vector, by norm.
+RELATIVE = 1e-5
+
+
+def _relative(a, b) -> float:
+    a, b = (np.concatenate([np.ravel(x) for x in tree]) for tree in (a, b))
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _params(results, prefix: str = "") -> list[np.ndarray]:
+    count = sum(1 for k in results if k.startswith(f"{prefix}param"))
+    return [results[f"{prefix}param{i}"] for i in range(count)]
+
+
+def _environment(devices: int, **extra: str) -> dict[str, str]:
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    return os.environ | {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"} | extra
+
+
+def _one_process(scenario: str, out: Path, *args: str, devices: int = 8):
+    process = subprocess.run(
+        [sys.executable, str(CHILD), scenario, str(out), *args],
+        env=_environment(devices),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    return np.load(out)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start_two(spec: dict, out: Path, **extra: str) -> list[subprocess.Popen]:
+    """Two processes of 2 devices each, one job."""
+    port = _free_port()
+    return [
+        subprocess.Popen(
+            [sys.executable, str(CHILD), "run", str(out), json.dumps(spec)],
+            env=_environment(
+                2,
+                COORDINATOR=f"localhost:{port}",
+                PROCESSES="2",
+                PROCESS_ID=str(i),
+                **extra,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
+def _two_processes(spec: dict, out: Path):
+    processes = _start_two(spec, out)
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+    return np.load(out)
+
+
+# 8 simulated devices ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_eight_devices_equal_one(tmp_path):
+    """50 steps of MeanFlow and LSD, MLP and transformer: the same parameters
+    and losses on 8 devices as on 1, and the arrays stay on the 8-device mesh."""
+    results = _one_process("equal", tmp_path / "equal.npz", "50")
+    for method in ("meanflow", "lsd"):
+        for kind in ("mlp", "transformer"):
+            run = f"{method}/{kind}"
+            assert results[f"{run}/all/devices"].tolist() == list(range(8))
+            assert results[f"{run}/all/on_mesh"]
+            every, one = (_params(results, f"{run}/{name}/") for name in ("all", "one"))
+            assert _relative(every, one) <= RELATIVE, run
+            losses = results[f"{run}/all/losses"], results[f"{run}/one/losses"]
+            assert losses[0].shape == (50,)
+            np.testing.assert_allclose(*losses, rtol=RELATIVE, err_msg=run)
+
+
+@pytest.mark.slow
+def test_sharded_state_saves_memory_and_trains_alike(tmp_path):
+    results = _one_process("sharded", tmp_path / "sharded.npz")
+    # The transformer's state (parameters, EMA, Adam's moments) split 8 ways.
+    for what in ("state", "arguments"):
+        ratio = results[f"sharded/{what}"] / results[f"replicated/{what}"]
+        assert ratio <= 1 / 6, (what, ratio)
+    assert (
+        _relative(_params(results, "sharded/"), _params(results, "replicated/"))
+        <= RELATIVE
+    )
+    assert any("'data'" in spec for spec in results["sharded/specs"])
+    assert all(spec == "P()" for spec in results["replicated/specs"])
+    refusal = str(results["refusal"])
+    assert "8 devices" in refusal and "batch_size=12" in refusal
+    assert "batch_size=16" in refusal
+
+
+# Two processes --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_exchange_checkpoints(tmp_path):
+    """2 processes x 2 devices equal 1 process x 4 devices; a checkpoint directory
+    written by the two resumes in one, and a file written by one resumes in two;
+    streams give each process its rows."""
+    base = {"method": "meanflow", "kind": "mlp", "checkpoint_every": 5}
+    one = {"devices": 4}
+
+    def single(name: str, **spec):
+        return _one_process(
+            "run", tmp_path / f"{name}.npz", json.dumps(base | one | spec), devices=4
+        )
+
+    straight = single("straight", steps=30)
+    # One process writes a file for 20 steps; two processes resume it to 30.
+    file = tmp_path / "one.eqx"
+    first = single("first", steps=20, checkpoint=str(file))
+    again = _two_processes(
+        base | {"steps": 30, "checkpoint": str(file)}, tmp_path / "again.npz"
+    )
+    assert again["devices"] == 4 and again["losses"].shape == (10,)
+    assert train.checkpoint_header(file)["step"] == 30
+    assert _relative(_params(again), _params(straight)) <= RELATIVE
+    # Two processes write a directory for 20 steps; one process resumes it to 30.
+    directory = tmp_path / "two"
+    two = _two_processes(
+        base | {"steps": 20, "checkpoint": str(directory)}, tmp_path / "two.npz"
+    )
+    assert directory.is_dir() and train.checkpoint_header(directory)["step"] == 20
+    assert _relative(_params(two), _params(first)) <= RELATIVE
+    np.testing.assert_allclose(two["losses"], first["losses"], rtol=RELATIVE)
+    resumed = single("resumed", steps=30, checkpoint=str(directory))
+    assert resumed["losses"].shape == (10,)
+    assert _relative(_params(resumed), _params(straight)) <= RELATIVE
+    # Streams: each process yields its half of every batch.
+    streamed = base | {"steps": 10, "stream": True}
+    halves = _two_processes(streamed, tmp_path / "halves.npz")
+    whole = single("whole", steps=10, stream=True)
+    assert _relative(_params(halves), _params(whole)) <= RELATIVE
+
+
+@pytest.mark.slow
+def test_killing_one_process_stops_the_other(tmp_path):
+    spec = {"method": "meanflow", "kind": "mlp", "steps": 10**6, "report": True}
+    survivor, victim = _start_two(spec, tmp_path / "never.npz", HEARTBEAT="5")
+    try:
+        assert survivor.stdout is not None
+        # gloo writes its own lines to stdout too.
+        for line in survivor.stdout:
+            if line.strip().isdigit() and int(line) >= 3:
+                break
+        victim.kill()
+        start = time.monotonic()
+        survivor.communicate(timeout=180)
+        assert survivor.returncode != 0
+        assert time.monotonic() - start < 180
+    finally:
+        for process in (survivor, victim):
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGKILL)
+            process.wait()
+
+
+# One device: the same code paths ---------------------------------------------------
+
+
+def _model(key: int = 0) -> MLP:
+    return MLP(
+        2,
+        width=16,
+        depth=2,
+        time_features=8,
+        dtype=jnp.float32,
+        key=jax.random.key(key),
+    )
+
+
+def _data() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(256, 2)).astype(np.float32)
+
+
+def _fit(
+    method: str | fmcalc.Method = "shortcut", data=None, **options
+) -> train.TrainResult:
+    options = (
+        dict(
+            key=jax.random.key(2),
+            steps=20,
+            batch_size=16,
+            optimizer=OPTIMIZER,
+            ema_decay=0.5,
+            progress=False,
+        )
+        | options
+    )
+    data = _data() if data is None else data
+    if isinstance(method, str):
+        method = fmcalc.methods.get(method)
+    return train.fit(method, _model(), data, **options)
+
+
+def _leaves(tree) -> list[np.ndarray]:
+    arrays = jax.tree.leaves(eqx.filter(tree, eqx.is_array))
+    return [
+        np.asarray(jax.random.key_data(x) if x.dtype == jax.random.key(0).dtype else x)
+        for x in arrays
+    ]
+
+
+def _equal(a, b) -> bool:
+    return all(
+        np.array_equal(x, y) for x, y in zip(_leaves(a), _leaves(b), strict=True)
+    )
+
+
+def test_result_names_its_mesh_and_keeps_arrays_there():
+    result = _fit(steps=2)
+    assert result.mesh.devices.tolist() == jax.devices()
+    for x in jax.tree.leaves(
+        eqx.filter((result.model, result.opt_state), eqx.is_array)
+    ):
+        assert x.sharding.mesh == result.mesh
+    mesh = jax.sharding.Mesh(jax.devices(), ("data",))
+    assert _fit(steps=2, mesh=mesh).mesh is mesh
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        # The test run's type-check hook or fit's own message; either names it.
+        (dict(mesh=jax.devices()), TypeError, "a jax.sharding.Mesh|parameter 'mesh'"),
+        (dict(shard_params="model"), ValueError, "must name an axis of the mesh"),
+        (dict(accumulate=0), ValueError, "accumulate=0"),
+        (dict(accumulate=3), ValueError, "multiples of 3"),
+        (dict(precision=jnp.bfloat16), TypeError, "Precision|parameter 'precision'"),
+    ],
+)
+def test_bad_scale_options_are_refused(options, error, match):
+    with pytest.raises(error, match=match):
+        _fit(**options)
+
+
+@pytest.mark.slow
+def test_accumulation_equals_one_pass():
+    one, four = (
+        _fit("meanflow", batch_size=64, accumulate=k, optimizer=optax.adam(1e-3))
+        for k in (1, 4)
+    )
+    assert _relative(_leaves(four.model), _leaves(one.model)) <= 1e-6
+    for name in one.metrics:
+        np.testing.assert_allclose(four.metrics[name], one.metrics[name], rtol=1e-6)
+
+
+def _plain_stream():
+    rng = np.random.default_rng(0)
+    while True:
+        yield rng.normal(size=(16, 2)).astype(np.float32)
+
+
+def _grain_stream():
+    dataset = grain.MapDataset.source(_data()).shuffle(seed=3).repeat().batch(16)
+    return iter(dataset)
+
+
+def _interrupt_at(step: int):
+    def hook(state):
+        if state.step == step:
+            raise KeyboardInterrupt
+        return {}
+
+    return hook
+
+
+@pytest.mark.parametrize("make", [_plain_stream, _grain_stream], ids=["plain", "grain"])
+def test_interrupted_stream_resumes_bit_for_bit(tmp_path, make):
+    path = tmp_path / "run.eqx"
+    straight = _fit(data=make())
+    with pytest.raises(KeyboardInterrupt):
+        _fit(
+            data=make(),
+            checkpoint=path,
+            checkpoint_every=5,
+            evaluate=_interrupt_at(12),
+            eval_every=1,
+        )
+    position = json.loads(train.checkpoint_header(path)["stream"])
+    assert position["drawn"] == 12
+    assert (position["state"] is None) == (make is _plain_stream)
+    resumed = _fit(data=make(), checkpoint=path, checkpoint_every=5)
+    assert resumed.losses.shape == (8,)
+    assert _equal(resumed.model, straight.model)
+    np.testing.assert_array_equal(resumed.losses, straight.losses[12:])
+
+
+def test_stream_batches_are_checked():
+    def wrong(shape, dtype=np.float32):
+        while True:
+            yield np.zeros(shape, dtype)
+
+    with pytest.raises(ValueError, match=r"shape \(8, 2\).*16 rows"):
+        _fit(data=wrong((8, 2)), steps=2)
+    with pytest.raises(TypeError, match="float16"):
+        _fit(data=wrong((16, 2), np.float16), steps=2)
+    with pytest.raises(ValueError, match="ran out after 3 batches"):
+        _fit(data=iter([np.zeros((16, 2), np.float32)] * 3), steps=5)
+    with pytest.raises(ValueError, match="labels"):
+        _fit(data=_plain_stream(), labels=np.zeros(256, np.int32), steps=2)
+
+
+def test_checkpoint_directory_resumes_and_falls_back(tmp_path):
+    """A checkpoint directory (what a run of several processes writes) resumes in
+    one process, which goes on writing it; a damaged newest save falls back to the
+    one before it."""
+    straight = _fit(steps=20)
+    first = _fit(steps=10)
+    run = tmp_path / "run"
+    # Saved by hand, without a record of the run: only its structure is checked.
+    save_directory(str(run), first.state, {}, None)
+    assert train.checkpoint_header(run)["step"] == 10
+    loaded = train.load_checkpoint(run, first.state)
+    assert loaded.step == 10 and _equal(loaded, first.state)
+    resumed = _fit(steps=20, checkpoint=run)
+    assert _equal(resumed.model, straight.model)
+    assert sorted(os.listdir(run)) == ["0", "1"]
+    # Flip one byte of the newest save's arrays.
+    chunks = [
+        p
+        for p in (run / "1" / "model").rglob("*")
+        if p.is_file() and p.stat().st_size > 200
+    ]
+    target = max(chunks, key=lambda p: p.stat().st_size)
+    contents = bytearray(target.read_bytes())
+    contents[len(contents) // 2] ^= 0xFF
+    target.write_bytes(bytes(contents))
+    with pytest.warns(RuntimeWarning, match="damaged.*previous checkpoint"):
+        again = _fit(steps=20, checkpoint=run)
+    assert again.losses.shape == (10,) and _equal(again.model, straight.model)
+
+
+# Mixed precision -----------------------------------------------------------------
+
+
+_DTYPES: list[str] = []
+
+
+class _Recorder(eqx.Module):
+    """A model that records the dtype of each call's `x` at trace time."""
+
+    model: MLP
+
+    def __call__(self, x, s, t, *, cond=None):
+        _DTYPES.append(jnp.result_type(x).name)
+        return self.model(x, s, t, cond=cond)
+
+
+@pytest.mark.parametrize("method", ["lsd", "meanflow"])
+@pytest.mark.parametrize("jvp", [None, jnp.float32], ids=["bfloat16", "float32"])
+def test_precision_runs_networks_in_16_bits(method, jvp):
+    """LSD calls the network plainly (its target) and in a JVP (`∂_t F`), MeanFlow
+    in a JVP whose primal is the prediction: every call in bfloat16, or the JVP's
+    in float32 and the prediction apart in bfloat16; parameters stay float32."""
+    _DTYPES.clear()
+    result = train.fit(
+        fmcalc.methods.get(method),
+        _Recorder(_model()),
+        _data(),
+        key=jax.random.key(2),
+        steps=3,
+        batch_size=16,
+        optimizer=OPTIMIZER,
+        progress=False,
+        precision=train.Precision(jnp.bfloat16, jvp=jvp),
+    )
+    expected = {"bfloat16"} if jvp is None else {"bfloat16", "float32"}
+    assert set(_DTYPES) == expected
+    assert all(x.dtype == jnp.float32 for x in _leaves(result.model.model))
+    assert np.isfinite(result.losses).all()
+
+
+def test_precision_is_checked():
+    with pytest.raises(ValueError, match="bfloat16 or jnp.float16"):
+        train.Precision(jnp.float32)
+    with pytest.raises(ValueError, match="at least as wide"):
+        train.Precision(jnp.float16, jvp=jnp.int8)
+    soflow = fmcalc.methods.get("soflow")
+    with pytest.raises(ValueError, match="resolution of bfloat16"):
+        _fit(soflow, precision=train.Precision())
