@@ -30,12 +30,38 @@ EXAMPLES = {
 }
 
 
+@pytest.mark.slow
 def test_check_passes(capsys):
     assert main(["check", "--quick"]) == 0
     out = capsys.readouterr().out
     assert "0 failed" in out
     for needle in ("semigroup", "lagrangian FD order", "rule: meanflow", "flagged"):
         assert needle in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.count(" | ") == 6]
+    labels = [tuple(cell.strip() for cell in row[:3]) for row in rows[1:]]
+    assert len(labels) == len(set(labels)), "row labels (flow, check, dtype) repeat"
+    for name in ("ct", "cd", "ect"):
+        assert f"method {name}: biased by construction" in out
+
+
+def test_check_streams_rows_and_lists_what_it_leaves_out(capsys, monkeypatch):
+    import fmcalc._cli as cli
+
+    first_two = cli.groups(quick=True)[:2]
+    monkeypatch.setattr(cli, "groups", lambda quick: first_two)
+    assert main(["check", "--quick"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0].split(" | ")[:2] == ["flow    ", "check".ljust(48)]
+    assert "semigroup" in captured.out and "rule: meanflow" in captured.out
+    assert "not run:" in captured.out and "0 failed" in captured.out
+    assert "rules on the exact Gaussian map" in captured.err  # the progress bar
+
+
+def test_check_documents_quick(capsys):
+    with pytest.raises(SystemExit):
+        main(["check", "--help"])
+    assert "--quick" in capsys.readouterr().out
 
 
 def test_every_example_is_run():

@@ -1,0 +1,443 @@
+"""`fmcalc train` and `fmcalc sample`: from a data set to a trained flow map, and
+from a trained run to samples and a picture.
+
+A run is a folder:
+
+- `run.json`: what was trained (method, data, network, budget), read by `sample`;
+- `train.eqx` (and `train.eqx.prev`): the training state of `fmcalc.train.fit`,
+  from which the same command resumes;
+- `model.eqx`: the trained map (the EMA of the parameters), for sampling;
+- `reference-train.eqx`, `reference.eqx`: the same for the flow-matching reference,
+  trained first when the method distils a teacher (or with `--reference`).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import datasets, methods
+from ._expr import Network, Teacher
+from ._method import Method
+from ._sampling import model_velocity, sample, sample_consistency, sample_euler
+from ._times import Equal, FixedSource, FixedTarget, KarrasGrid
+from .nn import MLP
+from .train import fit, load_checkpoint, save_checkpoint
+
+
+RUN_FILE = "run.json"
+REFERENCE = "flow-matching"
+# Euler steps of the flow-matching reference in pictures: close to its ODE's end.
+REFERENCE_STEPS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class RunNetwork:
+    """The network of a run, rebuilt by `sample` from `run.json`."""
+
+    dim: int
+    width: int
+    depth: int
+    num_classes: int | None
+    skip: bool
+
+    def build(self, seed: int) -> MLP:
+        return MLP(
+            self.dim,
+            width=self.width,
+            depth=self.depth,
+            num_classes=self.num_classes,
+            skip=self.skip,
+            dtype=jnp.float32,
+            key=jax.random.key(seed),
+        )
+
+
+def defaults(dataset: datasets.Dataset) -> tuple[int, int, float]:
+    """`(width, depth, learning rate)`, chosen so that 2000 steps on a 2-core CPU
+    already show the data: 4×256 and 3e-3 for points, 4×256 and 2e-3 for small
+    images, 4×512 for larger ones (MNIST)."""
+    if not dataset.is_image:
+        return 256, 4, 3e-3
+    return (256 if dataset.dim <= 256 else 512), 4, 2e-3
+
+
+def ema_decay(steps: int) -> float:
+    """0.999 for long runs; shorter runs need a shorter memory, or the average still
+    holds the initial weights when training stops."""
+    return min(0.999, max(0.0, 1 - 10 / steps))
+
+
+def networks_used(method: Method) -> set[str]:
+    """The networks a method's residuals call: `online`, `ema`, `aux`, `teacher`."""
+    kinds = (Teacher, Network)
+    leaves = jax.tree.leaves(method, is_leaf=lambda leaf: isinstance(leaf, kinds))
+    return {
+        "teacher" if isinstance(leaf, Teacher) else leaf.role
+        for leaf in leaves
+        if isinstance(leaf, kinds)
+    }
+
+
+def sampling_kind(method: Method) -> str:
+    """How a method's map can be sampled, from the times its terms train on:
+    `velocity` (flow matching: Euler steps of its diagonal), `from-noise` (`s = 1`
+    only: one jump), `to-data` (`t = 0` only: consistency sampling with re-noising)
+    or `two-time` (any jumps)."""
+    if method.rule == "diagonal":
+        return "velocity"
+    samplers = [t.times for t in method.terms if not isinstance(t.times, Equal)]
+    if any(isinstance(s, FixedSource) and s.source == 1 for s in samplers):
+        return "from-noise"
+    to_data = [
+        isinstance(s, KarrasGrid) or (isinstance(s, FixedTarget) and s.target == 0)
+        for s in samplers
+    ]
+    if samplers and all(to_data):
+        return "to-data"
+    return "two-time"
+
+
+class HeunMap(eqx.Module):
+    """A flow map from `substeps` Heun steps of a velocity, returning the average
+    velocity `V(x, s, t)`: CTM's teacher solver and PFMM's partial map."""
+
+    velocity: Callable
+    substeps: int = eqx.field(static=True)
+
+    def __call__(self, x, s, t, *, cond=None):
+        dr = 1.0 / self.substeps
+        average = jnp.zeros_like(x)
+        for k in range(self.substeps):
+            a = s + k * dr * (t - s)
+            b = s + (k + 1) * dr * (t - s)
+            k1 = self.velocity(x, a, cond=cond)
+            k2 = self.velocity(x + (b - a) * k1, b, cond=cond)
+            increment = (k1 + k2) / 2
+            x = x + (b - a) * increment
+            average = average + dr * increment
+        return average
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _fit(method, model, dataset, *, steps, batch_size, lr, seed, checkpoint, **kw):
+    schedule = optax.cosine_decay_schedule(lr, steps, alpha=0.01)
+    return fit(
+        method,
+        model,
+        dataset.train_data,
+        key=jax.random.key(seed + 1),
+        steps=steps,
+        batch_size=batch_size,
+        optimizer=optax.adam(schedule),
+        labels=None if dataset.labels is None else jnp.asarray(dataset.labels),
+        ema_decay=ema_decay(steps),
+        checkpoint=checkpoint,
+        **kw,
+    )
+
+
+def _read_run(out: pathlib.Path) -> dict | None:
+    path = out / RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def train(
+    method_name: str,
+    data: str,
+    *,
+    labels: str | None = None,
+    steps: int = 5000,
+    batch_size: int = 256,
+    out: str | os.PathLike | None = None,
+    width: int | None = None,
+    depth: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    reference: bool | None = None,
+) -> pathlib.Path:
+    """Train `method_name` on `data` into the run folder `out`; **returns** it.
+
+    Running the same command again resumes from `train.eqx` (after Ctrl-C or a
+    crash); a finished run is left as it is."""
+    method = methods.get(method_name)
+    dataset = datasets.load(data, labels=labels)
+    out = pathlib.Path(
+        out if out is not None else f"runs/{method_name}-{pathlib.Path(data).stem}"
+    )
+    default_width, default_depth, default_lr = defaults(dataset)
+    lr = lr or default_lr
+    network = RunNetwork(
+        dim=dataset.dim,
+        width=width or default_width,
+        depth=depth or default_depth,
+        num_classes=dataset.num_classes,
+        skip=dataset.dim > (width or default_width),
+    )
+    used = networks_used(method)
+    needs_teacher = bool(used & {"teacher", "aux"}) and dataset.flow is None
+    if reference is None:
+        reference = needs_teacher
+    elif not reference and needs_teacher:
+        raise ValueError(
+            f"{method_name} distils a teacher, and {data} has no exact flow: the "
+            "flow-matching reference is its teacher, so it cannot be left out."
+        )
+    record = {
+        "method": method_name,
+        "data": os.fspath(data),
+        "labels": None if labels is None else os.fspath(labels),
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "network": dataclasses.asdict(network),
+        "shape": list(dataset.shape),
+        "mean": np.asarray(dataset.mean, np.float64).tolist(),
+        "scale": dataset.scale,
+        "sampling": sampling_kind(method),
+        "reference": bool(reference) and method_name != REFERENCE,
+    }
+    previous = _read_run(out)
+    if previous is not None:
+        # The learning-rate schedule and the EMA's horizon follow `steps`, so a
+        # run resumes only under the same budget.
+        same = ("method", "data", "labels", "steps", "batch_size", "lr", "seed")
+        same += ("network",)
+        changed = [k for k in same if previous.get(k) != record[k]]
+        if changed:
+            raise ValueError(
+                f"{out} holds a run of {previous['method']} on {previous['data']} "
+                f"that differs in {changed}; choose another --out to start a new run."
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    _say(
+        f"fmcalc train: {method_name} ({methods.info(method_name).full_name}) on "
+        f"{dataset.description}; MLP {network.depth}×{network.width}, {steps} steps "
+        f"of {batch_size} rows -> {out}/"
+    )
+    settings = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    teacher = None if dataset.flow is None else dataset.flow.velocity
+    if record["reference"]:
+        _say(f"[1/2] the flow-matching reference{' (the teacher)' * needs_teacher}")
+        ref = _fit(
+            methods.get(REFERENCE),
+            network.build(seed),
+            dataset,
+            checkpoint=out / "reference-train.eqx",
+            **settings,
+        )
+        save_checkpoint(out / "reference.eqx", ref.ema, record=record)
+        if needs_teacher:
+            teacher = model_velocity(ref.ema)
+        _say(f"[2/2] {method_name}")
+    aux = None
+    if "aux" in used:
+        # CTM's teacher solver covers a tenth of s - t, PFMM's partial map half.
+        assert teacher is not None
+        aux = HeunMap(teacher, 2 if method_name == "ctm" else 4)
+    result = _fit(
+        method,
+        network.build(seed),
+        dataset,
+        checkpoint=out / "train.eqx",
+        teacher=teacher if "teacher" in used else None,
+        aux=aux,
+        **settings,
+    )
+    save_checkpoint(out / "model.eqx", result.ema, record=record)
+    losses = np.asarray(result.losses)
+    finite = losses[np.isfinite(losses)]
+    last = f"{float(np.mean(finite[-100:])):.4g}" if finite.size else "n/a"
+    written = [
+        ("trained map (EMA of the parameters)", out / "model.eqx"),
+        ("training state (run the same command to resume)", out / "train.eqx"),
+        ("what was trained", out / RUN_FILE),
+    ]
+    if record["reference"]:
+        written.append(("flow-matching reference", out / "reference.eqx"))
+    _say(
+        f"done: step {result.step}, loss (last 100 steps) {last}, {result.skipped} "
+        "skipped steps\n"
+        + "".join(f"  {what}: {path}\n" for what, path in written)
+        + f"next: fmcalc sample --run {out} --steps 1 2 4 --plot "
+        f"{out / 'samples.png'}"
+    )
+    return out
+
+
+@eqx.filter_jit
+def _draw(model, noise, cond, keys, steps: int, kind: str):
+    def one(e, c, k):
+        if kind == "velocity":
+            return sample_euler(model_velocity(model), e, steps=steps, cond=c)
+        if kind == "to-data" and steps > 1:
+            grid = jnp.linspace(1.0, 0.0, steps + 1, dtype=e.dtype)
+            return sample_consistency(model, e, key=k, grid=grid, cond=c)
+        return sample(model, e, steps=steps, cond=c)
+
+    return jax.vmap(one)(noise, cond, keys)
+
+
+def _chunks(fn, n: int, *arrays, size: int = 1000) -> np.ndarray:
+    parts = []
+    for start in range(0, n, size):
+        rows = [None if a is None else a[start : start + size] for a in arrays]
+        parts.append(np.asarray(fn(*rows)))
+    return np.concatenate(parts)
+
+
+def sample_run(
+    run: str | os.PathLike,
+    *,
+    steps: Sequence[int] = (1, 2, 4),
+    n: int | None = None,
+    out: str | os.PathLike | None = None,
+    plot: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Samples of a trained run at each number of `steps` (and of its flow-matching
+    reference, when it has one), saved to `out` (`.npy`, shape
+    `(len(steps), n, *shape)` in the data's units) and drawn into `plot`."""
+    run = pathlib.Path(run)
+    record = _read_run(run)
+    if record is None or not (run / "model.eqx").exists():
+        raise FileNotFoundError(
+            f"{run} is not a finished run (no {RUN_FILE} and model.eqx); train one "
+            "with `fmcalc train --method NAME --data DATA --out DIR`."
+        )
+    network = RunNetwork(**record["network"])
+    shape = tuple(record["shape"])
+    is_image = len(shape) in (2, 3)
+    n = n if n is not None else (100 if is_image else 2000)
+    if any(k < 1 for k in steps):
+        raise ValueError(f"--steps must be positive integers; got {list(steps)}.")
+    model = load_checkpoint(run / "model.eqx", network.build(record["seed"]))
+    k_noise, k_renoise = jax.random.split(jax.random.key(seed))
+    noise = jax.random.normal(k_noise, (n, network.dim), jnp.float32)
+    cond = None
+    if network.num_classes is not None:
+        cond = jnp.arange(n, dtype=jnp.int32) % network.num_classes
+    keys = jax.random.split(k_renoise, n)
+    kind = record["sampling"]
+    mean, scale = np.asarray(record["mean"], np.float32), record["scale"]
+
+    def to_units(x):
+        return (np.asarray(x) * scale + mean).reshape(x.shape[0], *shape)
+
+    panels: dict[str, np.ndarray] = {}
+    for k in steps:
+        if kind == "from-noise" and k > 1:
+            _say(
+                f"{record['method']} learns maps from noise only (s = 1), so it "
+                f"samples in one jump; {k} steps skipped."
+            )
+            continue
+        label = f"{record['method']}, {k} step{'s' * (k > 1)}"
+        if kind == "velocity":
+            label = f"{record['method']}, {k} Euler step{'s' * (k > 1)}"
+        drawn = _chunks(
+            lambda e, c, r, k=k: _draw(model, e, c, r, k, kind), n, noise, cond, keys
+        )
+        panels[label] = to_units(drawn)
+    if not panels:
+        raise ValueError(f"No sample could be drawn with --steps {list(steps)}.")
+    if record.get("reference") and (run / "reference.eqx").exists():
+        ref = load_checkpoint(run / "reference.eqx", network.build(record["seed"]))
+        fn = lambda e, c, r: _draw(ref, e, c, r, REFERENCE_STEPS, "velocity")
+        label = f"flow matching, {REFERENCE_STEPS} Euler steps (reference)"
+        panels[label] = to_units(_chunks(fn, n, noise, cond, keys))
+    out = pathlib.Path(out) if out is not None else run / "samples.npy"
+    own = [v for label, v in panels.items() if "(reference)" not in label]
+    np.save(out, np.stack(own))
+    _say(f"samples: {out} (shape {np.stack(own).shape}; {', '.join(panels)})")
+    if plot is not None:
+        data = datasets.load(
+            record["data"], labels=record["labels"]
+        )  # the training data, beside the samples
+        draw(panels, data, pathlib.Path(plot), title=record["method"])
+        _say(f"picture: {plot}")
+    return panels
+
+
+def _grid(images: np.ndarray) -> np.ndarray:
+    n = images.shape[0]
+    cols = 10 if n >= 10 else n
+    rows = math.ceil(n / cols)
+    h, w = images.shape[1:3]
+    extra = images.shape[3:]
+    canvas = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1, *extra), np.nan)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = image
+    return canvas
+
+
+def draw(
+    panels: dict[str, np.ndarray],
+    data: datasets.Dataset,
+    path: pathlib.Path,
+    *,
+    title: str,
+) -> None:
+    """One panel per set of samples, beside the training data: a scatter of the
+    first two coordinates for points, a grid for images."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError(
+            '--plot needs matplotlib; install it with `pip install "fmcalc[plot]"`.'
+        ) from None
+    first = next(iter(panels.values()))
+    n = first.shape[0]
+    if data.rows is not None:
+        order = np.random.default_rng(0).permutation(data.rows.shape[0])
+        if data.labels is not None and data.num_classes == 10 and n % 10 == 0:
+            # Arranged so that the grid's columns hold one class each, as the
+            # samples' do (sample i has label i % 10).
+            by_class = [order[data.labels[order] == c][: n // 10] for c in range(10)]
+            if all(len(b) == n // 10 for b in by_class):
+                order = np.stack(by_class, axis=1).ravel()
+        order = order[:n]
+        real = data.to_data_units(data.rows[order])
+    else:
+        real = data.to_data_units(data.sample(jax.random.key(1), n))  # pyright: ignore
+    everything = {"training data": real, **panels}
+    fig, axes = plt.subplots(
+        1, len(everything), figsize=(3.2 * len(everything), 3.4), squeeze=False
+    )
+    lo, hi = np.percentile(real.reshape(real.shape[0], -1), [0.5, 99.5], axis=0)
+    pad = 0.15 * (hi - lo)
+    for ax, (label, x) in zip(axes[0], everything.items(), strict=True):
+        if data.is_image:
+            ax.imshow(_grid(np.clip(x, real.min(), real.max())), cmap="gray")
+            ax.set_axis_off()
+        else:
+            flat = x.reshape(x.shape[0], -1)
+            ax.scatter(flat[:, 0], flat[:, 1], s=2, alpha=0.5, linewidths=0)
+            ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+            ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(f"{title} on {data.name}", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,119 @@
+"""`fmcalc train` and `fmcalc sample`: from data to a trained run, samples and a
+picture; resuming; refusals with a message."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fmcalc import _run
+from fmcalc._cli import main
+
+
+def _train(tmp_path, *args):
+    return main(["train", *args, "--out", str(tmp_path / "run")])
+
+
+def test_train_then_sample_points(tmp_path, capsys):
+    assert (
+        _train(tmp_path, "--method", "lsd", "--data", "checkerboard", "--steps", "20")
+        == 0
+    )
+    out = capsys.readouterr().out
+    run = tmp_path / "run"
+    for name in ("run.json", "model.eqx", "train.eqx"):
+        assert (run / name).exists() and str(run / name) in out
+    assert "fmcalc sample --run" in out
+    picture = tmp_path / "p.png"
+    code = main(["sample", "--run", str(run), "--steps", "1", "2", "--n", "50",
+                 "--plot", str(picture)])  # fmt: skip
+    assert code == 0
+    samples = np.load(run / "samples.npy")
+    assert samples.shape == (2, 50, 2) and np.isfinite(samples).all()
+    assert picture.stat().st_size > 1000
+    # The same command resumes; the run is finished, so nothing is trained.
+    before = (run / "model.eqx").read_bytes()
+    lsd = ("--method", "lsd", "--data", "checkerboard")
+    assert _train(tmp_path, *lsd, "--steps", "20") == 0
+    assert "step 20" in capsys.readouterr().out
+    assert (run / "model.eqx").read_bytes() == before
+    assert json.loads((run / "run.json").read_text())["steps"] == 20
+    # Another budget or method in the same folder is refused.
+    assert _train(tmp_path, *lsd, "--steps", "30") == 2
+    assert _train(tmp_path, "--method", "meanflow", "--data", "checkerboard") == 2
+    assert "choose another --out" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_distillation_trains_its_teacher_first(tmp_path, capsys):
+    code = _train(
+        tmp_path, "--method", "splitmeanflow", "--data", "moons", "--steps", "10"
+    )
+    assert code == 0
+    assert "flow-matching reference (the teacher)" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert (run / "reference.eqx").exists()
+    target = tmp_path / "s.npy"
+    assert main(["sample", "--run", str(run), "--steps", "1", "--n", "20",
+                 "--out", str(target)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "(reference)" in out and np.load(target).shape == (1, 20, 2)
+
+
+@pytest.mark.slow
+def test_own_images_with_labels(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.integers(0, 256, (40, 4, 4)).astype(np.uint8))
+    np.save(tmp_path / "y.npy", np.arange(40) % 2)
+    code = _train(tmp_path, "--method", "meanflow", "--data", str(tmp_path / "x.npy"),
+                  "--labels", str(tmp_path / "y.npy"), "--steps", "5",
+                  "--batch-size", "8")  # fmt: skip
+    assert code == 0
+    picture = tmp_path / "grid.png"
+    assert main(["sample", "--run", str(tmp_path / "run"), "--steps", "1",
+                 "--n", "20", "--plot", str(picture)]) == 0  # fmt: skip
+    samples = np.load(tmp_path / "run" / "samples.npy")
+    assert samples.shape == (1, 20, 4, 4) and picture.exists()
+
+
+@pytest.mark.slow
+def test_one_jump_methods_skip_more_steps(tmp_path, capsys):
+    assert _train(tmp_path, "--method", "pid", "--data", "ring", "--steps", "5") == 0
+    assert main(["sample", "--run", str(tmp_path / "run"), "--steps", "1", "2",
+                 "--n", "10"]) == 0  # fmt: skip
+    assert "2 steps skipped" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_digits(tmp_path, capsys):
+    assert _train(tmp_path, "--method", "lsd", "--data", "digits", "--steps", "20") == 0
+    assert main(["sample", "--run", str(tmp_path / "run"), "--steps", "1",
+                 "--plot", str(tmp_path / "d.png")]) == 0  # fmt: skip
+    assert np.load(tmp_path / "run" / "samples.npy").shape == (1, 100, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "nope", "--data", "ring"], "Unknown method"),
+        (["--method", "lsd", "--data", "nowhere"], "Unknown data set"),
+        (["--method", "lsd", "--data", "ring", "--labels", "y.npy"], "own labels"),
+    ],
+)
+def test_bad_arguments(tmp_path, capsys, args, message):
+    assert _train(tmp_path, *args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sample_needs_a_run(tmp_path, capsys):
+    assert main(["sample", "--run", str(tmp_path)]) == 2
+    assert "not a finished run" in capsys.readouterr().err
+
+
+def test_interrupt_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_run, "train", interrupted)
+    assert _train(tmp_path, "--method", "lsd", "--data", "ring") == 130
+    assert "run the same command to resume" in capsys.readouterr().err
