@@ -28,7 +28,7 @@ import optax
 import pytest
 
 import fmcalc
-from fmcalc import train
+from fmcalc import testing, train
 from fmcalc._checkpoint_orbax import save as save_directory
 from fmcalc.nn import MLP
 
@@ -431,3 +431,38 @@ def test_precision_is_checked():
     soflow = fmcalc.methods.get("soflow")
     with pytest.raises(ValueError, match="resolution of bfloat16"):
         _fit(soflow, precision=train.Precision())
+
+
+# Matrix-product precision of the testing kit ------------------------------------
+
+_PRECISIONS: list[str | None] = []
+
+
+class _PrecisionRecorder(eqx.Module):
+    """A model that records the matrix-product precision in force at trace time."""
+
+    model: testing.AffinePerturbation
+
+    def __call__(self, x, s, t, *, cond=None):
+        _PRECISIONS.append(jax.config.jax_default_matmul_precision)
+        return self.model(x, s, t, cond=cond)
+
+
+def test_kit_checks_run_at_full_matmul_precision():
+    """On GPUs float32 products default to TF32; the kit's checks set "highest"
+    (which a CPU run sees at trace time), and leave the setting as it was."""
+    _PRECISIONS.clear()
+    flow = fmcalc.flows.Gaussian(jnp.zeros(2), jnp.eye(2))
+    model = _PrecisionRecorder(testing.perturbed(flow, 2))
+
+    def flow_map(x, s, t):
+        return x + (t - s) * model(x, s, t)
+
+    x = flow.sample(jax.random.key(0), 8)
+    s, u, t = jnp.full(8, 0.9), jnp.full(8, 0.5), jnp.full(8, 0.1)
+    testing.semigroup_residual(flow_map, x, s, u, t)
+    testing.check_fixed_point(
+        fmcalc.methods.get("meanflow"), flow, key=jax.random.key(1), n=16, model=model
+    )
+    assert _PRECISIONS and set(_PRECISIONS) == {"highest"}
+    assert jax.config.jax_default_matmul_precision is None

@@ -20,6 +20,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from .._custom_types import Time, Vector
 from .._derivative import JVP, AbstractDerivative, FiniteDifference
+from ._precision import full_precision
 
 
 FlowMap: TypeAlias = Callable[[Vector, Time, Time], Vector]
@@ -141,6 +142,7 @@ def _all(flow_map, average_velocity, velocity, derivative, x, s, u, t):
     }
 
 
+@full_precision
 def semigroup_residual(
     flow_map: FlowMap, x: Batch, s: Times, u: Times, t: Times
 ) -> float:
@@ -174,6 +176,7 @@ def semigroup_residual(
     return _evaluate(_semigroup, (flow_map,), *_batch(x, s=s, u=u, t=t))
 
 
+@full_precision
 def inverse_residual(flow_map: FlowMap, x: Batch, s: Times, t: Times) -> float:
     """The inverse residual `max |F(F(x, s, t), t, s) - x|`.
 
@@ -203,6 +206,7 @@ def inverse_residual(flow_map: FlowMap, x: Batch, s: Times, t: Times) -> float:
     return _evaluate(_inverse, (flow_map,), *_batch(x, s=s, t=t))
 
 
+@full_precision
 def boundary_residual(flow_map: FlowMap, x: Batch, t: Times) -> float:
     """The boundary residual `max |F(x, t, t) - x|`.
 
@@ -229,6 +233,7 @@ def boundary_residual(flow_map: FlowMap, x: Batch, t: Times) -> float:
     return _evaluate(_boundary, (flow_map,), *_batch(x, t=t))
 
 
+@full_precision
 def diagonal_residual(
     average_velocity: AverageVelocity, velocity: Velocity, x: Batch, t: Times
 ) -> float:
@@ -260,6 +265,7 @@ def diagonal_residual(
     return _evaluate(_diagonal, (average_velocity, velocity), *_batch(x, t=t))
 
 
+@full_precision
 def parameterisation_residual(
     flow_map: FlowMap,
     average_velocity: AverageVelocity,
@@ -298,6 +304,7 @@ def parameterisation_residual(
     )
 
 
+@full_precision
 def lagrangian_residual(
     flow_map: FlowMap,
     velocity: Velocity,
@@ -342,6 +349,7 @@ def lagrangian_residual(
     )
 
 
+@full_precision
 def eulerian_residual(
     flow_map: FlowMap,
     velocity: Velocity,
@@ -382,6 +390,7 @@ def eulerian_residual(
     return _evaluate(_eulerian, (flow_map, velocity, derivative), *_batch(x, s=s, t=t))
 
 
+@full_precision
 def derivative_convergence(
     fn: Callable[..., Array],
     primals: tuple,
@@ -448,6 +457,7 @@ def derivative_convergence(
     return float(slope), errors
 
 
+@full_precision
 def all_residuals(
     flow_map: FlowMap,
     average_velocity: AverageVelocity,

@@ -27,6 +27,7 @@ from .._method import Method, Term, term_loss
 from ..flows._base import AbstractFlow
 from ._checks import tolerance
 from ._flows import asymmetric_mixture
+from ._precision import full_precision
 from ._unbiased import _flat_grads, hotelling, perturbed
 
 
@@ -230,6 +231,7 @@ def _relative(residual, scale) -> float:
     return float(np.max(norms) / max(scale, np.finfo(np.float64).tiny))
 
 
+@full_precision
 def check_fixed_point(
     method: Method,
     flow: AbstractFlow | None = None,
@@ -406,6 +408,7 @@ def check_fixed_point(
     )
 
 
+@full_precision
 def descent_alignment(
     method: Method,
     flow: AbstractFlow,

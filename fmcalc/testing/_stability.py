@@ -13,6 +13,7 @@ from .._method import Method
 from ..flows._base import AbstractFlow
 from ._fixed_point import _marginal
 from ._flows import asymmetric_mixture
+from ._precision import full_precision
 from ._unbiased import AffinePerturbation, perturbed
 
 
@@ -64,6 +65,7 @@ def _unflat(model: AffinePerturbation, theta: jax.Array) -> AffinePerturbation:
     )
 
 
+@full_precision
 def check_stability(
     method: Method,
     flow: AbstractFlow | None = None,

@@ -13,6 +13,7 @@ from .._custom_types import Cond, Time, Vector
 from .._evaluate import evaluate
 from .._expr import AbstractExpr, ConditionalVelocity, Teacher
 from ..flows._base import AbstractFlow
+from ._precision import full_precision
 
 
 class AffinePerturbation(eqx.Module):
@@ -118,6 +119,7 @@ def _flat_grads(tree: Any) -> Array:
     return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
 
 
+@full_precision
 def check_unbiased(
     residual: AbstractExpr,
     model: Callable,
