@@ -20,8 +20,9 @@ set here when XLA_FLAGS does not say): they share the machine's cores, so the
 wall times show the overhead of partitioning, not a speed-up.
 
 Writes `scaling.md` and `scaling.json` (with the command, machine, load, versions
-and commit) into `--out`: by default a scratch folder under the system's
-temporary directory; `--out benchmarks/results` updates the committed table.
+and commit) into `--out` after every row: by default a scratch folder under the
+system's temporary directory; `--out benchmarks/results` updates the committed
+table, and `--resume` keeps the rows already there and measures the rest.
 """
 
 import os
@@ -161,13 +162,36 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write(out: pathlib.Path, command: str, rows: list[dict]) -> None:
+    """Write the rows measured so far, so that an interrupted run can resume."""
+    info = machine()
+    record = {"command": command, "machine": info, "batch_size": BATCH, "rows": rows}
+    (out / "scaling.json").write_text(json.dumps(record, indent=1))
+    load = [round(x, 1) for x in info["load_average"] or []]
+    header = (
+        "# Training step on 1 to 8 devices\n\n"
+        f"`{command}` at commit `{info['git']['commit']}`, on "
+        f"{info['jax_backend']} ({info['device_kind']}, {len(info['devices'])} "
+        f"devices; {info['processor']}, {info['cpu_count']} cores, load {load}), "
+        f"jax {info['versions']['jax']}. Batch {BATCH}; per device: FLOPs and "
+        "memory of the compiled, partitioned step (`data`: state replicated; "
+        "`sharded`: `shard_params='data'`). On a CPU the devices are simulated and "
+        "share its cores: step times show the partitioning's overhead, not a "
+        "speed-up.\n\n"
+    )
+    (out / "scaling.md").write_text(header + table(rows) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=SCRATCH)
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the rows already in --out"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="MLP, MeanFlow, 1 and 2 devices, 3 steps"
     )
@@ -184,35 +208,24 @@ def main(argv: list[str] | None = None) -> None:
             f"--devices asks for {max(args.devices)} devices; JAX sees "
             f"{len(jax.devices())}."
         )
-    rows = []
+    path = args.out / "scaling.json"
+    rows = json.loads(path.read_text())["rows"] if args.resume and path.exists() else []
+    done = {(r["model"], r["method"], r["devices"], r["layout"]) for r in rows}
+    command = "python benchmarks/scaling.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
     for kind in args.models:
         for method in args.methods:
             for devices in args.devices:
                 for sharded in (False, True) if devices > 1 else (False,):
+                    layout = "sharded" if sharded else "data"
+                    if (kind, method, devices, layout) in done:
+                        continue
                     row = measure(method, kind, devices, sharded, args.steps)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
-    record = {
-        "command": "python benchmarks/scaling.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine(),
-        "batch_size": BATCH,
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scaling.json").write_text(json.dumps(record, indent=1))
-    info = record["machine"]
-    header = (
-        "# Training step on 1 to 8 devices\n\n"
-        f"`{record['command']}` at commit `{info['git']['commit']}`"
-        f"{' (uncommitted changes)' if info['git']['dirty'] else ''}, on "
-        f"{info['jax_backend']} ({info['device_kind']}, {len(info['devices'])} "
-        f"devices; {info['processor']}, {info['cpu_count']} cores, load "
-        f"{info['load_average']}), jax {info['versions']['jax']}. Batch "
-        f"{BATCH}; per device: FLOPs and memory of the compiled, partitioned step "
-        "(`data`: state replicated; `sharded`: `shard_params='data'`).\n\n"
-    )
-    (args.out / "scaling.md").write_text(header + table(rows) + "\n")
+                    write(args.out, command, rows)
     print(f"wrote {args.out / 'scaling.md'}")
 
 
