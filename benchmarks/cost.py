@@ -407,14 +407,17 @@ def why(name: str, row: dict, units: dict[str, float] | None) -> str | None:
     if seed is None or full["fpe"] <= seed + SEED_SLACK:
         return None
     reasons = []
-    if name in SEED_WHY:
+    scale = 1.0 if units is None else per_pass_overhead(units)
+    # A written reason says why the method's structure costs more than the seed
+    # counts; it covers the excess only where the static count of that structure
+    # (scaled by this network's per-pass overhead) accounts for the measurement.
+    if name in SEED_WHY and full["fpe"] <= scale * full["static"] + STATIC_SLACK:
         reasons.append(SEED_WHY[name])
     if full["fpe"] - full["static"] > STATIC_SLACK and name in STATIC_WHY:
         reasons.append(
             f"measured {full['fpe'] - full['static']:+.1f} over the static count: "
             + STATIC_WHY[name]
         )
-    scale = 1.0 if units is None else per_pass_overhead(units)
     if (
         units is not None
         and not reasons

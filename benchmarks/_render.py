@@ -1,0 +1,338 @@
+"""Results rows (one JSON object per run) to Markdown tables and figures.
+
+A row names its data set, method, seed, budget and teacher, and holds
+`metrics[column][metric]` (columns `nfe1`, `nfe2`, ...), its compute and its record
+(command, commit, machine, seconds). Everything in the report is computed here from
+the rows: medians and seed ranges, rankings where seed ranges separate, floors,
+coverage and the acceptance checks.
+"""
+
+import collections
+import pathlib
+import statistics
+
+import numpy as np
+
+
+PRIMARY = {"analytic": "rmse", "toy": "energy", "images": "fd"}
+LABEL = {
+    "rmse": "paired RMSE to the exact end point",
+    "energy": "energy distance to fresh data",
+    "fd": "Fréchet distance to the held-out split",
+}
+HEADLINE_SEEDS = 3
+
+
+def primary_metric(rows: list[dict]) -> str:
+    """The data set's headline metric: the one every scored row carries first."""
+    for name in ("fd", "rmse", "energy"):
+        if any(name in m for r in rows for m in r.get("metrics", {}).values()):
+            return name
+    return "energy"
+
+
+def headline_value(row: dict) -> str:
+    """A one-line summary of a row, for the log."""
+    if "error" in row:
+        return f"ERROR {row['error']}"
+    metric = primary_metric([row])
+    values = [
+        f"{column}={m[metric]:.4g}"
+        for column, m in row["metrics"].items()
+        if metric in m and column in ("nfe1", "nfe2", "nfe4", "nfe128")
+    ]
+    return (
+        f"{metric} {' '.join(values)} ({row['steps']} steps, {row['fpe']:.2f} FPE, "
+        f"{row['train_s']:.0f} s)"
+    )
+
+
+def _cell(values: list[float], floor: float | None = None) -> str:
+    if not values:
+        return "–"
+    median = statistics.median(values)
+    mark = "†" if floor is not None and median < floor else ""
+    if len(values) == 1:
+        return f"{median:.3g}{mark} (1 seed)"
+    return f"{median:.3g}{mark} [{min(values):.3g}–{max(values):.3g}]"
+
+
+def cells(rows: list[dict], metric: str) -> dict:
+    """`{(method, budget, column): [value per seed]}` over the scored rows."""
+    out = collections.defaultdict(list)
+    for row in rows:
+        for column, scores in row.get("metrics", {}).items():
+            if metric in scores:
+                out[row["method"], row["budget"], column].append(scores[metric])
+    return out
+
+
+def separated_ranking(values: dict[str, list[float]]) -> list[list[str]]:
+    """Methods in groups, best (lowest) first: a new group starts where the next
+    method's whole seed range lies above every range in the groups so far, so two
+    methods in different groups are ordered by every seed."""
+    ordered = sorted(values, key=lambda name: statistics.median(values[name]))
+    groups: list[list[str]] = []
+    highest = -np.inf
+    for name in ordered:
+        if groups and min(values[name]) > highest:
+            groups.append([name])
+        elif groups:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        highest = max(highest, max(values[name]))
+    return groups
+
+
+def checks(rows: list[dict], headline: tuple[str, ...], plan: dict) -> list[tuple]:
+    """`(name, ok, text)` for every acceptance check of the rows."""
+    out = []
+    errors = [r for r in rows if "error" in r]
+    out.append(
+        (
+            "runs",
+            not errors,
+            f"{len(rows) - len(errors)} of {len(rows)} runs finished"
+            + "".join(
+                f"; {r['dataset']} {r['method']} seed {r['seed']}: {r['error']}"
+                for r in errors
+            ),
+        )
+    )
+    mismatched = []
+    for row in rows:
+        if "error" in row:
+            continue
+        fm = row["settings"]["base_steps"] * _fm_step_flops(rows, row)
+        if fm and abs(row["total_flops"] / (row["budget"] * fm) - 1) > 0.01:
+            mismatched.append(f"{row['dataset']} {row['method']} b{row['budget']:g}")
+    out.append(
+        (
+            "compute matched",
+            not mismatched,
+            "every run's training FLOPs (teacher included) within 1 % of its budget"
+            if not mismatched
+            else "off budget: " + ", ".join(mismatched),
+        )
+    )
+    missing = []
+    for dataset, budgets in plan.items():
+        for name in headline:
+            for budget in budgets:
+                seeds = {
+                    r["seed"]
+                    for r in rows
+                    if r["dataset"] == dataset
+                    and r["method"] == name
+                    and r["budget"] == budget
+                    and "error" not in r
+                }
+                if len(seeds) < HEADLINE_SEEDS:
+                    missing.append(f"{dataset} {name} b{budget:g} ({len(seeds)})")
+    out.append(
+        (
+            "coverage",
+            not missing,
+            f"every planned cell has {HEADLINE_SEEDS} seeds"
+            if not missing
+            else f"{len(missing)} planned cells have fewer than {HEADLINE_SEEDS} "
+            f"seeds: "
+            + ", ".join(missing[:12])
+            + (" ..." if len(missing) > 12 else ""),
+        )
+    )
+    return out
+
+
+def _fm_step_flops(rows: list[dict], row: dict) -> float:
+    for other in rows:
+        if (
+            other["dataset"] == row["dataset"]
+            and other["method"] == "flow-matching"
+            and "step_flops" in other
+        ):
+            return other["step_flops"]
+    return 0.0
+
+
+def _runs(rows: list[dict]) -> list[str]:
+    """One line per chunk: command, commit, machine, rows and hours."""
+    chunks = collections.OrderedDict()
+    for row in rows:
+        machine = row.get("machine", {})
+        commit = (machine.get("git", {}).get("commit") or "?")[:7]
+        key = (row.get("command", "?"), commit, machine.get("platform", "?"))
+        chunk = chunks.setdefault(key, {"rows": 0, "seconds": 0.0, "cores": None})
+        chunk["rows"] += 1
+        chunk["seconds"] += row.get("seconds", 0.0)
+        chunk["cores"] = machine.get("cpu_count")
+        chunk["backend"] = machine.get("jax_backend")
+    return [
+        f"- `{command}` at `{commit}` on {platform} ({c['cores']} cores, "
+        f"{c['backend']}): {c['rows']} runs, {c['seconds'] / 3600:.1f} h"
+        for (command, commit, platform), c in chunks.items()
+    ]
+
+
+def dataset_section(name: str, rows: list[dict], figure: str | None) -> list[str]:
+    metric = primary_metric(rows)
+    floors = rows[0].get("floors", {})
+    floor = floors.get("fd_real") if metric == "fd" else None
+    lines = [f"## {name}", ""]
+    if metric == "fd":
+        lines.append(
+            f"Fréchet distance on a classifier trained on the held-out split "
+            f"(split {floors['split'][0]} training / {floors['split'][1]} held out; "
+            f"classifier accuracy {floors['classifier_accuracy']:.3f}). Real-versus-"
+            f"real floor, {floors['fd_real_rows']} real training images against the "
+            f"held-out statistics: **{floors['fd_real']:.3g}**; † marks a median below "
+            "it."
+        )
+    elif "energy_fresh" in floors:
+        lines.append(
+            f"Floor: energy distance between two fresh data sets of the evaluation "
+            f"size, {floors['energy_fresh']:.3g}."
+        )
+    lines.append("")
+    values = cells(rows, metric)
+    budgets = sorted({r["budget"] for r in rows})
+    teachers = sorted({r["teacher_kind"] for r in rows})
+    for teacher in teachers:
+        subset = [r for r in rows if r["teacher_kind"] == teacher]
+        values = cells(subset, metric)
+        label = "" if teacher == "learned" else " — exact teacher (ablation)"
+        for budget in budgets:
+            here = [r for r in subset if r["budget"] == budget]
+            if not here:
+                continue
+            methods = list(dict.fromkeys(r["method"] for r in here))
+            columns = sorted(
+                {c for r in here for c in r.get("metrics", {})},
+                key=lambda c: int(c[3:]),
+            )
+            lines += [
+                f"### Budget {budget:g}× flow matching's{label}",
+                "",
+                f"{LABEL[metric]}, median [min–max] over seeds; steps and total "
+                "training FLOPs relative to the budget (teacher included).",
+                "",
+                "| method | steps | teacher steps | "
+                + " | ".join(
+                    f"{c[3:]} step{'s' if c != 'nfe1' else ''}" for c in columns
+                )
+                + " |",
+                "|---|---|---|" + "---|" * len(columns),
+            ]
+            for method in methods:
+                mine = [r for r in here if r["method"] == method and "error" not in r]
+                steps = sorted({r["steps"] for r in mine}) or ["–"]
+                teacher_steps = sorted({r["teacher_steps"] for r in mine}) or ["–"]
+                row_cells = [
+                    _cell(values.get((method, budget, c), []), floor) for c in columns
+                ]
+                lines.append(
+                    f"| {method} | {', '.join(map(str, steps))} | "
+                    f"{', '.join(map(str, teacher_steps))} | "
+                    + " | ".join(row_cells)
+                    + " |"
+                )
+            for column in ("nfe1", "nfe2", "nfe4"):
+                scored = {
+                    m: values[m, budget, column]
+                    for m in methods
+                    if values.get((m, budget, column)) and m != "flow-matching"
+                }
+                if len(scored) > 1:
+                    groups = separated_ranking(scored)
+                    text = " < ".join(
+                        "{" + ", ".join(g) + "}" if len(g) > 1 else g[0] for g in groups
+                    )
+                    lines.append("")
+                    lines.append(
+                        f"{column[3:]} step{'s' if column != 'nfe1' else ''}, ordered "
+                        f"only where every seed agrees: {text}"
+                    )
+            lines.append("")
+    if figure:
+        lines += [f"![{name}: quality against training compute]({figure})", ""]
+    return lines
+
+
+def write_figure(name: str, rows: list[dict], path: pathlib.Path) -> None:
+    """Quality against total training FLOPs, one line per method and step count
+    (seed median, bars from min to max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = primary_metric(rows)
+    rows = [r for r in rows if r["teacher_kind"] == "learned" and "error" not in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
+    for ax, column in zip(axes, ("nfe1", "nfe2", "nfe4"), strict=True):
+        lines = [(m, column) for m in dict.fromkeys(r["method"] for r in rows)]
+        lines.append(("flow-matching", "nfe128"))
+        for index, (method, col) in enumerate(lines):
+            points = collections.defaultdict(list)
+            for r in rows:
+                if r["method"] == method and metric in r["metrics"].get(col, {}):
+                    points[r["budget"]].append(r["metrics"][col][metric])
+            if not points:
+                continue
+            x = sorted(points)
+            y = [statistics.median(points[v]) for v in x]
+            # Every method at a budget spends the same compute: spread them a
+            # little sideways so that their seed ranges stay readable.
+            shift = 1.03 ** (index - len(lines) / 2)
+            low = [y_ - min(points[v]) for v, y_ in zip(x, y, strict=True)]
+            high = [max(points[v]) - y_ for v, y_ in zip(x, y, strict=True)]
+            if method != "flow-matching":
+                style, label = "-o", method
+            elif col == "nfe128":
+                style, label = "k:", "flow matching, 128 Euler steps"
+            else:
+                style, label = "k--", f"flow matching, {col[3:]} Euler step(s)"
+            shifted = [v * shift for v in x]
+            ax.errorbar(shifted, y, yerr=[low, high], fmt=style, label=label, capsize=2)
+        floor = rows[0].get("floors", {}).get("fd_real") if rows else None
+        if floor is not None and metric == "fd":
+            ax.axhline(floor, color="grey", lw=0.8, label="real vs real")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{name}: {column[3:]} step{'s' if column != 'nfe1' else ''}")
+        ax.set_xlabel("training compute, × flow matching's budget (teacher included)")
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel(LABEL[metric])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    rows: list[dict], out: pathlib.Path, *, plan=None, headline=()
+) -> None:
+    """`frontier.md` and one figure per data set into `out`, from `rows`."""
+    by_dataset = collections.OrderedDict()
+    for row in rows:
+        by_dataset.setdefault(row["dataset"], []).append(row)
+    lines = [
+        "# Sample quality against training compute",
+        "",
+        "Generated by `benchmarks/frontier.py` from `rows.jsonl`, one row per run "
+        "(data set, method, seed, budget, teacher). Runs:",
+        "",
+        *_runs(rows),
+        "",
+    ]
+    for name, mine in by_dataset.items():
+        figure = None
+        if any("error" not in r for r in mine):
+            figure = f"frontier-{name}.png"
+            write_figure(name, mine, out / figure)
+        lines += dataset_section(name, mine, figure)
+    if plan is not None:
+        lines += ["## Checks", ""]
+        for check, ok, text in checks(rows, headline, plan):
+            lines.append(f"- {'ok' if ok else 'FAIL'}: {check}: {text}")
+    (out / "frontier.md").write_text("\n".join(lines) + "\n")

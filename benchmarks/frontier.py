@@ -1,0 +1,540 @@
+"""Which method to train for a given budget: sample quality against training compute.
+
+```
+python benchmarks/frontier.py [--datasets ...] [--methods ...] [--seeds 0 1 2]
+                              [--budgets 0.5 1 2] [--teacher learned|exact]
+                              [--out DIR] [--resume] [--quick]
+python benchmarks/frontier.py --out DIR --render   # the report from DIR/rows.jsonl
+```
+
+Every run is one row of `rows.jsonl`, keyed by data set, method, seed, budget and
+teacher. A budget is training compute in units of flow matching's: budget 1 is what
+flow matching spends in `base_steps` steps (20k at the full settings), measured as
+FLOPs of the compiled training step (forward-pass equivalents × the forward pass's
+FLOPs × batch) × steps. Each method gets as many steps as its own measured cost per
+step allows within the budget, so a method that costs 11 forward passes per row
+trains for fewer steps than one that costs 3.
+
+**Learned teachers.** A distillation method's teacher (and CTM's and PFMM's `aux`
+map, a Heun solve of the teacher) is a flow-matching network trained on the same
+data with the same seed, for half the budget; its training compute is charged to
+the method, which spends the other half. `--teacher exact` gives distillation on
+the analytic sets the exact velocity instead, at no charge: an ablation, labelled
+so in every row and table.
+
+**Metrics.** Analytic sets: paired RMSE between the sample from noise row `i` and
+the exact end point of the same noise (and the energy distance to fresh data); 2-d
+toy sets: the energy distance to fresh data; images: the Fréchet distance on the
+features of a classifier trained on a held-out split that the generators never
+see, against that split's statistics, beside the real-versus-real floor (as many
+real training images as samples, against the same statistics), and the classifier's
+accuracy on the labels the samples were conditioned on. Flow matching is sampled
+with 1 to 128 Euler steps, every flow map with 1, 2 and 4 jumps (re-noising between
+jumps for maps trained only to data; none for maps trained only from noise).
+
+Rows are appended as they finish, so an interrupted run loses at most the row in
+progress, and `--resume` skips the rows `rows.jsonl` already holds. The report,
+`frontier.md` and one figure per data set (quality against training compute, one
+line per method and number of steps), is rendered from `rows.jsonl` alone.
+Samples and noise are saved under `samples/` for recomputation (not committed).
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import pathlib
+import sys
+import tempfile
+import time
+import traceback
+
+import _quality_data as datasets
+import _quality_metrics as metrics
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from _machine import machine
+from quality import HeunMap, draw_samples, networks_used, sampling_kind
+
+import fmcalc
+import fmcalc.nn
+
+
+BASELINE = "flow-matching"
+# The headline subset: the methods that met the image bars in the equal-steps run,
+# the two best 1-step methods on the analytic sets (pid, freeflow), and the
+# references users ask about (shortcut, MeanFlow with plain MSE).
+HEADLINE = (
+    "facm",
+    "splitmeanflow",
+    "lsd",
+    "emd",
+    "pfmm",
+    "psd",
+    "shortcut",
+    "meanflow-mse",
+    "ect",
+    "pid",
+    "freeflow",
+)
+EULER_STEPS = (1, 2, 4, 8, 16, 32, 64, 128)
+AUX_SUBSTEPS = {"ctm": 2, "pfmm": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Network, batch and evaluation of one data set, the same for every method."""
+
+    width: int
+    depth: int
+    base_steps: int
+    batch_size: int
+    n_eval: int
+    lr: float = 1e-3
+    skip: bool = False
+    held_out: float = 0.4
+
+    def ema_decay(self, steps: int) -> float:
+        return min(0.999, 1 - 10 / steps)
+
+
+FULL = {
+    "ring": Settings(256, 4, 20_000, 256, 2000),
+    "aniso2d": Settings(256, 4, 20_000, 256, 2000),
+    "checkerboard": Settings(256, 4, 20_000, 256, 2000),
+    "digits": Settings(512, 4, 20_000, 256, 1000),
+    "mnist": Settings(512, 4, 20_000, 128, 1000, skip=True),
+}
+QUICK = {
+    "ring": Settings(64, 2, 400, 128, 500),
+    "digits": Settings(64, 2, 300, 64, 200),
+}
+PLAN = {
+    # Budgets per data set: three where the frontier is drawn, one elsewhere.
+    "ring": (0.5, 1.0, 2.0),
+    "mnist": (0.5, 1.0, 2.0),
+    "aniso2d": (1.0,),
+    "checkerboard": (1.0,),
+    "digits": (1.0,),
+}
+SEEDS = (0, 1, 2)
+
+
+def method(name: str) -> fmcalc.Method:
+    if name == "meanflow-mse":
+        return fmcalc.methods.get("meanflow", loss=fmcalc.SquaredError())
+    return fmcalc.methods.get(name)
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """What a data set's metrics need, fixed across methods, seeds and budgets."""
+
+    dataset: datasets.Dataset
+    noise: np.ndarray
+    cond: np.ndarray | None
+    train: np.ndarray | None = None
+    train_labels: np.ndarray | None = None
+    data: np.ndarray | None = None
+    exact: np.ndarray | None = None
+    classifier: metrics.Classifier | None = None
+    reference: np.ndarray | None = None
+    floors: dict = dataclasses.field(default_factory=dict)
+
+
+def prepare(dataset, settings: Settings, cache: pathlib.Path) -> Evaluation:
+    """Noise, references and floors. Images are split once (fixed seed) into a
+    training split for the generators and a held-out split for the classifier and
+    the reference statistics."""
+    key = jax.random.key(20_250_101)
+    k_noise, k_data = jax.random.split(key)
+    n = settings.n_eval
+    noise = np.asarray(jax.random.normal(k_noise, (n, dataset.dim), jnp.float32))
+    if dataset.kind == "images":
+        assert dataset.train is not None and dataset.train_labels is not None
+        order = np.random.default_rng(0).permutation(dataset.train.shape[0])
+        held = int(round(settings.held_out * len(order)))
+        train, held_out = order[held:], order[:held]
+        classifier, accuracy = metrics.cached_classifier(
+            f"{dataset.name}-held-out",
+            dataset.train[held_out],
+            dataset.train_labels[held_out],
+            dataset.num_classes,
+            cache,
+        )
+        reference = metrics.features(classifier, dataset.train[held_out])
+        real = dataset.train[train][: min(n, len(train))]
+        floors = {
+            "classifier_accuracy": accuracy,
+            "fd_real": metrics.frechet_distance(
+                metrics.features(classifier, real), reference
+            ),
+            "split": [int(len(train)), int(len(held_out))],
+            "fd_real_rows": int(real.shape[0]),
+        }
+        return Evaluation(
+            dataset,
+            noise,
+            np.arange(n, dtype=np.int32) % dataset.num_classes,
+            train=dataset.train[train],
+            train_labels=dataset.train_labels[train],
+            classifier=classifier,
+            reference=reference,
+            floors=floors,
+        )
+    data = np.asarray(dataset.sample(k_data, n))
+    other = np.asarray(dataset.sample(jax.random.fold_in(k_data, 1), n))
+    ev = Evaluation(dataset, noise, None, data=data)
+    ev.floors = {"energy_fresh": metrics.energy_distance(data, other)}
+    if dataset.kind == "analytic":
+        with jax.enable_x64(True):
+            flow = dataset.reference()
+            solve = jax.jit(jax.vmap(flow.flow_map))
+            x = jnp.asarray(noise, jnp.float64)
+            ev.exact = np.asarray(solve(x, jnp.ones(n), jnp.zeros(n)))
+    return ev
+
+
+def score(ev: Evaluation, samples: np.ndarray) -> dict[str, float]:
+    """The metrics of one set of samples, rows paired with `ev.noise`."""
+    if not np.all(np.isfinite(samples)):
+        return {"nonfinite": float(np.mean(~np.all(np.isfinite(samples), axis=1)))}
+    if ev.classifier is not None:
+        assert ev.reference is not None
+        features = metrics.features(ev.classifier, samples)
+        return {
+            "fd": metrics.frechet_distance(features, ev.reference),
+            "accuracy": float(
+                np.mean(metrics.predict(ev.classifier, samples) == ev.cond)
+            ),
+        }
+    out = {"energy": metrics.energy_distance(samples, ev.data)}
+    if ev.exact is not None:
+        out["rmse"] = metrics.paired_rmse(samples, ev.exact)
+    return out
+
+
+# --------------------------------------------------------------------- compute
+
+
+def network(dataset, settings: Settings, seed: int) -> fmcalc.nn.MLP:
+    return fmcalc.nn.MLP(
+        dataset.dim,
+        width=settings.width,
+        depth=settings.depth,
+        num_classes=dataset.num_classes,
+        skip=settings.skip,
+        dtype=jnp.float32,
+        key=jax.random.key(1000 + seed),
+    )
+
+
+def step_cost(name: str, ev: Evaluation, settings: Settings, teacher, aux) -> dict:
+    """The measured FLOPs of one training step of `name`: its loss's value and
+    gradient on one batch of `batch_size` data rows (teacher calls included), and
+    its forward-pass equivalents per data row."""
+    m = method(name)
+    model = network(ev.dataset, settings, 0)
+    rows = ev.train if ev.train is not None else ev.data
+    x0 = jnp.asarray(rows[: settings.batch_size])
+    cond = (
+        None
+        if ev.train_labels is None
+        else jnp.asarray(ev.train_labels[: settings.batch_size])
+    )
+    batch = m.batch(jax.random.key(0), x0, cond=cond)
+    used = networks_used(m)
+    nets = {
+        "teacher": teacher if "teacher" in used else None,
+        "ema": model if "ema" in used else None,
+        "aux": aux if "aux" in used else None,
+    }
+
+    def step(model):
+        return eqx.filter_value_and_grad(lambda m_: m.loss(m_, batch, **nets)[0])(model)
+
+    # The reference is one forward pass per data row: a method that evaluates
+    # each of its terms on every row (no split) lays out a multiple of them.
+    data_rows = jax.tree.map(lambda a: a[: settings.batch_size], batch)
+
+    def forward(model):
+        return jax.vmap(lambda x, s, t, c: model(x, s, t, cond=c))(
+            data_rows.x, data_rows.s, data_rows.t, data_rows.cond
+        )
+
+    cost = fmcalc.cost.measure(step, (model,), forward=forward, forward_args=(model,))
+    return {
+        "flops": cost.flops,
+        "forward_flops": cost.forward_flops,
+        "fpe": cost.forward_pass_equivalents,
+    }
+
+
+def plan_steps(budget: float, fm_step_flops: float, own_step_flops: float,
+               settings: Settings, uses_teacher: bool) -> tuple[int, int]:  # fmt: skip
+    """`(own steps, teacher steps)` within `budget`: the teacher (flow matching)
+    gets half the budget when the method uses one, the method the rest."""
+    total = budget * settings.base_steps * fm_step_flops
+    teacher_steps = int(round(budget / 2 * settings.base_steps)) if uses_teacher else 0
+    own = total - teacher_steps * fm_step_flops
+    return max(1, int(round(own / own_step_flops))), teacher_steps
+
+
+# -------------------------------------------------------------------- training
+
+
+def fit(name: str, model, ev: Evaluation, settings: Settings, steps: int, *, seed,
+        teacher=None, aux=None):  # fmt: skip
+    m = method(name)
+    used = networks_used(m)
+    schedule = optax.cosine_decay_schedule(settings.lr, steps, alpha=0.01)
+    if ev.train is not None:
+        data, labels = jnp.asarray(ev.train), jnp.asarray(ev.train_labels)
+    else:
+        data, labels = ev.dataset.sample, None
+    start = time.perf_counter()
+    result = fmcalc.train.fit(
+        m,
+        model,
+        data,
+        key=jax.random.key(2000 + seed),
+        steps=steps,
+        batch_size=settings.batch_size,
+        optimizer=optax.adam(schedule),
+        labels=labels,
+        teacher=teacher if "teacher" in used else None,
+        aux=aux if "aux" in used else None,
+        ema_decay=settings.ema_decay(steps),
+        progress=False,
+    )
+    jax.block_until_ready(eqx.filter(result.ema, eqx.is_array))
+    return result, time.perf_counter() - start
+
+
+class Teachers:
+    """Flow-matching networks by (seed, steps), trained once and reused as the
+    teacher of every distillation method at that budget."""
+
+    def __init__(self, ev: Evaluation, settings: Settings):
+        self.ev, self.settings = ev, settings
+        self.trained: dict[tuple[int, int], tuple[object, float]] = {}
+
+    def get(self, seed: int, steps: int):
+        if (seed, steps) not in self.trained:
+            model = network(self.ev.dataset, self.settings, seed)
+            result, seconds = fit(
+                BASELINE, model, self.ev, self.settings, steps, seed=seed
+            )
+            self.trained[seed, steps] = (result.ema, seconds)
+        return self.trained[seed, steps]
+
+
+def run_row(name: str, budget: float, seed: int, teacher_kind: str, ev: Evaluation,
+            settings: Settings, teachers: Teachers, costs: dict) -> dict:  # fmt: skip
+    """Train one method at one budget and seed, sample it and score it."""
+    m = method(name)
+    used = networks_used(m)
+    exact = teacher_kind == "exact" and ev.dataset.flow is not None
+    uses_teacher = bool(used & {"teacher", "aux"}) and not exact
+    own_steps, teacher_steps = plan_steps(
+        budget,
+        costs[BASELINE]["flops"],
+        costs[name]["flops"],
+        settings,
+        uses_teacher,
+    )
+    row = {
+        "steps": own_steps,
+        "teacher_steps": teacher_steps,
+        "fpe": costs[name]["fpe"],
+        "step_flops": costs[name]["flops"],
+        "own_flops": own_steps * costs[name]["flops"],
+        "teacher_flops": teacher_steps * costs[BASELINE]["flops"],
+        "kind": sampling_kind(name, m),
+    }
+    row["total_flops"] = row["own_flops"] + row["teacher_flops"]
+    teacher = aux = None
+    if exact:
+        teacher = ev.dataset.flow.velocity  # pyright: ignore[reportOptionalMemberAccess]
+        aux = ev.dataset.flow
+        row["teacher"] = "exact velocity (ablation)"
+    elif uses_teacher:
+        fm, row["teacher_s"] = teachers.get(seed, teacher_steps)
+        teacher = fmcalc.model_velocity(fm)
+        aux = HeunMap(teacher, AUX_SUBSTEPS.get(name, 4))
+        row["teacher"] = f"flow matching, {teacher_steps} steps (charged)"
+    model = network(ev.dataset, settings, seed)
+    result, row["train_s"] = fit(
+        name, model, ev, settings, own_steps, seed=seed, teacher=teacher, aux=aux
+    )
+    if name == BASELINE:  # the same run as the teacher of twice this budget
+        teachers.trained.setdefault((seed, own_steps), (result.ema, row["train_s"]))
+    row["skipped"] = int(result.skipped)
+    row["final_loss"] = float(np.nanmean(np.asarray(result.losses)[-100:]))
+    start = time.perf_counter()
+    if row["kind"] == "velocity":
+        drawn = {
+            f"nfe{k}": _euler(result.ema, ev, k) for k in EULER_STEPS
+        }  # fmt: skip
+    else:
+        drawn = {
+            k: v
+            for k, v in draw_samples(
+                row["kind"], result.ema, ev.noise, ev.cond, jax.random.key(7 + seed)
+            ).items()
+            if v is not None and k.startswith("nfe")
+        }
+    row["metrics"] = {column: score(ev, samples) for column, samples in drawn.items()}
+    row["eval_s"] = time.perf_counter() - start
+    row["samples"] = drawn
+    return row
+
+
+def _euler(model, ev: Evaluation, steps: int) -> np.ndarray:
+    from quality import _chunked, _euler as euler
+
+    return _chunked(
+        lambda e, c: euler(model, e, c, steps), ev.noise.shape[0], ev.noise, ev.cond
+    )
+
+
+# ------------------------------------------------------------------------ main
+
+
+def key_of(row: dict) -> tuple:
+    return (
+        row["dataset"],
+        row["method"],
+        row["seed"],
+        row["budget"],
+        row["teacher_kind"],
+    )
+
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", choices=list(FULL))
+    parser.add_argument(
+        "--methods", nargs="+", help="default: flow matching and the headline subset"
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument(
+        "--budgets", nargs="+", type=float, help="default: the plan per data set"
+    )
+    parser.add_argument("--teacher", choices=("learned", "exact"), default="learned")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny networks and budgets (a few minutes)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="skip rows already in rows.jsonl"
+    )
+    parser.add_argument("--render", action="store_true", help="only render the report")
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path(tempfile.gettempdir()) / "fmcalc-benchmarks" / "frontier",
+    )
+    args = parser.parse_args(argv)
+    import _render
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "rows.jsonl"
+    plan = {name: PLAN[name] for name in (args.datasets or PLAN)}
+    report = dict(plan=plan, headline=(BASELINE, *HEADLINE))
+    if args.render:
+        _render.write_report(read_rows(path), args.out, **report)
+        return 0
+    if not args.resume and path.exists():
+        raise SystemExit(
+            f"{path} exists: pass --resume to add to it, or choose another --out."
+        )
+    done = {key_of(row) for row in read_rows(path)}
+    table = QUICK if args.quick else FULL
+    names = args.datasets or list(QUICK if args.quick else PLAN)
+    methods = [BASELINE, *(args.methods or HEADLINE)]
+    methods = list(dict.fromkeys(methods))
+    command = "python benchmarks/frontier.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    record = machine()
+    for name in names:
+        settings = table[name]
+        dataset = datasets.DATASETS[name]()
+        ev = prepare(dataset, settings, args.out / "samples" / "_cache")
+        samples_dir = args.out / "samples" / name
+        samples_dir.mkdir(parents=True, exist_ok=True)
+        np.save(samples_dir / "noise.npy", ev.noise)
+        if ev.exact is not None:
+            np.save(samples_dir / "exact.npy", ev.exact)
+        teachers = Teachers(ev, settings)
+        # Costs are measured on an untrained network of the same shape.
+        teacher = fmcalc.model_velocity(network(dataset, settings, 0))
+        costs = {
+            n: step_cost(
+                n, ev, settings, teacher, HeunMap(teacher, AUX_SUBSTEPS.get(n, 4))
+            )
+            for n in methods
+        }
+        budgets = args.budgets or PLAN.get(name, (1.0,))
+        for seed in args.seeds:
+            for budget in budgets:
+                for method_name in methods:
+                    identity = {
+                        "dataset": name,
+                        "method": method_name,
+                        "seed": seed,
+                        "budget": budget,
+                        "teacher_kind": args.teacher,
+                    }
+                    if key_of(identity) in done:
+                        continue
+                    start = time.perf_counter()
+                    try:
+                        row = run_row(method_name, budget, seed, args.teacher, ev,
+                                      settings, teachers, costs)  # fmt: skip
+                    except Exception as error:  # noqa: BLE001 - recorded in the row
+                        row = {
+                            "error": f"{type(error).__name__}: {error}".splitlines()[0]
+                        }
+                        traceback.print_exc()
+                    drawn = row.pop("samples", {})
+                    for column, samples in drawn.items():
+                        stem = f"{method_name}-b{budget:g}-s{seed}-{args.teacher}"
+                        np.save(samples_dir / f"{stem}-{column}.npy", samples)
+                    row = {
+                        **identity,
+                        **row,
+                        "floors": ev.floors,
+                        "settings": dataclasses.asdict(settings),
+                        "seconds": time.perf_counter() - start,
+                        "finished": datetime.datetime.now().isoformat(
+                            timespec="seconds"
+                        ),
+                        "command": command,
+                        "machine": record,
+                    }
+                    with path.open("a") as file:
+                        file.write(json.dumps(row) + "\n")
+                    print(f"[{name}] seed {seed} budget {budget:g} {method_name}: "
+                          f"{_render.headline_value(row)}", flush=True)  # fmt: skip
+    if args.quick:
+        report = dict(plan={n: (1.0,) for n in names}, headline=tuple(methods))
+    _render.write_report(read_rows(path), args.out, **report)
+    print(f"wrote {args.out / 'frontier.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

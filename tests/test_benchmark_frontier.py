@@ -1,0 +1,159 @@
+"""`benchmarks/frontier.py` and its renderer: budgets are matched, rankings are
+stated only where seeds agree, and every check of the report fails on failing
+input."""
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(
+        f"fmcalc_benchmark_{name}", BENCHMARKS / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+render = _load("_render")
+frontier = _load("frontier")
+
+
+def _row(method="lsd", seed=0, budget=1.0, value=0.5, **changes) -> dict:
+    row = {
+        "dataset": "ring",
+        "method": method,
+        "seed": seed,
+        "budget": budget,
+        "teacher_kind": "learned",
+        "steps": 1000,
+        "teacher_steps": 0,
+        "fpe": 3.0,
+        "step_flops": 3.0,
+        "own_flops": 3000.0 * budget,
+        "teacher_flops": 0.0,
+        "total_flops": 3000.0 * budget,
+        "train_s": 1.0,
+        "metrics": {"nfe1": {"rmse": value, "energy": 0.01}},
+        "floors": {"energy_fresh": 0.001},
+        "settings": {"base_steps": 1000},
+        "seconds": 2.0,
+        "command": "python benchmarks/frontier.py --quick",
+        "machine": {"git": {"commit": "abc1234"}, "platform": "test", "cpu_count": 2},
+    }
+    if method == "flow-matching":
+        row["metrics"]["nfe128"] = {"rmse": value / 4, "energy": 0.005}
+    return {**row, **changes}
+
+
+def test_ranking_is_stated_only_where_every_seed_agrees():
+    groups = render.separated_ranking(
+        {"a": [1.0, 1.1], "b": [2.0, 2.1], "c": [2.05, 3.0], "d": [3.5, 3.6]}
+    )
+    assert groups == [["a"], ["b", "c"], ["d"]]
+    assert render.separated_ranking({"x": [1.0, 2.0], "y": [1.5, 1.6]}) == [["x", "y"]]
+
+
+def test_budgets_charge_the_teacher_half():
+    settings = frontier.Settings(8, 1, 1000, 16, 10)
+    own, teacher = frontier.plan_steps(2.0, 3.0, 6.0, settings, uses_teacher=True)
+    assert teacher == 1000  # half of 2× flow matching's 1000 steps
+    assert own * 6.0 + teacher * 3.0 == pytest.approx(2.0 * 1000 * 3.0)
+    own, teacher = frontier.plan_steps(1.0, 3.0, 12.0, settings, uses_teacher=False)
+    assert (own, teacher) == (250, 0)  # four times the cost: a quarter of the steps
+
+
+def _plan():
+    return {"ring": (1.0,)}
+
+
+def test_checks_pass_on_complete_rows():
+    rows = [_row(m, s) for m in ("flow-matching", "lsd") for s in range(3)]
+    results = render.checks(rows, ("flow-matching", "lsd"), _plan())
+    assert all(ok for _, ok, _ in results), results
+
+
+@pytest.mark.parametrize(
+    "broken, check",
+    [
+        ("error", "runs"),
+        ("off budget", "compute matched"),
+        ("missing seed", "coverage"),
+    ],
+)
+def test_each_check_fails_on_failing_input(broken, check):
+    rows = [_row(m, s) for m in ("flow-matching", "lsd") for s in range(3)]
+    if broken == "error":
+        rows[-1] = {**_row("lsd", 2), "error": "FloatingPointError: diverged"}
+        rows[-1].pop("metrics")
+    elif broken == "off budget":
+        rows[-1] = _row("lsd", 2, total_flops=4500.0)
+    else:
+        rows.pop()
+    results = {name: (ok, text) for name, ok, text in render.checks(
+        rows, ("flow-matching", "lsd"), _plan()
+    )}  # fmt: skip
+    ok, text = results[check]
+    assert not ok, text
+    # A failed run also leaves its cell a seed short; nothing else fails.
+    also = {"coverage"} if broken == "error" else set()
+    assert all(ok for name, (ok, _) in results.items() if name not in {check, *also})
+
+
+def test_report_marks_medians_below_the_real_floor(tmp_path):
+    floors = {
+        "fd_real": 2.0,
+        "split": [600, 400],
+        "classifier_accuracy": 0.9,
+        "fd_real_rows": 600,
+    }
+    rows = [
+        _row(
+            m,
+            s,
+            value=v,
+            dataset="digits",
+            floors=floors,
+            metrics={"nfe1": {"fd": v, "accuracy": 0.9}},
+        )  # fmt: skip
+        for m, v in (("flow-matching", 1.5), ("lsd", 3.0))
+        for s in range(3)
+    ]
+    render.write_report(rows, tmp_path, plan={"digits": (1.0,)}, headline=("lsd",))
+    text = (tmp_path / "frontier.md").read_text()
+    assert "1.5† [1.5–1.5]" in text and "3 [3–3]" in text
+    assert "Real-versus-real floor" in text and "**2**" in text
+    assert (tmp_path / "frontier-digits.png").exists()
+    assert "- ok: coverage" in text
+    assert "`python benchmarks/frontier.py --quick` at `abc1234`" in text
+
+
+@pytest.mark.slow
+def test_a_tiny_run_writes_rows_and_resumes(tmp_path, monkeypatch):
+    tiny = frontier.Settings(16, 1, 20, 32, 64)
+    monkeypatch.setitem(frontier.QUICK, "ring", tiny)
+    argv = ["--quick", "--datasets", "ring", "--seeds", "0", "--methods", "lsd",
+            "pfmm", "--out", str(tmp_path)]  # fmt: skip
+    assert frontier.main(argv) == 0
+    rows = frontier.read_rows(tmp_path / "rows.jsonl")
+    assert [r["method"] for r in rows] == ["flow-matching", "lsd", "pfmm"]
+    pfmm = rows[2]
+    assert pfmm["teacher_steps"] == 10 and "charged" in pfmm["teacher"]
+    for row in rows:
+        base = 20 * rows[0]["step_flops"]
+        assert row["total_flops"] == pytest.approx(base, rel=0.01)
+        assert "rmse" in row["metrics"]["nfe1"]
+    with pytest.raises(SystemExit, match="--resume"):
+        frontier.main(argv)
+    assert frontier.main([*argv, "--resume"]) == 0  # nothing left to run
+    assert len(frontier.read_rows(tmp_path / "rows.jsonl")) == 3
+    assert (tmp_path / "frontier.md").exists()
+    assert (tmp_path / "samples" / "ring" / "lsd-b1-s0-learned-nfe1.npy").exists()
