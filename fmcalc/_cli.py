@@ -117,7 +117,7 @@ def _order_rows(name, flow) -> list[Row]:
             rows.append(
                 Row(
                     name,
-                    f"{identity} FD order",
+                    f"{identity} FD order, {scheme}",
                     "float64",
                     f"fd-{scheme}",
                     slope,

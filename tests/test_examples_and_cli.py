@@ -12,19 +12,23 @@ from fmcalc._cli import main
 EXAMPLES_DIR = Path(__file__).parent.parent / "examples"
 
 # Each example: its arguments for a quick run, and lines its output must contain.
+# Every example trains with `fmcalc.train.fit`, prints flow matching's paired error
+# beside its own and saves a figure.
+BASELINE = ("paired error", "flow matching", "figure:")
 EXAMPLES = {
-    "quickstart": ((), ("measured cost",)),
-    "meanflow": (("--steps", "20"), ("meanflow (eulerian", "2-step paired error")),
-    "lsd": (("--steps", "20"), ("rows per term: [192, 64]", "2-step paired error")),
-    "shortcut": (("--steps", "20"), ("V_ema(F_ema(", "2-step paired error")),
-    "ayf_emd": (("--steps", "20"), ("step 10: r = 1.00", "2-step paired error")),
+    "quickstart": (("--steps", "20"), ("measured cost", "step 20", *BASELINE)),
+    "meanflow": (("--steps", "20"), ("meanflow (eulerian", "step 20", *BASELINE)),
+    "lsd": (("--steps", "20"), ("rows per term: [192, 64]", *BASELINE)),
+    "shortcut": (("--steps", "20"), ("V_ema(F_ema(", "2-step paired error", *BASELINE)),
+    "ayf_emd": (("--steps", "20"), ("step 10: r = 1.00", *BASELINE)),
+    "flax_model": (("--steps", "20"), ("back in Flax: AverageVelocity", *BASELINE)),
     "new_method": (
         ("--steps", "20"),
         (
             "rejected: Term 'eulerian': `D~fd[central",
             "-> pass",
             "measured (FPE)",
-            "paired error",
+            *BASELINE,
         ),
     ),
 }
@@ -68,12 +72,15 @@ def test_every_example_is_run():
     assert sorted(p.stem for p in EXAMPLES_DIR.glob("*.py")) == sorted(EXAMPLES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_example_runs(name, monkeypatch, capsys):
+def test_example_runs(name, monkeypatch, capsys, tmp_path):
     args, needles = EXAMPLES[name]
     path = EXAMPLES_DIR / f"{name}.py"
-    monkeypatch.setattr(sys, "argv", [str(path), *args])
+    figure = tmp_path / f"{name}.png"
+    monkeypatch.setattr(sys, "argv", [str(path), *args, "--figure", str(figure)])
     runpy.run_path(str(path), run_name="__main__")
     out = capsys.readouterr().out
     for needle in needles:
         assert needle in out
+    assert figure.stat().st_size > 1000
