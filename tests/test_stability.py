@@ -34,8 +34,13 @@ def test_registry_methods_are_stable_on_a_gaussian(name, gaussian):
     assert result.smallest_real > 0
 
 
+# Every registry method on the mixture is in benchmarks/results/trust/ (about 6 min
+# here); the suite keeps one per rule and the smallest margins.
+ON_MIXTURE = ("lsd", "ayf-lmd", "ctm", "meanflow", "shortcut", "psd", "pfmm", "ect")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", methods.names())
+@pytest.mark.parametrize("name", ON_MIXTURE)
 def test_registry_methods_are_stable_on_the_asymmetric_mixture(name):
     result = check_stability(methods.get(name), key=jax.random.key(0))
     assert result.passed, str(result)
