@@ -98,7 +98,8 @@ class Settings:
     held_out: float = 0.4
 
     def ema_decay(self, steps: int) -> float:
-        return min(0.999, 1 - 10 / steps)
+        # An average over about a tenth of the run, at most 1000 steps.
+        return min(0.999, max(0.0, 1 - 10 / steps))
 
 
 FULL = {

@@ -141,7 +141,7 @@ def test_a_tiny_run_writes_rows_and_resumes(tmp_path, monkeypatch):
     tiny = frontier.Settings(16, 1, 20, 32, 64)
     monkeypatch.setitem(frontier.QUICK, "ring", tiny)
     argv = ["--quick", "--datasets", "ring", "--seeds", "0", "--methods", "lsd",
-            "pfmm", "--out", str(tmp_path)]  # fmt: skip
+            "pfmm", "--budgets", "1", "--out", str(tmp_path)]  # fmt: skip
     assert frontier.main(argv) == 0
     rows = frontier.read_rows(tmp_path / "rows.jsonl")
     assert [r["method"] for r in rows] == ["flow-matching", "lsd", "pfmm"]
@@ -149,7 +149,8 @@ def test_a_tiny_run_writes_rows_and_resumes(tmp_path, monkeypatch):
     assert pfmm["teacher_steps"] == 10 and "charged" in pfmm["teacher"]
     for row in rows:
         base = 20 * rows[0]["step_flops"]
-        assert row["total_flops"] == pytest.approx(base, rel=0.01)
+        # Whole steps: a method's budget rounds by at most half of one of its steps.
+        assert abs(row["total_flops"] - base) <= row["step_flops"] / 2
         assert "rmse" in row["metrics"]["nfe1"]
     with pytest.raises(SystemExit, match="--resume"):
         frontier.main(argv)

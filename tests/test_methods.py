@@ -422,9 +422,11 @@ def test_every_method_spec_is_short():
 
     for name in methods.names():
         builder = methods._registry._BUILDERS[name]
-        source = inspect.getsource(builder)
+        lines = inspect.getsource(builder).splitlines()
+        # The spec is the function; the decorator above it carries the metadata.
+        start = next(i for i, line in enumerate(lines) if line.startswith("def "))
         doc = inspect.getdoc(builder) or ""
-        body = len(source.splitlines()) - len(doc.splitlines())
+        body = len(lines) - start - len(doc.splitlines())
         assert body <= 25, (name, body)
 
 
