@@ -1057,7 +1057,9 @@ def fit(
     - On `KeyboardInterrupt` (SIGINT) the state is saved, then the exception goes
       on; on SIGTERM the state is saved and the process ends by the signal (when
       `fit` runs in the main thread and SIGTERM has its default action; a handler
-      of your own is left alone).
+      of your own is left alone). In a run of several processes, where a save is
+      collective and a signal reaches one process, neither is caught: the job
+      resumes from its last periodic checkpoint.
 
     **Main arguments:**
 
@@ -1218,6 +1220,10 @@ def fit(
     if stream is None and not callable(data):
         data = put(data, layout.replicated)
         labels = None if labels is None else put(labels, layout.replicated)
+    # The teacher's and aux network's arrays are read by every device.
+    teacher, aux = jax.tree.map(
+        lambda x: put(x, layout.replicated) if eqx.is_array(x) else x, (teacher, aux)
+    )
     problem = _Problem(
         method,
         optimizer,

@@ -141,6 +141,42 @@ def test_sharded_state_saves_memory_and_trains_alike(tmp_path):
     assert "batch_size=16" in refusal
 
 
+_COMMITTED_TEACHER = """
+import equinox as eqx, jax, jax.numpy as jnp, numpy as np, optax
+import fmcalc
+from fmcalc.nn import MLP
+
+class Velocity(eqx.Module):
+    weight: jax.Array
+
+    def __call__(self, x, t, *, cond=None):
+        return self.weight * x
+
+teacher = Velocity(jax.device_put(jnp.full(2, 0.5), jax.devices()[0]))
+data = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
+model = MLP(2, width=16, depth=1, time_features=8, key=jax.random.key(0))
+result = fmcalc.train.fit(
+    fmcalc.methods.get("lmd"), model, data, key=jax.random.key(2), steps=2,
+    batch_size=16, optimizer=optax.adam(1e-3), teacher=teacher, progress=False,
+)
+assert result.mesh.devices.size == 2 and np.isfinite(result.losses).all()
+"""
+
+
+@pytest.mark.slow
+def test_teacher_on_one_device_is_read_by_every_device():
+    """A teacher whose arrays sit on one device (a network trained there) serves
+    a run on two devices: fit lays its arrays out on the mesh."""
+    process = subprocess.run(
+        [sys.executable, "-c", _COMMITTED_TEACHER],
+        env=_environment(2),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+
+
 # Two processes --------------------------------------------------------------------
 
 
@@ -317,6 +353,7 @@ def _interrupt_at(step: int):
     return hook
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [_plain_stream, _grain_stream], ids=["plain", "grain"])
 def test_interrupted_stream_resumes_bit_for_bit(tmp_path, make):
     path = tmp_path / "run.eqx"
@@ -353,6 +390,7 @@ def test_stream_batches_are_checked():
         _fit(data=_plain_stream(), labels=np.zeros(256, np.int32), steps=2)
 
 
+@pytest.mark.slow
 def test_checkpoint_directory_resumes_and_falls_back(tmp_path):
     """A checkpoint directory (what a run of several processes writes) resumes in
     one process, which goes on writing it; a damaged newest save falls back to the
