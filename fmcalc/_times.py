@@ -461,10 +461,11 @@ class KarrasGrid(AbstractTimeSampler):
     `s = time(σ_{i+1})`, `u = time(σ_i)` (the adjacent, less noisy point where the
     target network is evaluated) and `t = 0` (consistency models map to data).
 
-    Song et al. (2023) use `N = 18` for CD; CT and iCT grow `N` during training (see
-    [`fmcalc.Doubling`][]). `steps` is static: a curriculum rebuilds the sampler,
-    e.g. `KarrasGrid(int(schedule(step)))` outside `jit`. iCT's log-normal weighting
-    over the grid indices is not implemented (the index is uniform).
+    Song et al. (2023) use `N = 18` for CD; CT and iCT grow `N` during training
+    (see [`fmcalc.schedules.Doubling`][]). `steps` is static: a curriculum rebuilds
+    the sampler, e.g. `KarrasGrid(int(schedule(step)))` outside `jit`. iCT's
+    log-normal weighting over the grid indices is not implemented (the index is
+    uniform).
 
     **Arguments:**
 

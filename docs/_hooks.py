@@ -1,0 +1,117 @@
+"""Build-time generation of pages from the registry and from benchmark results.
+
+- `<!-- methods: table -->` becomes the table of every registry method: name, full
+  name, rule, learning setting, output, static cost and Dieleman's figure.
+- `<!-- methods: RULE -->` becomes the reference entry of every method of that rule,
+  from `fmcalc.methods.doc(name, format="markdown")` (the text `fmcalc methods NAME`
+  prints), with the gradient roles of `fmcalc.explain(name)` in a collapsed block.
+- `--8<-- "benchmarks/results/....md"` on a line of its own becomes that report, as
+  the benchmark wrote it: its headings one level down and its figures copied into
+  the site. Numbers on the benchmark pages come from these files only.
+"""
+
+import pathlib
+import posixpath
+import re
+import textwrap
+
+from mkdocs.structure.files import File
+
+import fmcalc
+
+
+_MARKER = re.compile(r"^<!-- methods: ([\w-]+) -->$", re.MULTILINE)
+_INCLUDE = re.compile(r'^--8<-- "(benchmarks/results/[^"]+\.md)"$', re.MULTILINE)
+_LINK = re.compile(r"(\]\()([^)\s]+)(\))")
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _entry(name: str) -> str:
+    text = fmcalc.methods.doc(name, format="markdown")
+    heading, rest = text.split("\n", 1)
+    explained = textwrap.indent(str(fmcalc.explain(name)), "    ")
+    return (
+        f"{heading} {{ #{name} }}\n{rest}"
+        + f'\n??? note "Gradient roles: `fmcalc explain {name}`"\n\n'
+        + f"    ```text\n{explained}\n    ```\n"
+    )
+
+
+def _table() -> str:
+    lines = [
+        "| method | full name | rule | learning | output | FPE per row | FPE, all "
+        "terms on all rows | Dieleman's table |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in fmcalc.methods.names():
+        method, info = fmcalc.methods.get(name), fmcalc.methods.info(name)
+        every_row = method.replace(split=None) if method.split else method
+        theirs = "—" if info.dieleman_cost is None else f"{info.dieleman_cost}"
+        lines.append(
+            f"| [`{name}`]({method.rule}.md#{name}) | {info.full_name} | "
+            f"{method.rule} | {method.learning} | `{method.output}` | "
+            f"{method.cost():.2f} | {every_row.cost():.2f} | {theirs} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _replace(match: re.Match) -> str:
+    what = match.group(1)
+    if what == "table":
+        return _table()
+    names = [n for n in fmcalc.methods.names() if fmcalc.methods.get(n).rule == what]
+    if not names:
+        raise ValueError(f"No registry method follows the rule {what!r}.")
+    return "\n".join(_entry(name) for name in names)
+
+
+def _report_files(report: pathlib.Path) -> list[pathlib.Path]:
+    """The files of the results folder that a report links to (its figures)."""
+    targets = (report.parent / m.group(2) for m in _LINK.finditer(report.read_text()))
+    return [p for p in targets if p.is_file()]
+
+
+def _included(docs_dir: str) -> set[pathlib.Path]:
+    found = set()
+    for page in pathlib.Path(docs_dir).rglob("*.md"):
+        found |= {_ROOT / m.group(1) for m in _INCLUDE.finditer(page.read_text())}
+    return found
+
+
+def on_files(files, config):
+    for report in sorted(_included(config.docs_dir)):
+        if not report.is_file():
+            raise FileNotFoundError(f"{report} is not there: run its benchmark.")
+        for figure in _report_files(report):
+            files.append(
+                File(
+                    figure.relative_to(_ROOT).as_posix(),
+                    src_dir=str(_ROOT),
+                    dest_dir=config.site_dir,
+                    use_directory_urls=config.use_directory_urls,
+                )
+            )
+    return files
+
+
+def _include(match: re.Match, page_dir: str) -> str:
+    report = _ROOT / match.group(1)
+    folder = report.parent.relative_to(_ROOT).as_posix()
+    lines, fenced = [], False
+    for line in report.read_text().splitlines():
+        fenced ^= line.startswith("```")
+        lines.append("#" + line if line.startswith("#") and not fenced else line)
+
+    def relink(link: re.Match) -> str:
+        if not (report.parent / link.group(2)).is_file():
+            return link.group(0)
+        target = posixpath.relpath(f"{folder}/{link.group(2)}", page_dir or ".")
+        return link.group(1) + target + link.group(3)
+
+    return _LINK.sub(relink, "\n".join(lines)) + "\n"
+
+
+def on_page_markdown(markdown: str, page, **kwargs) -> str:
+    page_dir = posixpath.dirname(page.file.src_uri)
+    markdown = _INCLUDE.sub(lambda m: _include(m, page_dir), markdown)
+    return _MARKER.sub(_replace, markdown)

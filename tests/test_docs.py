@@ -1,0 +1,168 @@
+"""The documentation: the site builds with `mkdocs build --strict`, every Python
+block of the README and of the pages runs as pasted, the API reference covers every
+public name, and the README keeps its promises (length, commands, methods table)."""
+
+import importlib
+import inspect
+import os
+import pathlib
+import pkgutil
+import re
+import subprocess
+import sys
+
+import pytest
+
+import fmcalc
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+README = ROOT / "README.md"
+# docs/kit.md runs in tests/test_docs_kit.py, which also checks its printout.
+OWN_TEST = {DOCS / "kit.md"}
+# Pages whose blocks train networks for a few hundred steps.
+SLOW_PAGES = {
+    "README.md",
+    "docs/index.md",
+    "docs/getting-started.md",
+    "docs/tutorials/own-data.md",
+    "docs/tutorials/own-loop.md",
+    "docs/tutorials/property-test.md",
+    "docs/concepts/cost.md",
+}
+FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+# A block that only includes a file (`--8<-- "examples/lsd.py"`) shows an example,
+# which tests/test_examples_and_cli.py runs.
+SNIPPET = re.compile(r'^\s*--8<-- "[^"]+"\s*$')
+
+
+def _pages() -> list[pathlib.Path]:
+    pages = [README, *sorted(DOCS.rglob("*.md"))]
+    return [p for p in pages if p not in OWN_TEST]
+
+
+def _blocks(page: pathlib.Path) -> list[tuple[int, str]]:
+    text = page.read_text()
+    found = []
+    for match in FENCE.finditer(text):
+        code = match.group(1)
+        if all(SNIPPET.match(line) or not line.strip() for line in code.splitlines()):
+            continue
+        found.append((text.count("\n", 0, match.start(1)) + 1, code))
+    return found
+
+
+_RUNNER = """
+import sys
+page, blocks = sys.argv[1], eval(sys.stdin.read())
+namespace = {"__name__": "__main__"}
+for line, code in blocks:
+    exec(compile("\\n" * (line - 1) + code, page, "exec"), namespace)
+"""
+
+
+def _id(page: pathlib.Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        pytest.param(p, marks=[pytest.mark.slow] if _id(p) in SLOW_PAGES else [])
+        for p in _pages()
+        if _blocks(p)
+    ],
+    ids=_id,
+)
+def test_code_blocks_run_as_pasted(page, tmp_path):
+    """Each page's Python blocks run in order in one fresh interpreter, in an empty
+    folder (so files a page writes do not land in the repository)."""
+    env = dict(os.environ, MPLBACKEND="Agg")
+    env.pop("XLA_FLAGS", None)  # one device, as a reader's machine has
+    done = subprocess.run(
+        [sys.executable, "-c", _RUNNER, str(page)],
+        input=repr(_blocks(page)),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=900,
+    )
+    assert done.returncode == 0, f"{_id(page)}:\n{done.stderr[-4000:]}"
+
+
+@pytest.mark.slow
+def test_site_builds_strictly(tmp_path):
+    """`mkdocs build --strict`: every page, cross-reference and link resolves (no
+    network needed)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (tmp_path / "methods" / "lagrangian" / "index.html").exists()
+
+
+def _namespaces() -> list[str]:
+    """`fmcalc` and every public submodule of it."""
+    found = ["fmcalc"]
+    for info in pkgutil.iter_modules(fmcalc.__path__):
+        if not info.name.startswith("_"):
+            found.append(f"fmcalc.{info.name}")
+    return found
+
+
+def _public(namespace: str) -> set[str]:
+    module = importlib.import_module(namespace)
+    return {
+        f"{namespace}.{name}"
+        for name in dir(module)
+        if not name.startswith("_") and not inspect.ismodule(getattr(module, name))
+    }
+
+
+def test_api_reference_covers_every_public_name():
+    documented = set()
+    for page in (DOCS / "api").glob("*.md"):
+        documented |= set(re.findall(r"^::: ([\w.]+)", page.read_text(), re.M))
+    public = set().union(*(_public(ns) for ns in _namespaces()))
+    missing = sorted(public - documented)
+    assert not missing, f"public names without an API entry: {missing}"
+    gone = sorted(documented - public - set(_namespaces()))
+    assert not gone, f"API entries of names that are not public: {gone}"
+
+
+def test_readme_is_short_and_keeps_its_contract():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 150
+    first = re.search(r"```bash\n(.*?)```", text, re.S)
+    assert first is not None
+    assert "python3 dev.py check" in first.group(1)
+    assert "# the test suite\npython3 dev.py test" in first.group(1)
+    assert "python3 dev.py test" in (ROOT / ".ci" / "run").read_text()
+    assert 'pip install -e ".[test]"' in text and "pytest" in text
+    # The quickstart: the first Python block, at most 25 lines.
+    quickstart = _blocks(README)[0][1]
+    assert len(quickstart.strip().splitlines()) <= 25
+
+
+def test_readme_lists_every_method_with_its_full_name():
+    text = README.read_text()
+    for name in fmcalc.methods.names():
+        info = fmcalc.methods.info(name)
+        assert f"`{name}`" in text and info.full_name in text, name
+
+
+def test_docs_never_link_outside_the_site():
+    """Links to repository files outside docs/ break on the built site; pages name
+    such files as code instead."""
+    for page in DOCS.rglob("*.md"):
+        for target in re.findall(r"\]\(([^)#]+)", page.read_text()):
+            if "://" in target:
+                continue
+            resolved = (page.parent / target).resolve()
+            assert DOCS in resolved.parents, f"{_id(page)} links to {target}"
