@@ -3,6 +3,7 @@
 import importlib.metadata
 
 from . import (
+    apps as apps,
     cost as cost,
     datasets as datasets,
     flows as flows,

@@ -8,104 +8,21 @@ values.
 """
 
 from collections.abc import Callable
-from typing import Literal
 
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+from jaxtyping import ArrayLike, Float, PRNGKeyArray
 
 from ._conventions import flow_map_from_average_velocity, interpolate
 from ._custom_types import Cond, Time, Vector
-from ._misc import concrete
-
-
-def _call(fn, *args, cond):
-    """Call a model or velocity, passing `cond=` only when there is one, so plain
-    `lambda x, t: ...` velocities work unconditionally."""
-    return fn(*args) if cond is None else fn(*args, cond=cond)
-
-
-def _check_example(name: str, x) -> None:
-    if jnp.ndim(x) != 1:
-        raise ValueError(
-            f"`{name}` must be one example of shape (dim,) (batch with jax.vmap); got "
-            f"shape {jnp.shape(x)}."
-        )
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise TypeError(
-            f"`{name}` must be a floating array; got dtype {jnp.result_type(x)}."
-        )
-
-
-def _time_grid(
-    steps, grid, direction: Literal["sample", "invert"], dtype
-) -> Float[Array, " n"]:
-    """The validated time grid: uniform with `steps` steps, or `grid`.
-
-    `direction="sample"` is strictly decreasing from 1 to 0, `"invert"` strictly
-    increasing from 0 to 1. A concrete grid is checked now (`ValueError`); a traced one
-    at run time (`eqx.error_if`).
-    """
-    start, end = (1, 0) if direction == "sample" else (0, 1)
-    order = "decreasing" if direction == "sample" else "increasing"
-    if isinstance(steps, bool) or not isinstance(steps, int | np.integer):
-        raise TypeError(f"`steps` must be a Python int; got {steps!r}.")
-    if grid is None:
-        if steps < 1:
-            raise ValueError(f"`steps` must be at least 1; got steps={steps}.")
-        return jnp.linspace(start, end, steps + 1, dtype=dtype)
-    if steps != 1:
-        raise ValueError(
-            f"Pass either `steps` or `grid`, not both; got steps={steps} and a grid "
-            "(its length sets the number of steps)."
-        )
-    grid = jnp.asarray(grid)
-    if grid.ndim != 1 or grid.shape[0] < 2:
-        raise ValueError(
-            f"`grid` must be a 1-d array of at least 2 times; got shape {grid.shape}."
-        )
-    if not jnp.issubdtype(grid.dtype, jnp.floating):
-        raise TypeError(f"`grid` must be a floating array; got dtype {grid.dtype}.")
-    # Checked in the working dtype: distinct float64 times may round to one float32.
-    grid = grid.astype(dtype)
-    ascending = direction == "invert"
-    values = concrete(grid)
-    if values is None:
-        diffs = jnp.diff(grid) if ascending else -jnp.diff(grid)
-        bad = (
-            (grid[0] != start)
-            | (grid[-1] != end)
-            | jnp.any(diffs <= 0)
-            | ~jnp.all((grid >= 0) & (grid <= 1))
-        )
-        grid = eqx.error_if(
-            grid,
-            bad,
-            f"`grid` must be strictly {order} from {start} to {end}.",
-        )
-    else:
-        outside = ~((values >= 0) & (values <= 1))
-        if outside.any():
-            raise ValueError(
-                f"`grid` times must lie in [0, 1] (t = 0 is data, t = 1 is noise); got "
-                f"{values[outside][:5]} among them."
-            )
-        if values[0] != start or values[-1] != end:
-            raise ValueError(
-                f"`grid` must run from t = {start} to t = {end} when used to "
-                f"{direction}; got grid[0] = {values[0]} and grid[-1] = {values[-1]}."
-            )
-        diffs = np.diff(values) if ascending else -np.diff(values)
-        if np.any(diffs <= 0):
-            i = int(np.argmax(diffs <= 0))
-            raise ValueError(
-                f"`grid` must be strictly {order}; got grid[{i}] = {values[i]} and "
-                f"grid[{i + 1}] = {values[i + 1]}."
-            )
-    return grid
+from ._misc import (
+    call as _call,
+    check_example as _check_example,
+    concrete,
+    time_grid as _time_grid,
+)
 
 
 def _jump(model, x, s, t, cond):

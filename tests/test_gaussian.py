@@ -355,3 +355,25 @@ def test_checks_accept_any_derivative_strategy():
         fine = check(F, v, x, s, t, derivative=FiniteDifference(1e-4, "central"))
         assert exact <= testing.tolerance(jnp.float64)
         assert 50 < coarse / fine < 200
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+def test_log_prob_is_the_marginal_density(t):
+    """`log_prob(x, t)` is `log N(x; (1 - t) mean, (1 - t)² cov + t² I)`."""
+    flow = fixed_gaussian(3, min_eigenvalue=0.05)
+    q, lam = np.asarray(flow.eigvecs), np.asarray(flow.eigvals)
+    cov = (q * lam) @ q.T
+    c_t = (1 - t) ** 2 * cov + t**2 * np.eye(3)
+    x = on_flow(flow, np.full(8, t), seed=1, dtype=jnp.float64)
+    y = np.asarray(x) - (1 - t) * np.asarray(flow.mean)
+    _, logdet = np.linalg.slogdet(2 * np.pi * c_t)
+    expected = -0.5 * (logdet + np.einsum("ni,ij,nj->n", y, np.linalg.inv(c_t), y))
+    got = jax.vmap(flow.log_prob, in_axes=(0, None))(x, t)
+    np.testing.assert_allclose(got, expected, atol=1e-10)
+
+
+def test_log_prob_of_a_point_mass_is_undefined_at_data():
+    flow = Gaussian(jnp.zeros(2), jnp.zeros((2, 2)))
+    assert jnp.isfinite(flow.log_prob(jnp.ones(2), 0.5))
+    with pytest.raises(Exception, match="undefined at t = 0"):
+        flow.log_prob(jnp.ones(2))

@@ -426,3 +426,30 @@ def test_bad_inputs_raise_clear_errors():
         random_cloud(0, 3, 2).velocity(jnp.zeros(2), 0.5, cond=0)
     with pytest.raises(ValueError, match="`points` must have shape"):
         PointCloud(jnp.zeros((0, 2)))
+
+
+def test_log_prob_is_the_marginal_density():
+    """`log_prob(x, t)` is the log of `Σ_k w_k N(x; (1 - t) mu_k, C_k(t))`, and
+    with `cond` the density of that class alone."""
+    weights, means, covs = mixture_parameters(4, len(LABELS), 2)
+    mixture = labelled_mixture(4, 2)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((8, 2)))
+
+    def reference(x, t, keep):
+        w = weights[keep] / weights[keep].sum()
+        total = 0.0
+        for w_k, mu, cov in zip(w, means[keep], covs[keep], strict=True):
+            c_t = (1 - t) ** 2 * cov + t**2 * np.eye(2)
+            y = x - (1 - t) * mu
+            quadratic = np.einsum("ni,ij,nj->n", y, np.linalg.inv(c_t), y)
+            total = total + w_k * np.exp(-0.5 * quadratic) / np.sqrt(
+                np.linalg.det(2 * np.pi * c_t)
+            )
+        return np.log(total)
+
+    everything = np.ones(len(LABELS), bool)
+    for t in (0.0, 0.4, 1.0):
+        got = jax.vmap(mixture.log_prob, in_axes=(0, None))(x, t)
+        np.testing.assert_allclose(got, reference(np.asarray(x), t, everything))
+    got = jax.vmap(lambda x: mixture.log_prob(x, 0.2, cond=jnp.asarray(1)))(x)
+    np.testing.assert_allclose(got, reference(np.asarray(x), 0.2, LABELS == 1))

@@ -1,10 +1,12 @@
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from .._custom_types import Cond, Time, Vector
+from .._custom_types import Cond, Scalar, Time, Vector
 from .._misc import check_precision, in_unit_interval
 from ._base import AbstractFlow, format_array
 
@@ -188,6 +190,28 @@ class Gaussian(AbstractFlow):
         g = (lam * (t + s - 2) + t + s) / (_root(lam, t) + root_s) / root_s
         y = q.T @ (x - (1 - s) * mean)
         return -mean + q @ (g * y)
+
+    def log_prob(self, x: Vector, t: Time = 0.0, *, cond: Cond = None) -> Scalar:
+        """The exact log-density `log p_t(x)` of the marginal `x_t ~ N(m_t, C_t)`;
+        at `t = 0` (the default) the data's `log N(x; mean, cov)`.
+
+        **Arguments:**
+
+        - `x`: one example, shape `(dim,)`.
+        - `t`: the time, a scalar.
+        - `cond`: must be `None`.
+
+        **Returns:** `log p_t(x)`, a scalar. An error at `t = 0` for a singular
+        `cov`, which has no density there.
+        """
+        x = self._guard(self._check(x, cond, t=t), t, "t")
+        mean, lam, q = self._params(x)
+        t = jnp.asarray(t, x.dtype)
+        root = _root(lam, t)
+        z = q.T @ (x - (1 - t) * mean) / root
+        return -0.5 * (self.dim * math.log(2 * math.pi) + z @ z) - jnp.sum(
+            jnp.log(root)
+        )
 
     def sample(
         self, key: PRNGKeyArray, n: int, *, cond: Cond = None

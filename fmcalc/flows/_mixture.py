@@ -8,7 +8,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from .._batch import NULL_LABEL
-from .._custom_types import Cond, Label, Time, Vector
+from .._custom_types import Cond, Label, Scalar, Time, Vector
 from .._misc import check_precision
 from ._base import AbstractFlow, format_array
 from ._gaussian import _check_times, _check_vector
@@ -313,6 +313,28 @@ class GaussianMixture(AbstractFlow):
         """
         x = _check_inputs(x, self.dim, t=t)
         return self._velocity(self._log_weights(cond, x.dtype), x, t)
+
+    def log_prob(self, x: Vector, t: Time = 0.0, *, cond: Cond = None) -> Scalar:
+        """The exact log-density `log p_t(x) = log Σ_k w_k N(x; m_k(t), C_k(t))` of
+        the marginal at time `t`; at `t = 0` (the default) the data's log-density.
+
+        **Arguments:**
+
+        - `x`: one example, shape `(dim,)`.
+        - `t`: the time, a scalar.
+        - `cond`: `None`, or an integer class label (needs `labels`): the density
+          of that class's components, weights renormalised within the class.
+
+        **Returns:** `log p_t(x)`, a scalar.
+        """
+        x = _check_inputs(x, self.dim, t=t)
+        log_density, _ = self._components(x, t)
+        log_weights = self._log_weights(cond, x.dtype)
+        # Renormalised within the class that `cond` selects.
+        normaliser = jax.nn.logsumexp(log_weights) + 0.5 * self.dim * math.log(
+            2 * math.pi
+        )
+        return jax.nn.logsumexp(log_weights + log_density) - normaliser
 
     def guided_velocity(
         self, x: Vector, t: Time, cond: Label, scale: Float[ArrayLike, ""]

@@ -1,0 +1,349 @@
+"""Reward steering: gradient steering through a look-ahead, importance sampling and
+sequential Monte Carlo with look-ahead scores."""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+from .._conventions import interpolate, score_from_velocity
+from .._custom_types import Cond, Scalar, Vector
+from .._misc import check_example, time_grid
+from ._lookahead import AbstractLookahead, FlowMapLookahead, jump, velocity
+
+
+Reward = Callable[[Vector], Scalar]
+
+
+def _jump_all(model, x, s, t, cond):
+    return jax.vmap(lambda x: jump(model, x, s, t, cond))(x)
+
+
+def _check_strength(strength) -> None:
+    if jnp.ndim(strength) != 0:
+        raise ValueError(
+            f"`strength` must be a scalar; got shape {jnp.shape(strength)}."
+        )
+
+
+def _check_lookahead(lookahead) -> None:
+    if not isinstance(lookahead, AbstractLookahead):
+        raise TypeError(
+            "`lookahead` must be a look-ahead such as `fmcalc.apps.FlowMapLookahead()`"
+            f", `TweedieLookahead()` or `NoLookahead()`; got {lookahead!r}."
+        )
+
+
+def _check_batch(noise) -> None:
+    if jnp.ndim(noise) != 2:
+        raise ValueError(
+            "`noise` must be a batch of particles of shape (n, dim); got shape "
+            f"{jnp.shape(noise)}."
+        )
+    if not jnp.issubdtype(jnp.result_type(noise), jnp.floating):
+        raise TypeError(
+            f"`noise` must be a floating array; got dtype {jnp.result_type(noise)}."
+        )
+
+
+def steer(
+    model: Callable[..., Vector],
+    reward: Reward,
+    noise: Vector,
+    *,
+    key: PRNGKeyArray,
+    strength: Float[ArrayLike, ""],
+    lookahead: AbstractLookahead = FlowMapLookahead(),
+    steps: int = 4,
+    grid: Float[ArrayLike, " _"] | None = None,
+    langevin_steps: int = 8,
+    step_size: float = 0.2,
+    cond: Cond = None,
+) -> Vector:
+    """Steer sampling towards `p(x) exp(λ r(x)) / Z` with the reward's gradient taken
+    through a look-ahead.
+
+    At each time `t_i` of the grid `1 = t_0 > ... > t_K = 0`, `langevin_steps`
+    Langevin moves aim at the tilted density `ρ_t(x) ∝ p_t(x) exp(λ r(x̂0(x, t)))`,
+
+    `x ← x + η (∇ log p_t(x) + λ ∇_x r(x̂0(x, t))) + √(2η) z`, `η = step_size · t²`,
+
+    with the score `∇ log p_t` from the model's velocity
+    ([`fmcalc.score_from_velocity`][]) and `∇_x r(x̂0(x, t))` by `jax.grad` through
+    the look-ahead `x̂0` (through the flow map, for the default); then the map jumps
+    on, `x ← F(x, t_i, t_{i+1})`.
+
+    **When it is exact.** With [`fmcalc.apps.FlowMapLookahead`][] and an exact map,
+    `ρ_t` is the tilted data distribution pulled back by `F(·, t, 0)`: the jumps carry
+    `ρ_{t_i}` to `ρ_{t_{i+1}}` exactly and the Langevin moves leave it invariant, so
+    the samples converge to the tilted distribution as the moves mix (more moves,
+    smaller steps); the Langevin discretisation leaves an `O(step_size)` bias. With
+    [`fmcalc.apps.TweedieLookahead`][] or [`fmcalc.apps.NoLookahead`][], `ρ_t` is not
+    carried by the flow, so the result is biased even with an exact map. With a
+    learned map, the result is the tilt of what the map samples, as far as its
+    velocity and map agree.
+
+    `strength = 0`, or a constant reward, leaves only Langevin moves on `p_t`, which
+    change the samples but not (up to the discretisation) their distribution;
+    `langevin_steps = 0` is [`fmcalc.sample`][] itself.
+
+    **Arguments:**
+
+    - `model`: the average velocity, called per example as `model(x, s, t, cond=cond)`
+      (any fmcalc model, or an analytic flow).
+    - `reward`: `r(x) -> scalar` on one data example, differentiable.
+    - `noise`: one example of noise, shape `(dim,)`; batch with `jax.vmap` (give each
+      example its own `key`).
+    - `key`: the PRNG key of the Langevin noise.
+    - `strength`: `λ`, a scalar.
+    - `lookahead`: how `x̂0(x, t)` is predicted (default: one flow-map jump).
+    - `steps`, `grid`: the sampling grid, as in [`fmcalc.sample`][].
+    - `langevin_steps`: Langevin moves at each grid time before its jump.
+    - `step_size`: the Langevin step relative to `t²` (the noise variance at `t`).
+    - `cond`: conditioning passed on to every model call as `cond=` (when not
+      `None`).
+
+    **Returns:** the steered sample at `t = 0`, shaped like `noise`.
+    """
+    check_example("noise", noise)
+    _check_strength(strength)
+    _check_lookahead(lookahead)
+    if isinstance(langevin_steps, bool) or not isinstance(langevin_steps, int):
+        raise TypeError(f"`langevin_steps` must be an int; got {langevin_steps!r}.")
+    if langevin_steps < 0:
+        raise ValueError(f"`langevin_steps` must be ≥ 0; got {langevin_steps}.")
+    if not step_size > 0:
+        raise ValueError(f"`step_size` must be positive; got {step_size!r}.")
+    times = time_grid(steps, grid, "sample", noise.dtype)
+    strength = jnp.asarray(strength, noise.dtype)
+
+    def tilt(x, t):
+        return strength * reward(lookahead(model, x, t, cond=cond))
+
+    x = noise
+    for i in range(times.shape[0] - 1):
+        t = times[i]
+        eta = step_size * t**2
+        for j in range(langevin_steps):
+            z = jax.random.normal(
+                jax.random.fold_in(key, i * langevin_steps + j), x.shape, x.dtype
+            )
+            score = score_from_velocity(x, t, velocity(model, x, t, cond))
+            x = x + eta * (score + jax.grad(tilt)(x, t)) + jnp.sqrt(2 * eta) * z
+        x = jump(model, x, t, times[i + 1], cond)
+    return x
+
+
+class Particles(eqx.Module):
+    """Weighted samples: the result of [`fmcalc.apps.importance_sample`][] and
+    [`fmcalc.apps.smc`][].
+
+    **Attributes:**
+
+    - `samples`: the particles at `t = 0`, shape `(n, dim)`.
+    - `log_weights`: their unnormalised log importance weights, shape `(n,)`.
+    - `ess`: the effective sample size `(Σ w)² / Σ w²` at each reweighting before any
+      resampling, shape `(steps,)` (one entry for importance sampling).
+
+    Averages under the target are `Σ_i w_i f(samples_i) / Σ_i w_i`;
+    [`fmcalc.apps.resample`][] turns the particles into equally weighted samples.
+    """
+
+    samples: Float[Array, "n dim"]
+    log_weights: Float[Array, " n"]
+    ess: Float[Array, " steps"]
+
+    @property
+    def weights(self) -> Float[Array, " n"]:
+        """The normalised weights, summing to 1."""
+        return jax.nn.softmax(self.log_weights)
+
+
+def _ess(log_weights):
+    return jnp.exp(
+        2 * jax.nn.logsumexp(log_weights) - jax.nn.logsumexp(2 * log_weights)
+    )
+
+
+def _systematic(key, log_weights, n: int):
+    """Indices of systematic resampling: one uniform offset, `n` evenly spaced
+    positions through the weights' cumulative sum (lower variance than drawing each
+    index independently)."""
+    cdf = jnp.cumsum(jax.nn.softmax(log_weights))
+    positions = (jax.random.uniform(key, (), cdf.dtype) + jnp.arange(n)) / n
+    # "sort" has no while loop, so the FLOP meter can count the whole program.
+    index = jnp.searchsorted(cdf, positions, side="right", method="sort")
+    return jnp.minimum(index, log_weights.shape[0] - 1)
+
+
+def resample(
+    key: PRNGKeyArray, particles: Particles, n: int | None = None
+) -> Float[Array, "m dim"]:
+    """Equally weighted samples from weighted particles, by systematic resampling:
+    particle `i` is copied about `n w_i` times.
+
+    **Arguments:**
+
+    - `key`: a PRNG key.
+    - `particles`: [`fmcalc.apps.Particles`][].
+    - `n`: the number of samples (default: as many as particles).
+
+    **Returns:** an array of shape `(n, dim)`.
+    """
+    count = particles.samples.shape[0] if n is None else n
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"`n` must be a positive int or None; got {n!r}.")
+    return particles.samples[_systematic(key, particles.log_weights, count)]
+
+
+def importance_sample(
+    model: Callable[..., Vector],
+    reward: Reward,
+    noise: Float[Array, "n dim"],
+    *,
+    strength: Float[ArrayLike, ""],
+    steps: int = 1,
+    grid: Float[ArrayLike, " _"] | None = None,
+    cond: Cond = None,
+) -> Particles:
+    """Many flow-map samples, weighted by `exp(λ r(x))`: the gradient-free way to
+    sample `p(x) exp(λ r(x)) / Z` without any look-ahead.
+
+    Each particle is [`fmcalc.sample`][]`(model, noise_i)`, with log-weight
+    `λ r(x_i)`. The weighted particles are consistent (they converge to the tilted
+    distribution of what the map samples as `n` grows), but the effective sample size
+    shrinks as `λ` grows or as the reward's high region gets rarer. Keeping only the
+    best of `n` is the limit `λ → ∞`.
+
+    **Arguments:**
+
+    - `model`: the average velocity, called per example as `model(x, s, t, cond=cond)`.
+    - `reward`: `r(x) -> scalar` on one data example.
+    - `noise`: the particles' noise, shape `(n, dim)`.
+    - `strength`: `λ`, a scalar.
+    - `steps`, `grid`: the sampling grid, as in [`fmcalc.sample`][].
+    - `cond`: conditioning passed on to every model call as `cond=` (when not
+      `None`; the same for every particle).
+
+    **Returns:** [`fmcalc.apps.Particles`][]; pass them to [`fmcalc.apps.resample`][]
+    for equally weighted samples.
+    """
+    _check_batch(noise)
+    _check_strength(strength)
+    times = time_grid(steps, grid, "sample", noise.dtype)
+
+    def one(x):
+        for i in range(times.shape[0] - 1):
+            x = jump(model, x, times[i], times[i + 1], cond)
+        return x
+
+    samples = jax.vmap(one)(noise)
+    log_weights = jnp.asarray(strength, noise.dtype) * jax.vmap(reward)(samples)
+    return Particles(samples, log_weights, _ess(log_weights)[None])
+
+
+def smc(
+    model: Callable[..., Vector],
+    reward: Reward,
+    noise: Float[Array, "n dim"],
+    *,
+    key: PRNGKeyArray,
+    strength: Float[ArrayLike, ""],
+    lookahead: AbstractLookahead = FlowMapLookahead(),
+    steps: int = 4,
+    grid: Float[ArrayLike, " _"] | None = None,
+    renoise: bool = True,
+    resample_below: float = 0.5,
+    cond: Cond = None,
+) -> Particles:
+    """Sequential Monte Carlo towards `p(x) exp(λ r(x)) / Z`, with look-ahead scores
+    and no reward gradients.
+
+    Particles start at the noise; at each time `t_i` of the grid `1 = t_0 > ... >
+    t_K = 0` they are scored by `λ r(x̂0(x, t_i))`, resampled (systematically) when
+    the effective sample size falls below `resample_below · n`, and moved to
+    `t_{i+1}`:
+
+    - `renoise=True` (default): jump to data and re-noise,
+      `x ← (1 - t_{i+1}) F(x, t_i, 0) + t_{i+1} eps` with fresh `eps`, as
+      [`fmcalc.sample_consistency`][] does. Duplicated particles then part ways.
+    - `renoise=False`: the deterministic jump `x ← F(x, t_i, t_{i+1})`; duplicates
+      stay duplicates.
+
+    The weight of each move is the change of score, `λ (r(x̂0(x', t_{i+1})) -
+    r(x̂0(x, t_i)))`, after an initial weight `λ r(x̂0(noise, 1))` (the twisted
+    potentials of Wu et al. 2023, "Practical and asymptotically exact conditional
+    sampling in diffusion models"). They telescope to `λ r(x_K)`, since every
+    look-ahead is the identity at `t = 0`, so the weighted particles are consistent
+    for *any* look-ahead whenever each move keeps the map's marginals (both moves do
+    for an exact map): the look-ahead only decides how early particles are selected,
+    hence how many distinct ones survive. The flow-map look-ahead with an exact map
+    scores every particle by the reward of its own end point from the start.
+
+    `strength = 0` or a constant reward gives equal weights and no resampling: with
+    `renoise=False` the particles are [`fmcalc.sample`][]'s samples.
+
+    **Arguments:**
+
+    - `model`: the average velocity, called per example as `model(x, s, t, cond=cond)`.
+    - `reward`: `r(x) -> scalar` on one data example.
+    - `noise`: the particles' noise, shape `(n, dim)`.
+    - `key`: the PRNG key of resampling and re-noising.
+    - `strength`: `λ`, a scalar.
+    - `lookahead`: how particles are scored at `t > 0` (default: one flow-map jump).
+    - `steps`, `grid`: the grid, as in [`fmcalc.sample`][].
+    - `renoise`: the move (above).
+    - `resample_below`: resample when the effective sample size is below this
+      fraction of `n`, in `[0, 1]` (`0` never resamples before the end).
+    - `cond`: conditioning passed on to every model call as `cond=` (when not
+      `None`; the same for every particle).
+
+    **Returns:** [`fmcalc.apps.Particles`][], weighted; pass them to
+    [`fmcalc.apps.resample`][] for equally weighted samples.
+    """
+    _check_batch(noise)
+    _check_strength(strength)
+    _check_lookahead(lookahead)
+    if not 0 <= resample_below <= 1:
+        raise ValueError(
+            f"`resample_below` must lie in [0, 1]; got {resample_below!r}."
+        )
+    n = noise.shape[0]
+    times = time_grid(steps, grid, "sample", noise.dtype)
+    strength = jnp.asarray(strength, noise.dtype)
+    # One flow-map jump to data is both the look-ahead and the re-noising move's
+    # first half: computed once per step.
+    shared = renoise and lookahead == FlowMapLookahead(1)
+
+    def ahead(x, t):
+        return jax.vmap(lambda x: lookahead(model, x, t, cond=cond))(x)
+
+    x = noise
+    predicted = ahead(x, times[0])
+    scores = strength * jax.vmap(reward)(predicted)
+    log_weights = scores
+    history = []
+    for i in range(times.shape[0] - 1):
+        t, t_next = times[i], times[i + 1]
+        ess = _ess(log_weights)
+        history.append(ess)
+        step_key = jax.random.fold_in(key, i)
+        index = _systematic(jax.random.fold_in(step_key, 0), log_weights, n)
+        again = ess < resample_below * n
+        x, predicted, scores = (
+            jnp.where(again, a[index], a) for a in (x, predicted, scores)
+        )
+        log_weights = jnp.where(again, jnp.zeros_like(log_weights), log_weights)
+        if renoise:
+            data = predicted if shared else _jump_all(model, x, t, 0, cond)
+            eps = jax.random.normal(jax.random.fold_in(step_key, 1), x.shape, x.dtype)
+            x = interpolate(data, eps, jnp.full(n, t_next))
+        else:
+            x = _jump_all(model, x, t, t_next, cond)
+        predicted = ahead(x, t_next)
+        new_scores = strength * jax.vmap(reward)(predicted)
+        log_weights = log_weights + new_scores - scores
+        scores = new_scores
+    return Particles(x, log_weights, jnp.stack(history))
