@@ -122,17 +122,25 @@ def steer(
     def tilt(x, t):
         return strength * reward(lookahead(model, x, t, cond=cond))
 
-    x = noise
-    for i in range(times.shape[0] - 1):
-        t = times[i]
-        eta = step_size * t**2
-        for j in range(langevin_steps):
+    # Loops, not unrolled: one compiled Langevin move and one jump, whatever the
+    # grid (a look-ahead through an ODE-solved map is large to compile).
+    def move(i, t, x):
+        def langevin(j, x):
             z = jax.random.normal(
                 jax.random.fold_in(key, i * langevin_steps + j), x.shape, x.dtype
             )
+            eta = step_size * t**2
             score = score_from_velocity(x, t, velocity(model, x, t, cond))
-            x = x + eta * (score + jax.grad(tilt)(x, t)) + jnp.sqrt(2 * eta) * z
-        x = jump(model, x, t, times[i + 1], cond)
+            return x + eta * (score + jax.grad(tilt)(x, t)) + jnp.sqrt(2 * eta) * z
+
+        return jax.lax.fori_loop(0, langevin_steps, langevin, x)
+
+    def step(x, inputs):
+        i, t, t_next = inputs
+        return jump(model, move(i, t, x), t, t_next, cond), None
+
+    count = times.shape[0] - 1
+    x, _ = jax.lax.scan(step, noise, (jnp.arange(count), times[:-1], times[1:]))
     return x
 
 
