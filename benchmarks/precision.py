@@ -17,10 +17,11 @@ float16 (`fmcalc.train.Precision`):
 3. **Training.** MeanFlow and LSD on the eight-Gaussian ring (radius 4, std 0.5)
    with `fmcalc.train.fit`: an MLP (skip gate), Adam with a cosine decay, batch
    256; the 1-step and 2-step paired errors against the exact end points of the
-   same noise, and the loss curve (mean over windows of 10% of the run).
+   same noise, and the loss curve (mean over windows of 5% of the run).
 
-Writes `precision.md` and `precision.json` (command, machine, versions, commit)
-into `--out`: a scratch folder by default; `--out benchmarks/results` updates the
+Writes `precision.md`, `precision.json` (command, machine, versions, commit) and
+`precision.png` (the loss curves) into `--out`, the first two again after every
+training run: a scratch folder by default; `--out benchmarks/results` updates the
 committed table.
 """
 
@@ -30,6 +31,7 @@ import pathlib
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -45,6 +47,7 @@ from fmcalc.testing._training import _error, _exact, _jumps
 
 
 SCRATCH = pathlib.Path(tempfile.gettempdir()) / "fmcalc-benchmarks"
+WINDOWS = 20
 Precision = fmcalc.train.Precision
 POLICIES = {
     "float32": None,
@@ -143,7 +146,8 @@ def ring() -> fmcalc.flows.GaussianMixture:
     )
 
 
-def training(steps: int, seeds: list[int]) -> list[dict]:
+def training(steps: int, seeds: list[int], done: Callable[[dict], None]) -> list[dict]:
+    """The training runs; `done(row)` after each."""
     flow = ring()
     noise = jax.random.normal(jax.random.key(99), (2000, 2), jnp.float32)
     exact = _exact(flow, noise)
@@ -166,7 +170,7 @@ def training(steps: int, seeds: list[int]) -> list[dict]:
                     progress=False,
                 )
                 losses = np.asarray(result.losses)
-                windows = np.array_split(losses, 10)
+                windows = np.array_split(losses, WINDOWS)
                 row = {
                     "method": method,
                     "seed": seed,
@@ -179,6 +183,7 @@ def training(steps: int, seeds: list[int]) -> list[dict]:
                 }
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+                done(row)
     return rows
 
 
@@ -229,7 +234,10 @@ def report(record: dict) -> str:
         "",
         "Paired error of the EMA network's 1- and 2-jump samples against the exact "
         "end points of the same 2000 noises (mean over seeds), and the loss at the "
-        "start, middle and end of the run (window means).",
+        "start, middle and end of the run (means over windows of 5% of the run; "
+        "the whole curves are in `precision.png`).",
+        "",
+        "![Loss curves on the ring](precision.png)",
         "",
         "| method | policy | 1-step error | x float32 | 2-step error | loss: start | "
         "middle | end | skipped steps |",
@@ -248,13 +256,50 @@ def report(record: dict) -> str:
             mine = [r for r in rows if r["method"] == method and r["policy"] == name]
             one = np.mean([r["one_step"] for r in mine])
             two = np.mean([r["two_step"] for r in mine])
+            if not mine:
+                continue
             curve = np.mean([r["loss_curve"] for r in mine], axis=0)
             lines.append(
                 f"| {method} | {name} | {one:.3f} | {one / reference:.2f} | "
-                f"{two:.3f} | {curve[0]:.3f} | {curve[4]:.3f} | {curve[-1]:.3f} | "
+                f"{two:.3f} | {curve[0]:.3f} | {curve[len(curve) // 2]:.3f} | "
+                f"{curve[-1]:.3f} | "
                 f"{sum(r['skipped'] for r in mine)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, path: pathlib.Path) -> None:
+    """The loss curves of every method and policy, mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = record["training"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 3.8))
+    for ax, method in zip(np.atleast_1d(axes), methods, strict=True):
+        for name in POLICIES:
+            mine = [r for r in rows if r["method"] == method and r["policy"] == name]
+            if not mine:
+                continue
+            curve = np.mean([r["loss_curve"] for r in mine], axis=0)
+            steps = (np.arange(len(curve)) + 0.5) * record["steps"] / len(curve)
+            ax.plot(steps, curve, marker=".", label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (window mean)")
+        ax.set_title(f"{method} on the ring")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(out: pathlib.Path, record: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "precision.json").write_text(json.dumps(record, indent=1))
+    (out / "precision.md").write_text(report(record))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -266,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.seeds = 50, [0]
+    start = time.perf_counter()
     flow = gaussian()
     record = {
         "command": "python benchmarks/precision.py "
@@ -274,12 +320,18 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps,
         "identities": identities(flow),
         "fixed_points": fixed_points(flow),
-        "training": training(args.steps, args.seeds),
+        "training": [],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "precision.json").write_text(json.dumps(record, indent=1))
-    (args.out / "precision.md").write_text(report(record))
-    print(f"wrote {args.out / 'precision.md'}")
+
+    def finished(row: dict) -> None:
+        record["training"].append(row)
+        write(args.out, record)
+
+    training(args.steps, args.seeds, finished)
+    record["seconds"] = time.perf_counter() - start
+    write(args.out, record)
+    plot(record, args.out / "precision.png")
+    print(f"wrote {args.out / 'precision.md'} after {record['seconds']:.0f} s")
 
 
 if __name__ == "__main__":
