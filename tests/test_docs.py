@@ -4,10 +4,12 @@ public name, and the README keeps its promises (length, commands, methods table)
 
 import importlib
 import inspect
+import json
 import os
 import pathlib
 import pkgutil
 import re
+import select
 import subprocess
 import sys
 
@@ -53,13 +55,74 @@ def _blocks(page: pathlib.Path) -> list[tuple[int, str]]:
     return found
 
 
-_RUNNER = """
-import sys
-page, blocks = sys.argv[1], eval(sys.stdin.read())
-namespace = {"__name__": "__main__"}
-for line, code in blocks:
-    exec(compile("\\n" * (line - 1) + code, page, "exec"), namespace)
+# Pages run in one interpreter per test process, each in a fresh namespace and an
+# empty folder: JAX is imported once and a training step compiled for one page is
+# reused by the next (most pages train the same small network). A page's output goes
+# to /dev/null; the protocol is one JSON line each way.
+_WORKER = """
+import json, os, sys, traceback
+import jax
+reply, sys.stdout = sys.stdout, sys.stderr
+for request in sys.stdin:
+    page, folder, blocks = json.loads(request)
+    os.chdir(folder)
+    jax.config.update("jax_enable_x64", False)  # as a fresh interpreter has it
+    namespace = {"__name__": "__main__"}
+    try:
+        for line, code in blocks:
+            exec(compile("\\n" * (line - 1) + code, page, "exec"), namespace)
+        error = None
+    except BaseException:
+        error = traceback.format_exc()
+    reply.write(json.dumps(error) + "\\n")
+    reply.flush()
 """
+_TIMEOUT = 900
+
+
+class _Interpreter:
+    def __init__(self):
+        self.process = None
+
+    def _start(self):
+        env = dict(os.environ, MPLBACKEND="Agg")
+        env.pop("XLA_FLAGS", None)  # one device, as a reader's machine has
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _WORKER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+
+    def run(self, page: pathlib.Path, folder: pathlib.Path) -> str | None:
+        """Runs `page`'s blocks in `folder`; **returns** the traceback, or `None`."""
+        if self.process is None or self.process.poll() is not None:
+            self._start()
+        assert self.process.stdin is not None and self.process.stdout is not None
+        request = [str(page), str(folder), _blocks(page)]
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], _TIMEOUT)
+        answer = self.process.stdout.readline() if ready else ""
+        if not answer:
+            self.close()
+            return f"no answer within {_TIMEOUT} s, or the interpreter died"
+        return json.loads(answer)
+
+    def close(self):
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    shared = _Interpreter()
+    yield shared
+    shared.close()
 
 
 def _id(page: pathlib.Path) -> str:
@@ -75,21 +138,11 @@ def _id(page: pathlib.Path) -> str:
     ],
     ids=_id,
 )
-def test_code_blocks_run_as_pasted(page, tmp_path):
-    """Each page's Python blocks run in order in one fresh interpreter, in an empty
-    folder (so files a page writes do not land in the repository)."""
-    env = dict(os.environ, MPLBACKEND="Agg")
-    env.pop("XLA_FLAGS", None)  # one device, as a reader's machine has
-    done = subprocess.run(
-        [sys.executable, "-c", _RUNNER, str(page)],
-        input=repr(_blocks(page)),
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=900,
-    )
-    assert done.returncode == 0, f"{_id(page)}:\n{done.stderr[-4000:]}"
+def test_code_blocks_run_as_pasted(page, tmp_path, interpreter):
+    """Each page's Python blocks run in order, as pasted into a fresh interpreter, in
+    an empty folder (so files a page writes do not land in the repository)."""
+    error = interpreter.run(page, tmp_path)
+    assert error is None, f"{_id(page)}:\n{error[-4000:]}"
 
 
 @pytest.mark.slow
