@@ -43,6 +43,11 @@ REWARD = apps.QuadraticReward(jnp.eye(2), jnp.asarray([-1.0, 1.0]))
 CONSTANT = apps.QuadraticReward(jnp.zeros((2, 2)), jnp.asarray([-1.0, 1.0]))
 
 
+def each(fn):
+    """`jax.vmap(fn)` compiled as one program (quicker than op by op)."""
+    return jax.jit(jax.vmap(fn))
+
+
 def covariance(flow: Gaussian):
     return (flow.eigvecs * flow.eigvals[None, :]) @ flow.eigvecs.T
 
@@ -52,7 +57,7 @@ def data(flow, n: int, seed: int = 0):
 
 
 def log_likelihoods(flow, x, **kwargs):
-    return jax.vmap(lambda x: apps.log_likelihood(flow, x, **kwargs))(x)
+    return each(lambda x: apps.log_likelihood(flow, x, **kwargs))(x)
 
 
 # Likelihood
@@ -64,20 +69,20 @@ def log_likelihoods(flow, x, **kwargs):
 def test_likelihood_of_the_exact_map_is_the_gaussian_log_density(grid):
     x = data(GAUSSIAN, 8)
     got = log_likelihoods(GAUSSIAN, x, **grid)
-    expected = jax.vmap(GAUSSIAN.log_prob)(x)
+    expected = each(GAUSSIAN.log_prob)(x)
     assert jnp.max(jnp.abs(got - expected)) <= 1e-8
 
 
 def test_likelihood_of_the_exact_map_is_the_mixture_log_density():
     x = data(MIXTURE, 3)
     got = log_likelihoods(MIXTURE, x)
-    assert jnp.max(jnp.abs(got - jax.vmap(MIXTURE.log_prob)(x))) <= 1e-6
+    assert jnp.max(jnp.abs(got - each(MIXTURE.log_prob)(x))) <= 1e-6
 
 
 def test_ode_likelihood_is_the_log_density():
     x = data(GAUSSIAN, 2)
-    got = jax.vmap(lambda x: apps.log_likelihood_ode(GAUSSIAN.velocity, x))(x)
-    assert jnp.max(jnp.abs(got - jax.vmap(GAUSSIAN.log_prob)(x))) <= 1e-8
+    got = each(lambda x: apps.log_likelihood_ode(GAUSSIAN.velocity, x))(x)
+    assert jnp.max(jnp.abs(got - each(GAUSSIAN.log_prob)(x))) <= 1e-8
 
 
 def test_hutchinson_is_exact_on_a_diagonal_jacobian_and_unbiased_otherwise():
@@ -88,7 +93,7 @@ def test_hutchinson_is_exact_on_a_diagonal_jacobian_and_unbiased_otherwise():
     x = data(diagonal, 4)
     one_probe = apps.HutchinsonLogDet(probes=1, lanczos_steps=2)
     got = log_likelihoods(diagonal, x, logdet=one_probe, key=jax.random.key(0))
-    assert jnp.max(jnp.abs(got - jax.vmap(diagonal.log_prob)(x))) <= 1e-8
+    assert jnp.max(jnp.abs(got - each(diagonal.log_prob)(x))) <= 1e-8
 
     rotated = jnp.asarray(covariance(GAUSSIAN))
     exact = jnp.linalg.slogdet(rotated)[1]
@@ -105,10 +110,10 @@ def test_hutchinson_is_exact_on_a_diagonal_jacobian_and_unbiased_otherwise():
 
 def test_round_trip_of_the_exact_map_is_the_identity():
     x = data(GAUSSIAN, 8)
-    error = jax.vmap(lambda x: apps.round_trip_error(GAUSSIAN, x, steps=3))(x)
+    error = each(lambda x: apps.round_trip_error(GAUSSIAN, x, steps=3))(x)
     assert jnp.max(jnp.abs(error)) <= 1e-8
     x = data(MIXTURE, 3)
-    error = jax.vmap(lambda x: apps.round_trip_error(MIXTURE, x))(x)
+    error = each(lambda x: apps.round_trip_error(MIXTURE, x))(x)
     assert jnp.max(jnp.abs(error)) <= 1e-6
 
 
@@ -137,13 +142,13 @@ def test_tilt_is_the_density_times_the_exponentiated_reward():
     for strength in (0.5, 3.0):
         tilted = apps.tilt(MIXTURE, REWARD, strength)
         gap = (
-            jax.vmap(tilted.log_prob)(x)
-            - jax.vmap(MIXTURE.log_prob)(x)
-            - strength * jax.vmap(REWARD)(x)
+            each(tilted.log_prob)(x)
+            - each(MIXTURE.log_prob)(x)
+            - strength * each(REWARD)(x)
         )
         assert jnp.ptp(gap) <= 1e-10
     same = apps.tilt(MIXTURE, REWARD, 0.0)
-    assert jnp.allclose(jax.vmap(same.log_prob)(x), jax.vmap(MIXTURE.log_prob)(x))
+    assert jnp.allclose(each(same.log_prob)(x), each(MIXTURE.log_prob)(x))
     tilted = apps.tilt(GAUSSIAN, apps.QuadraticReward(jnp.eye(3), jnp.zeros(3)), 1.0)
     precision = jnp.linalg.inv(covariance(GAUSSIAN)) + jnp.eye(3)
     assert jnp.allclose(covariance(tilted), jnp.linalg.inv(precision))
@@ -187,7 +192,7 @@ def test_expected_reward_and_lookaheads_against_the_posterior():
     for lookahead in (apps.FlowMapLookahead(), apps.TweedieLookahead()):
         np.testing.assert_allclose(lookahead(GAUSSIAN, x, 0.0), x, atol=1e-12)
     # On a mixture at t = 1 the posterior is the prior.
-    r = jax.vmap(REWARD)
+    r = each(REWARD)
     prior = sum(
         w * -0.5 * (jnp.sum((m - REWARD.center) ** 2) + jnp.sum(lam))
         for w, m, lam in zip(
@@ -218,7 +223,7 @@ def noise(n: int = N, seed: int = 0):
 
 
 def sample(flow, noise, steps):
-    return jax.vmap(lambda e: fmcalc.sample(flow, e, steps=steps))(noise)
+    return each(lambda e: fmcalc.sample(flow, e, steps=steps))(noise)
 
 
 def tilted_reward(target: Gaussian) -> float:
@@ -233,7 +238,7 @@ def close_to(samples, weights, target: Gaussian, ess=None, sigmas=4.0) -> bool:
     ess = 1 / jnp.sum(weights**2) if ess is None else ess
     mean = weights @ samples
     error = jnp.sqrt(jnp.diag(covariance(target)) / ess)
-    rewards = jax.vmap(REWARD)(samples)
+    rewards = each(REWARD)(samples)
     reward_error = jnp.sqrt(weights @ (rewards - weights @ rewards) ** 2 / ess)
     return bool(
         jnp.all(jnp.abs(mean - target.mean) <= sigmas * error)
@@ -243,7 +248,7 @@ def close_to(samples, weights, target: Gaussian, ess=None, sigmas=4.0) -> bool:
 
 def test_steering_without_tilt_or_with_a_constant_reward():
     eps, key = noise(), jax.random.key(1)
-    untilted = jax.vmap(
+    untilted = each(
         lambda e: apps.steer(
             STEERED, REWARD, e, key=key, strength=0.0, langevin_steps=0
         )
