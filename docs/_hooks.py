@@ -6,8 +6,9 @@
   from `fmcalc.methods.doc(name, format="markdown")` (the text `fmcalc methods NAME`
   prints), with the gradient roles of `fmcalc.explain(name)` in a collapsed block.
 - `--8<-- "benchmarks/results/....md"` on a line of its own becomes that report, as
-  the benchmark wrote it: its headings one level down and its figures copied into
-  the site. Numbers on the benchmark pages come from these files only.
+  the benchmark wrote it: its headings below the section that includes it, its
+  figures copied into the site. Numbers on the benchmark pages come from these
+  files only.
 """
 
 import pathlib
@@ -78,6 +79,17 @@ def _included(docs_dir: str) -> set[pathlib.Path]:
     return found
 
 
+def _depth(before: str) -> int:
+    """The level of the last heading in `before`, outside code blocks."""
+    depth, fenced = 1, False
+    for line in before.splitlines():
+        fenced ^= line.startswith("```")
+        heading = re.match(r"(#+) ", line)
+        if heading and not fenced:
+            depth = len(heading.group(1))
+    return depth
+
+
 def on_files(files, config):
     for report in sorted(_included(config.docs_dir)):
         if not report.is_file():
@@ -94,13 +106,15 @@ def on_files(files, config):
     return files
 
 
-def _include(match: re.Match, page_dir: str) -> str:
+def _include(match: re.Match, page_dir: str, depth: int) -> str:
     report = _ROOT / match.group(1)
     folder = report.parent.relative_to(_ROOT).as_posix()
     lines, fenced = [], False
     for line in report.read_text().splitlines():
         fenced ^= line.startswith("```")
-        lines.append("#" + line if line.startswith("#") and not fenced else line)
+        lines.append(
+            "#" * depth + line if line.startswith("#") and not fenced else line
+        )
 
     def relink(link: re.Match) -> str:
         if not (report.parent / link.group(2)).is_file():
@@ -113,5 +127,8 @@ def _include(match: re.Match, page_dir: str) -> str:
 
 def on_page_markdown(markdown: str, page, **kwargs) -> str:
     page_dir = posixpath.dirname(page.file.src_uri)
-    markdown = _INCLUDE.sub(lambda m: _include(m, page_dir), markdown)
+    # A report's headings go below the section that includes it.
+    markdown = _INCLUDE.sub(
+        lambda m: _include(m, page_dir, _depth(markdown[: m.start()])), markdown
+    )
     return _MARKER.sub(_replace, markdown)

@@ -82,30 +82,32 @@ _TIMEOUT = 900
 
 class _Interpreter:
     def __init__(self):
-        self.process = None
+        self.process: subprocess.Popen | None = None
 
-    def _start(self):
-        env = dict(os.environ, MPLBACKEND="Agg")
-        env.pop("XLA_FLAGS", None)  # one device, as a reader's machine has
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _WORKER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
-        )
+    def _process(self) -> subprocess.Popen:
+        """The running interpreter, started anew if it is not running."""
+        if self.process is None or self.process.poll() is not None:
+            env = dict(os.environ, MPLBACKEND="Agg")
+            env.pop("XLA_FLAGS", None)  # one device, as a reader's machine has
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _WORKER],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                env=env,
+            )
+        return self.process
 
     def run(self, page: pathlib.Path, folder: pathlib.Path) -> str | None:
         """Runs `page`'s blocks in `folder`; **returns** the traceback, or `None`."""
-        if self.process is None or self.process.poll() is not None:
-            self._start()
-        assert self.process.stdin is not None and self.process.stdout is not None
-        request = [str(page), str(folder), _blocks(page)]
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        ready, _, _ = select.select([self.process.stdout], [], [], _TIMEOUT)
-        answer = self.process.stdout.readline() if ready else ""
+        process = self._process()
+        stdin, stdout = process.stdin, process.stdout
+        assert stdin is not None and stdout is not None
+        stdin.write(json.dumps([str(page), str(folder), _blocks(page)]) + "\n")
+        stdin.flush()
+        ready, _, _ = select.select([stdout], [], [], _TIMEOUT)
+        answer = stdout.readline() if ready else ""
         if not answer:
             self.close()
             return f"no answer within {_TIMEOUT} s, or the interpreter died"
