@@ -504,3 +504,103 @@ def test_kit_checks_run_at_full_matmul_precision():
     )
     assert _PRECISIONS and set(_PRECISIONS) == {"highest"}
     assert jax.config.jax_default_matmul_precision is None
+
+
+# Committed measurements ------------------------------------------------------------
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def _scaling_faults(rows: list[dict]) -> list[str]:
+    """Where a table of `benchmarks/scaling.py` departs from what docs/scaling.md
+    says of it: every model, method, device count and layout measured; per
+    device, the FLOPs of a step fall as 1/N, the sharded state falls as 1/N (at
+    most 1/6 of the replicated state on 8 devices) and the replicated state stays
+    whole."""
+    faults = []
+    cells = {(r["model"], r["method"], r["devices"], r["layout"]) for r in rows}
+    for model in ("mlp", "transformer"):
+        for method in ("meanflow", "lsd", "shortcut"):
+            for devices, layout in [(1, "data")] + [
+                (n, lay) for n in (2, 4, 8) for lay in ("data", "sharded")
+            ]:
+                if (model, method, devices, layout) not in cells:
+                    faults.append(f"missing: {model} {method} {devices} {layout}")
+    one = {(r["model"], r["method"]): r for r in rows if r["devices"] == 1}
+    for r in rows:
+        base = one.get((r["model"], r["method"]))
+        if base is None:
+            continue
+        n = r["devices"]
+        flops = r["flops"] / base["flops"] * n
+        if not 0.8 <= flops <= 1.25:
+            faults.append(f"FLOPs x devices = {flops:.2f} of 1 device's: {r}")
+        state = r["state_bytes"] / base["state_bytes"]
+        if r["layout"] == "sharded":
+            if state * n > 1.25 or (n == 8 and state > 1 / 6):
+                faults.append(f"sharded state {state:.3f} of 1 device's: {r}")
+        elif state != 1:
+            faults.append(f"replicated state {state:.3f} of 1 device's: {r}")
+    return faults
+
+
+def _precision_faults(record: dict) -> list[str]:
+    """Where a record of `benchmarks/precision.py` departs from the bar: bfloat16
+    MeanFlow with float32 JVPs ends within 1.5 times float32's 1-step paired
+    error on the ring (mean over seeds), and every run has its loss curve."""
+    rows = record["training"]
+
+    def error(policy: str) -> float:
+        mine = [
+            r["one_step"]
+            for r in rows
+            if r["method"] == "meanflow" and r["policy"] == policy
+        ]
+        return float(np.mean(mine)) if mine else float("nan")
+
+    low, full = error("bfloat16, float32 JVP"), error("float32")
+    faults = [] if low <= 1.5 * full else [f"1-step error {low} vs float32 {full}"]
+    faults += [
+        f"no loss curve: {r['method']} {r['policy']} seed {r['seed']}"
+        for r in rows
+        if not (r["loss_curve"] and np.all(np.isfinite(r["loss_curve"])))
+    ]
+    return faults
+
+
+def test_committed_scaling_table_divides_the_work():
+    """`benchmarks/scaling.py --out benchmarks/results`."""
+    rows = json.loads((RESULTS / "scaling.json").read_text())["rows"]
+    assert _scaling_faults(rows) == []
+
+
+def test_scaling_check_rejects_work_that_is_not_divided():
+    rows = json.loads((RESULTS / "scaling.json").read_text())["rows"]
+    one = {(r["model"], r["method"]): r for r in rows if r["devices"] == 1}
+    flat = [r | {"flops": one[r["model"], r["method"]]["flops"]} for r in rows]
+    assert any("FLOPs" in fault for fault in _scaling_faults(flat))
+    whole = [
+        r | {"state_bytes": one[r["model"], r["method"]]["state_bytes"]} for r in rows
+    ]
+    assert any("sharded state" in fault for fault in _scaling_faults(whole))
+    partial = [r for r in rows if r["model"] == "mlp"]
+    assert any("missing: transformer" in fault for fault in _scaling_faults(partial))
+
+
+def test_committed_precision_table_meets_the_bar():
+    """`benchmarks/precision.py --out benchmarks/results`."""
+    record = json.loads((RESULTS / "precision.json").read_text())
+    assert _precision_faults(record) == []
+
+
+def test_precision_check_rejects_a_worse_bfloat16_run():
+    record = json.loads((RESULTS / "precision.json").read_text())
+    worse = [
+        r | {"one_step": 2 * r["one_step"]}
+        if r["policy"] == "bfloat16, float32 JVP"
+        else r
+        for r in record["training"]
+    ]
+    assert _precision_faults(record | {"training": worse})
+    broken = [r | {"loss_curve": [float("nan")]} for r in record["training"]]
+    assert any("loss curve" in f for f in _precision_faults({"training": broken}))
