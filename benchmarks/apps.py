@@ -74,6 +74,9 @@ def parse():
     parser.add_argument("--out", default="benchmarks/results/apps")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--render", action="store_true", help="only re-render")
+    parser.add_argument(
+        "--figures", action="store_true", help="only redraw the figures and re-render"
+    )
     args = parser.parse_args()
     if args.quick:
         args.steps, args.samples, args.points, args.seeds = 100, 200, 20, [0]
@@ -305,7 +308,7 @@ def _mean_range(values) -> str:
     if not values:
         return "—"
     mean = float(np.mean(values))
-    if len(values) == 1:
+    if min(values) == max(values):
         return f"{mean:.3g}"
     return f"{mean:.3g} ({min(values):.3g} to {max(values):.3g})"
 
@@ -426,9 +429,8 @@ def render(results: dict, out: pathlib.Path) -> None:
     fig.savefig(out / "likelihood.png", dpi=110)
 
 
-def _density(flow, extent=5.0, n=120):
-    grid = np.linspace(-extent, extent, n)
-    xx, yy = np.meshgrid(grid, grid)
+def _density(flow, box=(-5.0, 5.0, -5.0, 5.0), n=150):
+    xx, yy = np.meshgrid(np.linspace(*box[:2], n), np.linspace(*box[2:], n))
     points = jnp.asarray(np.stack([xx.ravel(), yy.ravel()], 1), jnp.float32)
     return xx, yy, np.exp(np.asarray(jax.vmap(flow.log_prob)(points))).reshape(xx.shape)
 
@@ -444,14 +446,24 @@ def figures(out: pathlib.Path) -> None:
     flow = datasets.anisotropic().flow
     reward = apps.QuadraticReward(jnp.eye(2), jnp.asarray(CENTER))
     strength = STRENGTHS[-1]
-    xx, yy, density = _density(apps.tilt(flow, reward, strength))
+    if not FIGURE:  # as in `steering`, seed 0: the same samples
+        noise = jax.random.normal(jax.random.key(2000), (1000, 2), jnp.float32)
+        for name, samples, _, _ in strategies(
+            flow, reward, strength, noise, jax.random.key(3000)
+        ):
+            FIGURE[(strength, name)] = samples
     names = [name for (s, name) in FIGURE if s == strength]
+    tilted = apps.tilt(flow, reward, strength)
+    box = (-3.0, 3.0, -2.0, 4.0)
+    xx, yy, density = _density(tilted, box)
     fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 2.9))
     for ax, name in zip(axes, names, strict=True):
         samples = FIGURE[(strength, name)][:400]
-        ax.contourf(xx, yy, density, levels=12, cmap="Greys")
-        ax.scatter(samples[:, 0], samples[:, 1], s=2, c="tab:orange", alpha=0.7)
+        ax.contourf(xx, yy, np.sqrt(density), levels=12, cmap="Greys")
+        ax.scatter(samples[:, 0], samples[:, 1], s=2, c="tab:orange", alpha=0.5)
         ax.set_title(name, fontsize=7)
+        ax.set_xlim(box[:2])
+        ax.set_ylim(box[2:])
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -484,9 +496,10 @@ def main():
     args = parse()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.render:
+    if not (args.render or args.figures):
         results = run(args)
         (out / "apps.json").write_text(json.dumps(results, indent=1))
+    if not args.render:
         figures(out)
     render(json.loads((out / "apps.json").read_text()), out)
     print(f"wrote {out}")
