@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _machine import machine
-from _quality_metrics import energy_distance
+from _quality_metrics import assign_components, energy_distance
 
 import fmcalc
 import fmcalc.nn
@@ -169,6 +169,15 @@ def steering(model, flow64, reward, seed, n):
         target = apps.tilt(flow64, reward, strength)
         exact = np.asarray(target.sample(jax.random.key(1000 + seed), 2 * n))
         exact_reward = float(np.mean(jax.vmap(reward)(exact)))
+        components = {
+            "weights": np.asarray(target.weights),
+            "means": np.asarray(target.means),
+            "covs": np.asarray(
+                jnp.einsum(
+                    "kij,kj,klj->kil", target.eigvecs, target.eigvals, target.eigvecs
+                )
+            ),
+        }
         noise = jax.random.normal(jax.random.key(2000 + seed), (n, 2), jnp.float32)
         for name, samples, calls, seconds in strategies(
             model, reward, strength, noise, jax.random.key(3000 + seed)
@@ -182,11 +191,58 @@ def steering(model, flow64, reward, seed, n):
                     "energy": energy_distance(samples, exact),
                     "reward": float(np.mean(jax.vmap(reward)(jnp.asarray(samples)))),
                     "exact_reward": exact_reward,
+                    "mass": mass_error(samples, components),
                     "calls": calls,
                     "seconds_per_sample": seconds,
                 }
             )
             print(f"  λ={strength} {name}: {rows[-1]['energy']:.4f}", flush=True)
+    return rows
+
+
+def mass_error(samples, components) -> float:
+    """Total variation between the share of samples in each tilted component (by
+    posterior) and the component's exact tilted weight."""
+    k = len(components["weights"])
+    share = np.bincount(assign_components(samples, components), minlength=k)
+    return float(0.5 * np.sum(np.abs(share / len(samples) - components["weights"])))
+
+
+LOOKAHEADS = {
+    "flow map": apps.FlowMapLookahead(),
+    "Tweedie": apps.TweedieLookahead(),
+    "none": apps.NoLookahead(),
+}
+TIMES = (0.25, 0.5, 0.75)
+
+
+@eqx.filter_jit
+def _estimates(model, reward, lookahead, x, t):
+    return jax.vmap(lambda x: reward(lookahead(model, x, t)))(x)
+
+
+def lookahead_bias(model, flow, reward, seed, n=500):
+    """`r(x̂0(x_t, t)) - E[r(x0) | x_t]` over `x_t ~ p_t`, its mean (the bias) and
+    mean absolute value (the error at a point): each look-ahead as an estimate of
+    the reward to come."""
+    rows = []
+    for t in TIMES:
+        key = jax.random.key(5000 + seed)
+        x0 = flow.sample(key, n)
+        eps = jax.random.normal(jax.random.fold_in(key, 1), x0.shape, x0.dtype)
+        x = (1 - t) * x0 + t * eps
+        exact = jax.vmap(lambda x, t=t: apps.expected_reward(flow, reward, x, t))(x)
+        for name, lookahead in LOOKAHEADS.items():
+            estimate = _estimates(model, reward, lookahead, x, jnp.asarray(t, x.dtype))
+            error = estimate - exact
+            rows.append(
+                {
+                    "t": t,
+                    "lookahead": name,
+                    "bias": float(jnp.mean(error)),
+                    "abs_error": float(jnp.mean(jnp.abs(error))),
+                }
+            )
     return rows
 
 
@@ -270,7 +326,7 @@ def run(args) -> dict:
     data = datasets.anisotropic()
     flow = flow64 = data.flow
     reward = apps.QuadraticReward(jnp.eye(2), jnp.asarray(CENTER))
-    results = {"steering": [], "likelihood": []}
+    results = {"steering": [], "likelihood": [], "bias": []}
     start = time.time()
     for seed in args.seeds:
         points = flow.sample(jax.random.key(4000 + seed), args.points)
@@ -283,6 +339,8 @@ def run(args) -> dict:
             print(f"seed {seed} {name}", flush=True)
             for row in steering(model, flow64, reward, seed, args.samples):
                 results["steering"].append({"map": name, "seed": seed, **row})
+            for row in lookahead_bias(model, flow, reward, seed):
+                results["bias"].append({"map": name, "seed": seed, **row})
             for row in likelihood(model, flow, points):
                 results["likelihood"].append({"map": name, "seed": seed, **row})
     results["record"] = {
@@ -345,9 +403,9 @@ def render(results: dict, out: pathlib.Path) -> None:
             f"**λ = {strength:g}** (exact mean reward under the tilt: "
             f"{_mean_range(exact)})",
             "",
-            "| map | strategy | energy distance | mean reward | model calls per "
-            "sample | ms per sample |",
-            "|---|---|---|---|---|---|",
+            "| map | strategy | energy distance | mean reward | component mass "
+            "error | model calls per sample | ms per sample |",
+            "|---|---|---|---|---|---|---|",
         ]
         for m in maps:
             for name in names:
@@ -361,10 +419,39 @@ def render(results: dict, out: pathlib.Path) -> None:
                 lines.append(
                     f"| {m} | {name} | {_mean_range([r['energy'] for r in picked])} | "
                     f"{_mean_range([r['reward'] for r in picked])} | "
+                    f"{_mean_range([r['mass'] for r in picked])} | "
                     f"{picked[0]['calls']} | "
                     f"{_mean_range([1e3 * r['seconds_per_sample'] for r in picked])} |"
                 )
         lines.append("")
+    bias = results["bias"]
+    times = list(dict.fromkeys(r["t"] for r in bias))
+    lines += [
+        "**Look-ahead as a reward estimate**: `r(x̂0(x_t, t)) - E[r(x0) | x_t]` "
+        "against the exact posterior expectation (`fmcalc.apps.expected_reward`), "
+        "over `x_t ~ p_t`: its mean (the bias) / its mean absolute value (the "
+        "error at a point).",
+        "",
+        "| map | look-ahead | " + " | ".join(f"t = {t:g}" for t in times) + " |",
+        "|---|---|" + "---|" * len(times),
+    ]
+    for m in maps:
+        for name in dict.fromkeys(r["lookahead"] for r in bias):
+            picked = [
+                [
+                    r
+                    for r in bias
+                    if r["map"] == m and r["lookahead"] == name and r["t"] == t
+                ]
+                for t in times
+            ]
+            cells = [
+                f"{np.mean([r['bias'] for r in p]):.3g} / "
+                f"{np.mean([r['abs_error'] for r in p]):.3g}"
+                for p in picked
+            ]
+            lines.append(f"| {m} | {name} | " + " | ".join(cells) + " |")
+    lines.append("")
     (out / "steering.md").write_text("\n".join(lines) + footer)
 
     rows = results["likelihood"]
