@@ -32,6 +32,8 @@ SLOW_PAGES = {
     "docs/tutorials/own-loop.md",
     "docs/tutorials/property-test.md",
     "docs/concepts/cost.md",
+    "docs/scaling.md",
+    "docs/apps/likelihood.md",
 }
 FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # A block that only includes a file (`--8<-- "examples/lsd.py"`) shows an example,
