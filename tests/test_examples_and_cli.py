@@ -35,7 +35,20 @@ EXAMPLES = {
 
 
 @pytest.mark.slow
-def test_check_passes(capsys):
+def test_check_passes(capsys, monkeypatch):
+    """Every group of `fmcalc check --quick` except the per-method fixed points,
+    which tests/test_methods.py runs for the whole registry, and which are kept
+    here for the methods biased by construction and one unbiased method."""
+    import fmcalc._cli as cli
+
+    every = cli.groups
+    kept = {f"fixed point of {name}" for name in ("ct", "cd", "ect", "meanflow")}
+
+    def groups(quick):
+        out = every(quick=quick)
+        return [g for g in out if not g[0].startswith("fixed point") or g[0] in kept]
+
+    monkeypatch.setattr(cli, "groups", groups)
     assert main(["check", "--quick"]) == 0
     out = capsys.readouterr().out
     assert "0 failed" in out
