@@ -43,9 +43,15 @@ REWARD = apps.QuadraticReward(jnp.eye(2), jnp.asarray([-1.0, 1.0]))
 CONSTANT = apps.QuadraticReward(jnp.zeros((2, 2)), jnp.asarray([-1.0, 1.0]))
 
 
+@eqx.filter_jit
+def _each(fn, x):
+    return jax.vmap(fn)(x)
+
+
 def each(fn):
-    """`jax.vmap(fn)` compiled as one program (quicker than op by op)."""
-    return jax.jit(jax.vmap(fn))
+    """`jax.vmap(fn)` compiled as one program (quicker than op by op); a flow's
+    method is a pytree, so flows of one structure share the program."""
+    return lambda x: _each(fn, x)
 
 
 def covariance(flow: Gaussian):
@@ -192,7 +198,6 @@ def test_expected_reward_and_lookaheads_against_the_posterior():
     for lookahead in (apps.FlowMapLookahead(), apps.TweedieLookahead()):
         np.testing.assert_allclose(lookahead(GAUSSIAN, x, 0.0), x, atol=1e-12)
     # On a mixture at t = 1 the posterior is the prior.
-    r = each(REWARD)
     prior = sum(
         w * -0.5 * (jnp.sum((m - REWARD.center) ** 2) + jnp.sum(lam))
         for w, m, lam in zip(
@@ -200,7 +205,6 @@ def test_expected_reward_and_lookaheads_against_the_posterior():
         )
     )
     assert jnp.isclose(apps.expected_reward(MIXTURE, REWARD, jnp.zeros(2), 1.0), prior)
-    assert jnp.isclose(jnp.mean(r(data(MIXTURE, 20000))), prior, atol=0.1)
 
 
 # Steering
