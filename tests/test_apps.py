@@ -478,7 +478,7 @@ BAD = {
     "tilt without normaliser": (
         lambda: apps.tilt(STEERED, REWARD, -10.0),
         ValueError,
-        "`strength` = -10.0 makes exp",
+        r"`strength` = -10.0 makes exp.*must be greater than -0.66",
     ),
     "slerp of different shapes": (
         lambda: apps.slerp(jnp.ones(2), jnp.ones(3), 0.5),

@@ -128,17 +128,19 @@ def tilt(
     dim = means.shape[1]
     m = strength * a.T @ a
     identity = np.eye(dim)
+    # `Sigma⁻¹ + λ AᵀA` is positive definite iff `1 + λ μ > 0` for the largest
+    # eigenvalue `μ` of `Sigma^½ AᵀA Sigma^½`, for every component.
+    roots = [q[k] * np.sqrt(lam[k]) for k in range(means.shape[0])]
+    largest = max(float(np.linalg.eigvalsh(r.T @ a.T @ a @ r)[-1]) for r in roots)
+    if 1 + strength * largest <= 0:
+        raise ValueError(
+            f"`strength` = {strength} makes exp(λ r) grow faster than the "
+            "distribution decays, so the tilted distribution has no normaliser "
+            f"(Sigma⁻¹ + λ AᵀA is not positive definite); `strength` must be "
+            f"greater than {-1 / largest:.6g} for this flow and reward."
+        )
     new_weights, new_means, new_covs = [], [], []
     for k in range(means.shape[0]):
-        root = q[k] * np.sqrt(lam[k])
-        whitened = identity + root.T @ m @ root
-        smallest = np.linalg.eigvalsh(whitened)[0]
-        if smallest <= 0:
-            raise ValueError(
-                f"`strength` = {strength} makes exp(λ r) grow faster than component "
-                f"{k} decays, so the tilted distribution has no normaliser "
-                f"(Sigma⁻¹ + λ AᵀA has an eigenvalue ≤ 0); use a larger `strength`."
-            )
         sigma = (q[k] * lam[k]) @ q[k].T
         mean = np.asarray(means[k], np.float64)
         solve = np.linalg.solve(identity + sigma @ m, identity)
