@@ -1,0 +1,62 @@
+"""The benchmark pages quote only what the results files hold: every number in
+their prose occurs in a committed results JSON, and every table they include is a
+file under `benchmarks/results/`."""
+
+import pathlib
+import re
+
+import pytest
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PAGES = sorted((ROOT / "docs" / "benchmarks").glob("*.md"))
+INCLUDE = re.compile(r'^--8<--\s+"([^"]+)"\s*$', re.MULTILINE)
+NUMBER = re.compile(r"(?<![\w.-])\d+(?:\.\d+)?(?:e-?\d+)?(?!\w)")
+
+
+def prose(text: str) -> str:
+    """The page without code, inline code, links and included files."""
+    for pattern, flags in (
+        (r"^```.*?^```", re.MULTILINE | re.DOTALL),
+        (INCLUDE.pattern, re.MULTILINE),
+        (r"`[^`\n]*`", 0),
+        (r"\[[^\]]*\]\([^)]*\)", 0),
+    ):
+        text = re.sub(pattern, "", text, flags=flags)
+    return text
+
+
+def untraced_numbers(text: str, results: str) -> list[str]:
+    """The numbers in `text`'s prose that no results file contains."""
+    known = set(re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?", results))
+    return [n for n in NUMBER.findall(prose(text)) if n not in known]
+
+
+@pytest.fixture(scope="module")
+def results() -> str:
+    return "\n".join(p.read_text() for p in sorted(RESULTS.rglob("*.json")))
+
+
+def test_there_are_pages_and_results(results):
+    assert PAGES and len(results) > 10_000
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_number_in_the_prose_is_in_a_results_file(page, results):
+    assert untraced_numbers(page.read_text(), results) == []
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_included_tables_are_results_files(page):
+    for include in INCLUDE.findall(page.read_text()):
+        path = (ROOT / include).resolve()
+        assert path.is_relative_to(RESULTS) and path.exists(), include
+
+
+def test_a_typed_number_is_caught(results):
+    page = "MeanFlow reaches 4.6173 after 60317 steps.\n\n```python\nx = 98765\n```\n"
+    assert untraced_numbers(page, results) == ["4.6173", "60317"]
+    # Numbers in code, inline code, links and included files are not prose.
+    quiet = 'Run `--steps 98765`; see [run 98765](a.md).\n--8<-- "b/98765.md"\n'
+    assert untraced_numbers(quiet, results) == []
