@@ -983,8 +983,9 @@ def test_cli_unknown_command():
 
 def test_cli_output_into_a_closed_pipe():
     def piped(reader):
+        command = f"{sys.executable} -m fmcalc methods -v | {reader}"
         return subprocess.run(
-            f"{sys.executable} -m fmcalc methods -v | {reader}; exit ${{PIPESTATUS[0]}}",
+            f"{command}; exit ${{PIPESTATUS[0]}}",
             shell=True,
             executable="/bin/bash",
             capture_output=True,
