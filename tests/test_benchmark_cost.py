@@ -43,6 +43,7 @@ def report():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(cost.NETWORKS))
 def test_flow_matching_and_meanflow(report, kind):
     result, check = report[kind]

@@ -38,6 +38,7 @@ TINY = overhead.Network(
 SETTINGS = overhead.Settings(batch=16, repeats=0, batches=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", overhead.METHODS)
 def test_spec_matches_hand_written(name):
     row = overhead.benchmark(name, TINY, SETTINGS, timing=False, key=jax.random.key(3))
@@ -47,6 +48,7 @@ def test_spec_matches_hand_written(name):
     assert row["passed"], row
 
 
+@pytest.mark.slow
 def test_comparison_detects_a_different_loss(monkeypatch):
     # The shortcut target taken from the online network instead of the EMA: the
     # loss must differ, so equality above is informative.

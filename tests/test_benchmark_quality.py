@@ -134,6 +134,7 @@ def test_verdict_against_the_bars():
     assert "splitmeanflow" not in notes
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_run(tmp_path, monkeypatch):
     import quality
 
@@ -379,6 +380,7 @@ def test_merge_joins_seeds_and_recomputes_ratios_per_seed(tmp_path, monkeypatch)
     assert ring[1]["train_min"] == pytest.approx((len(ring[1]["rows"]) + 1) / 60)
 
 
+@pytest.mark.slow
 def test_merge_draws_the_figure_from_the_saved_samples_of_one_seed(
     tmp_path, monkeypatch
 ):

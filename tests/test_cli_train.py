@@ -14,6 +14,7 @@ def _train(tmp_path, *args):
     return main(["train", *args, "--out", str(tmp_path / "run")])
 
 
+@pytest.mark.slow
 def test_train_then_sample_points(tmp_path, capsys):
     assert (
         _train(tmp_path, "--method", "lsd", "--data", "checkerboard", "--steps", "20")

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import random_batch, random_gaussian, residuals
 
 import fmcalc
@@ -22,6 +23,7 @@ def test_interpolate_is_batch_polymorphic():
     np.testing.assert_allclose(fmcalc.interpolate(x0[0], eps[0], 0.25), [0.75, 0.75])
 
 
+@pytest.mark.slow
 def test_parameterisation_round_trips():
     flow = random_gaussian(jax.random.PRNGKey(0), 4)
     x, s, t = _point(flow)
@@ -34,6 +36,7 @@ def test_parameterisation_round_trips():
     np.testing.assert_allclose(fmcalc.flow_map_from_denoised(x, s, t, x_hat), F)
 
 
+@pytest.mark.slow
 def test_denoiser_and_score_of_a_gaussian():
     """x0_hat = E[x0 | x_t] and the score -C_t^{-1}(x - m_t) in closed form."""
     flow = random_gaussian(jax.random.PRNGKey(1), 3)
@@ -51,6 +54,7 @@ def test_denoiser_and_score_of_a_gaussian():
     np.testing.assert_allclose(fmcalc.velocity_from_score(x, t, score), v)
 
 
+@pytest.mark.slow
 def test_analytic_velocity_source():
     flow = random_gaussian(jax.random.PRNGKey(2), 4)
     batch = random_batch(jax.random.PRNGKey(3), flow, 32)
@@ -67,6 +71,7 @@ def test_ema_update_is_a_moving_average():
     assert averaged.singular == flow.singular
 
 
+@pytest.mark.slow
 def test_ema_network_in_the_target_gets_no_gradient():
     """With an EMA network in the target, the loss uses the EMA parameters there and
     the gradient flows only through the online prediction."""

@@ -99,6 +99,7 @@ def test_mlp_forward_pass_equivalents():
     assert jvp == pytest.approx(2.0, abs=0.05)
 
 
+@pytest.mark.slow
 def test_transformer_forward_pass_equivalents():
     fm, jvp = _ratios(_transformer(), 64)
     assert fm == pytest.approx(3.0, abs=0.2)

@@ -73,6 +73,7 @@ RESIDUALS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["mlp", "transformer"])
 @pytest.mark.parametrize("name", sorted(RESIDUALS))
 def test_measured_cost_matches_estimate(name, model_name):

@@ -125,6 +125,7 @@ def test_non_positive_step():
         FiniteDifference(-0.1)
 
 
+@pytest.mark.slow
 def test_step_below_dtype_resolution(flow):
     flow32 = Gaussian(flow.mean.astype(jnp.float32), jnp.eye(3, dtype=jnp.float32))
     batch = random_batch(jax.random.PRNGKey(2), flow32, 4)
@@ -296,6 +297,7 @@ def _params(tree) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array))]
 
 
+@pytest.mark.slow
 def test_nan_learning_rate_never_reaches_the_checkpoint(tmp_path):
     path = tmp_path / "c.eqx"
     with pytest.warns(RuntimeWarning, match="breaks the state"):
@@ -312,6 +314,7 @@ def test_nan_learning_rate_never_reaches_the_checkpoint(tmp_path):
     assert not path.exists()
 
 
+@pytest.mark.slow
 def test_exploding_update_keeps_the_good_checkpoint(tmp_path):
     path = tmp_path / "c.eqx"
     good = _fit(steps=20, checkpoint=path, checkpoint_every=10)
@@ -329,6 +332,7 @@ def test_exploding_update_keeps_the_good_checkpoint(tmp_path):
         assert np.array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_nan_in_a_learning_rate_schedule_blames_the_optimiser():
     schedule = lambda step: jnp.where(step < 3, 1e-3, jnp.nan)  # noqa: E731
     with pytest.warns(RuntimeWarning):
@@ -338,11 +342,13 @@ def test_nan_in_a_learning_rate_schedule_blames_the_optimiser():
     assert "The data and the model are not at fault" in str(error.value)
 
 
+@pytest.mark.slow
 def test_negative_learning_rate_is_refused():
     with pytest.raises(ValueError, match="points up the gradient.*negative"):
         _fit(optimizer=optax.adam(-1e-3))
 
 
+@pytest.mark.slow
 def test_learning_rate_schedule_turning_negative_stops_the_run():
     schedule = optax.linear_schedule(1e-3, -1e-3, 20)
     with pytest.raises(train.DivergenceError, match="up the gradient .* negative"):
@@ -353,6 +359,7 @@ def test_learning_rate_schedule_turning_negative_stops_the_run():
         )
 
 
+@pytest.mark.slow
 def test_runaway_parameters_are_blamed_not_the_data():
     with pytest.warns(RuntimeWarning):
         with pytest.raises(train.NonFiniteError, match="run away since") as error:
@@ -360,6 +367,7 @@ def test_runaway_parameters_are_blamed_not_the_data():
     assert "optimiser is at fault, not the data" in str(error.value)
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_and_names_the_term():
     model = _mlp(dtype=jnp.float64)
     schedule = optax.piecewise_constant_schedule(1e-2, {15: 300.0})
@@ -427,6 +435,7 @@ class _Wrapped(eqx.Module):
         return self.mlp(jnp.concatenate([x, jnp.stack([s, t]).astype(x.dtype)]))
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_activation(tmp_path):
     path = tmp_path / "c.eqx"
 
@@ -446,6 +455,7 @@ def _as_float32(tree):
     return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_method(tmp_path):
     path = tmp_path / "c.eqx"
     _fit(steps=2, checkpoint=path)
@@ -462,6 +472,7 @@ def test_resume_refuses_another_batch_size(tmp_path):
         _fit(steps=4, batch_size=8, checkpoint=path)
 
 
+@pytest.mark.slow
 def test_weights_only_resume_starts_a_new_run_from_the_weights(tmp_path):
     path = tmp_path / "c.eqx"
     first = _fit(steps=6, checkpoint=path)
@@ -541,6 +552,7 @@ def test_negative_labels_other_than_the_null_label_are_refused():
         _fit(model=_mlp(num_classes=3), labels=labels)
 
 
+@pytest.mark.slow
 def test_null_labels_train():
     labels = (jnp.arange(64) % 3).at[::4].set(fmcalc.NULL_LABEL)
     result = _fit(model=_mlp(num_classes=3), labels=labels, steps=3)
@@ -614,6 +626,7 @@ def test_integer_model_output():
         _loss(_Shaped(lambda v: v.astype(jnp.int32)))
 
 
+@pytest.mark.slow
 def test_teacher_output_of_the_wrong_shape(flow):
     expr = fmcalc.lagrangian()
     with pytest.raises(ValueError, match=r"teacher `.*<lambda>` returned shape \(\)"):
@@ -635,6 +648,7 @@ class _CustomVJP(eqx.Module):
         return _fused(x * (1 + s - t))
 
 
+@pytest.mark.slow
 def test_jvp_through_a_custom_vjp_network_suggests_a_finite_difference():
     method = fmcalc.methods.get("lsd")
     with pytest.raises(TypeError, match="custom_vjp.*FiniteDifference") as error:
@@ -681,6 +695,7 @@ class _Recording(eqx.Module):
         return self.inner(x, s, t)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["forward", "central"])
 @pytest.mark.parametrize("along", [(0, 0, 1), (0, 1, 0), (0, 1, 1)])
 def test_finite_difference_stays_in_the_unit_interval(flow, scheme, along):
@@ -718,6 +733,7 @@ def test_finite_difference_strategy_stays_in_the_unit_interval(flow):
     assert all(0 <= s <= 1 and 0 <= t <= 1 for s, t in calls)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "scheme, step", [("forward", 1e-5), ("central", 1e-3)], ids=["forward", "central"]
 )
@@ -898,6 +914,7 @@ def test_batch_label_below_the_null_label_under_jit():
 # No NaN where the true value is finite ----------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "cov",
     [jnp.zeros((2, 2)), jnp.diag(jnp.array([0.0, 1.0]))],
@@ -929,6 +946,7 @@ def test_point_mass_velocity_near_the_data_end_in_float32():
     np.testing.assert_allclose(flow.velocity(t * noise, t), noise, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_point_cloud_velocity_near_the_data_end_in_float32():
     cloud = PointCloud(jnp.array([[0.0, 1.0], [1.0, 0.0]], jnp.float32))
     t = jnp.float32(1e-20)
@@ -970,17 +988,20 @@ def _fmcalc(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_version():
     done = _fmcalc("--version")
     assert done.returncode == 0
     assert done.stdout.startswith(f"fmcalc {fmcalc.__version__} (jax ")
 
 
+@pytest.mark.slow
 def test_cli_unknown_command():
     done = _fmcalc("chek")
     assert done.returncode == 2 and "invalid choice: 'chek'" in done.stderr
 
 
+@pytest.mark.slow
 def test_cli_output_into_a_closed_pipe():
     def piped(reader):
         command = f"{sys.executable} -m fmcalc methods -v | {reader}"

@@ -61,6 +61,7 @@ def test_check_passes(capsys, monkeypatch):
         assert f"method {name}: biased by construction" in out
 
 
+@pytest.mark.slow
 def test_check_streams_rows_and_lists_what_it_leaves_out(capsys, monkeypatch):
     import fmcalc._cli as cli
 

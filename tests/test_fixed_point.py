@@ -30,6 +30,7 @@ def _anchor_method(loss) -> fmcalc.Method:
         )
 
 
+@pytest.mark.slow
 def test_default_flow_is_the_asymmetric_mixture():
     result = check_fixed_point(methods.get("flow-matching"), key=jax.random.key(0))
     assert result.passed, str(result)
@@ -37,6 +38,7 @@ def test_default_flow_is_the_asymmetric_mixture():
     assert flow.weights.shape == (2,) and float(flow.weights[0]) == 0.8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "loss", [fmcalc.PseudoHuber(), fmcalc.Adaptive(), fmcalc.Cosine()], ids=repr
 )
@@ -50,6 +52,7 @@ def test_robust_losses_on_the_conditional_velocity_fail_at_the_defaults(loss):
     assert "FAIL: the conditional velocity shifts the expected update" in str(result)
 
 
+@pytest.mark.slow
 def test_the_same_losses_show_no_shift_on_symmetric_data():
     """A Gaussian's conditional law of `eps - x0` is symmetric: a robust location is
     its mean, so the same check passes there (why the default is skewed)."""
@@ -61,6 +64,7 @@ def test_the_same_losses_show_no_shift_on_symmetric_data():
         assert result.passed, str(result)
 
 
+@pytest.mark.slow
 def test_plain_squared_error_passes_with_a_noise_level_bias():
     result = check_fixed_point(
         _anchor_method(fmcalc.SquaredError()), key=jax.random.key(0)
@@ -73,6 +77,7 @@ def _lsd(derivative) -> fmcalc.Method:
     return methods.get("lsd", derivative=derivative)
 
 
+@pytest.mark.slow
 def test_central_difference_truncation_is_reported_and_allowed():
     result = check_fixed_point(
         _lsd(FiniteDifference(1e-3, "central")), key=jax.random.key(0)
@@ -90,6 +95,7 @@ def test_central_difference_truncation_is_reported_and_allowed():
     assert result.terms[0].truncation == 0 == result.terms[0].expected_truncation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme, order", [("forward", 1), ("central", 2)])
 def test_truncation_shrinks_with_the_order_of_the_scheme(scheme, order):
     """What is reported as truncation behaves as truncation: halving the step
@@ -108,6 +114,7 @@ def test_truncation_shrinks_with_the_order_of_the_scheme(scheme, order):
     )
 
 
+@pytest.mark.slow
 def test_a_wrong_spec_with_finite_differences_fails_beyond_truncation():
     """The time argument of the target slipped (`s` for `t`): not truncation."""
     fd = FiniteDifference(1e-3, "central")
@@ -123,6 +130,7 @@ def test_a_wrong_spec_with_finite_differences_fails_beyond_truncation():
     assert "the residual beyond truncation" in str(result)
 
 
+@pytest.mark.slow
 def test_curricula_are_checked_where_they_settle():
     """AYF-EMD's tangent warm-up reaches 1 at step 10k; at step 0 it is 0, which is
     not the method trained for most of a run (and not at its fixed point)."""
@@ -134,6 +142,7 @@ def test_curricula_are_checked_where_they_settle():
     assert "training step 0" in str(early)
 
 
+@pytest.mark.slow
 def test_float32_tolerance_follows_the_dtype():
     gaussian = fmcalc.flows.Gaussian(
         jnp.array([0.5, -1.0], jnp.float32),
@@ -151,6 +160,7 @@ def test_float32_tolerance_follows_the_dtype():
     assert float64.rtol == 1e-6
 
 
+@pytest.mark.slow
 def test_declared_biases_are_measured_but_pass():
     result = check_fixed_point(methods.get("ct"), key=jax.random.key(0), n=400)
     (check,) = result.terms

@@ -33,6 +33,7 @@ def _flow():
     return fmcalc.flows.Gaussian(jnp.array([1.0, -1.0]), 0.3 * jnp.eye(2))
 
 
+@pytest.mark.slow
 def test_nnx_output_is_the_network_output():
     net = Velocity(nnx.Rngs(0))
     model = fmcalc.nn.from_flax(net)
@@ -44,6 +45,7 @@ def test_nnx_output_is_the_network_output():
     assert jax.vmap(model)(xs, jnp.full(5, 0.5), jnp.zeros(5)).shape == (5, 2)
 
 
+@pytest.mark.slow
 def test_nnx_trains_checkpoints_and_comes_back(tmp_path):
     model = fmcalc.nn.from_flax(Velocity(nnx.Rngs(0)))
     result = fmcalc.train.fit(
@@ -69,6 +71,7 @@ def test_nnx_trains_checkpoints_and_comes_back(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_linen_with_labels():
     net = LinenVelocity()
     variables = net.init(

@@ -51,6 +51,7 @@ def residuals(flow: Gaussian, x, s, u, t) -> dict[str, float]:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @hypothesis.given(data=st.data())
 def test_identities(dtype, data):
@@ -84,6 +85,7 @@ def test_identities_at_every_edge_combination(dtype, dim):
     assert max(found.values()) <= testing.tolerance(dtype), found
 
 
+@pytest.mark.slow
 def test_average_velocity_is_cancellation_free():
     flow64 = fixed_gaussian(4)
     flow32 = fixed_gaussian(4, jnp.float32)
@@ -100,6 +102,7 @@ def test_average_velocity_is_cancellation_free():
     assert jnp.max(jnp.abs(closed_form - exact)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_transformations():
     flow = fixed_gaussian(3)
     x, s, t = jnp.array([0.3, -1.0, 2.0]), jnp.array(0.9), jnp.array(0.2)
@@ -138,6 +141,7 @@ def test_transformations():
     assert jnp.max(jnp.abs(grads.mean - expected)) <= tol
 
 
+@pytest.mark.slow
 def test_point_mass():
     dim = 3
     mean = jnp.array([1.0, -2.0, 0.5])
@@ -340,6 +344,7 @@ def test_finite_difference_step_below_resolution_raises():
         )
 
 
+@pytest.mark.slow
 def test_checks_accept_any_derivative_strategy():
     """A finite difference's truncation error shows in the residual, shrinking at its
     order; the exact JVP leaves only round-off."""

@@ -113,6 +113,7 @@ def test_pseudo_huber_gradient_is_half_adaptive_square_root():
     np.testing.assert_allclose(grad_ph, grad_ad / 2, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_log_variance_optimum_is_log_mean_squared_error():
     residuals = jax.random.normal(jax.random.PRNGKey(5), (256, 3)) * 1.7
 

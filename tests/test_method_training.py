@@ -129,6 +129,7 @@ def _train(method, flow, model, held_out, exact, key):
     return losses, before, measure(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", fmcalc.methods.names())
 def test_method_trains(name):
     method = fmcalc.methods.get(name)

@@ -119,6 +119,7 @@ def test_overrides_move_one_axis():
     assert any(leaf == fd for leaf in leaves)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_batch_and_loss_are_deterministic(name, gaussian):
     method = methods.get(name)
@@ -142,6 +143,7 @@ def test_batch_and_loss_are_deterministic(name, gaussian):
 # --------------------------------------------------------------- the fixed point
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(set(ALL) - FINITE_STEP))
 def test_exact_gaussian_map_is_a_fixed_point(name, gaussian):
     method = methods.get(name, **_overrides(name, 1e-5))
@@ -159,6 +161,7 @@ def test_exact_gaussian_map_is_a_fixed_point(name, gaussian):
         assert check.update > 1e-2, str(off)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(set(ALL) - FINITE_STEP))
 def test_exact_mixture_map_is_a_fixed_point(name, mixture):
     overrides = {**_overrides(name, 1e-4), **PLAIN.get(name, {})}
@@ -171,6 +174,7 @@ def test_exact_mixture_map_is_a_fixed_point(name, mixture):
     assert result.passed, str(result)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ROBUST_CONDITIONAL))
 def test_robust_weighting_moves_the_mixture_fixed_point(name, mixture, capsys):
     """MeanFlow's adaptive weight and pseudo-Huber make the fixed point a robust
@@ -198,6 +202,7 @@ def test_robust_weighting_moves_the_mixture_fixed_point(name, mixture, capsys):
         )
 
 
+@pytest.mark.slow
 def test_same_weighting_keeps_the_gaussian_fixed_point(gaussian):
     for loss in (fmcalc.Adaptive(p=1.0, c=1e-3), fmcalc.PseudoHuber()):
         method = methods.get("meanflow", loss=loss)
@@ -237,6 +242,7 @@ def _expected_update(method, flow, n, key):
     return np.linalg.norm(g.mean(0)), np.linalg.norm(g, axis=1).mean()
 
 
+@pytest.mark.slow
 def test_consistency_bias_shrinks_at_first_order(gaussian):
     """CT and CD compare the map at `s` with the EMA map one Euler step (of
     `eps - x0`, or of the teacher) away. Divided by the step `Δs` (iCT's weight
@@ -260,6 +266,7 @@ def test_consistency_bias_shrinks_at_first_order(gaussian):
     assert abs(loglog_slope(gaps, residuals) - 2) < 0.3, residuals
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_update_points_back_to_the_exact_map(name, gaussian):
     """Near the exact map the expected update points back to it (the fixed-point
@@ -451,6 +458,7 @@ def _examples(flow, n, cond):
     return fmcalc.Batch(x0, eps, s, 0.5 * s, None, cond)
 
 
+@pytest.mark.slow
 def test_guided_teacher_is_the_analytic_guided_velocity(labelled):
     cond = jnp.array([0, 1, -1, 1, 0, -1, 1, 0])
     batch = _examples(labelled, 8, cond)
@@ -471,6 +479,7 @@ def test_guided_teacher_is_the_analytic_guided_velocity(labelled):
             np.testing.assert_allclose(got[i], want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_meanflow_guidance_target(labelled):
     cond = jnp.array([0, 1, -1, 1])
     batch = _examples(labelled, 4, cond)
@@ -503,6 +512,7 @@ def test_guided_meanflow_spec():
     )
 
 
+@pytest.mark.slow
 def test_label_dropout_rows(labelled):
     method = methods.get("meanflow", label_dropout=0.25)
     x0 = labelled.sample(jax.random.key(0), 4000)
@@ -525,6 +535,7 @@ def test_label_dropout_rows(labelled):
     assert all(int(c) < 0 for c in seen)
 
 
+@pytest.mark.slow
 def test_unconditional_network_drops_the_label(labelled):
     batch = _examples(labelled, 2, jnp.array([1, 0]))
     expr = fmcalc.Network().without_condition()(X, S, S)

@@ -148,6 +148,7 @@ def mixture_case(dim: int):
     return flow, identity_residuals(flow, x, s, u, t, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dim", [2, 8])
 @pytest.mark.parametrize("name", IDENTITIES + ("F vs reference", "V vs reference"))
 def test_identities_float64(dim, name):
@@ -165,6 +166,7 @@ def test_exact_identities_float64(dim):
     assert residuals["parameterisation"] <= 1e-13
 
 
+@pytest.mark.slow
 def test_identities_float32():
     flow = random_mixture(0, 4, 2, jnp.float32)
     x, s, u, t = on_flow(flow, BATCH, jnp.float32)
@@ -173,6 +175,7 @@ def test_identities_float32():
     assert flow_map(flow, x, s, t).dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_pushforward_of_noise_has_data_mean():
     """4096 noise samples pushed from 1 to 0 have the data mean (5 standard errors)."""
     flow, _ = mixture_case(2)
@@ -190,6 +193,7 @@ def test_pushforward_of_noise_has_data_mean():
     np.testing.assert_array_less(np.abs(np.mean(x0, axis=0) - mean), 5 * standard_error)
 
 
+@pytest.mark.slow
 def test_reverse_mode_matches_forward_mode():
     """The default adjoint supports `jax.grad` as well as `jax.jvp`: the gradient of
     `Σ F²` matches its directional derivatives from the forward-mode solve."""
@@ -224,6 +228,7 @@ def test_single_component_velocity_is_gaussian(seed, dim):
         )
 
 
+@pytest.mark.slow
 def test_single_component_maps_are_gaussian():
     _, means, covs = mixture_parameters(3, 1, 2)
     mixture = GaussianMixture(jnp.ones(1), jnp.asarray(means), jnp.asarray(covs))
@@ -255,6 +260,7 @@ def restricted(seed: int, dim: int, label: int) -> GaussianMixture:
     )
 
 
+@pytest.mark.slow
 @hypothesis.given(
     seed=st.integers(0, 2**32 - 1), dim=st.integers(1, 4), label=st.integers(0, 2)
 )
@@ -273,6 +279,7 @@ def guided_at(flow, x, t, cond, scale):
     return flow.guided_velocity(x, t, cond, scale)
 
 
+@pytest.mark.slow
 @hypothesis.given(seed=st.integers(0, 2**32 - 1), dim=st.integers(1, 4))
 def test_guided_velocity_is_linear_in_scale(seed, dim):
     mixture = labelled_mixture(seed, dim)
@@ -289,6 +296,7 @@ def test_guided_velocity_is_linear_in_scale(seed, dim):
         )
 
 
+@pytest.mark.slow
 def test_conditional_maps_and_samples_use_the_class():
     """Traced labels under vmap select the class's components in the solve and in
     sampling."""
@@ -318,6 +326,7 @@ def brute_force_velocity(points, x, t):
     return (x - weights @ points) / t
 
 
+@pytest.mark.slow
 @hypothesis.given(
     seed=st.integers(0, 2**32 - 1),
     n=st.integers(1, 6),
@@ -350,6 +359,7 @@ def test_point_cloud_is_mixture_of_tiny_gaussians(seed, t):
     )
 
 
+@pytest.mark.slow
 def test_point_cloud_identities_and_data_end():
     """Identities away from the data end, and maps towards `t = 0` that cross the
     straight-line zone below `t_min` land on data points."""

@@ -90,6 +90,7 @@ def test_sinusoidal_embedding():
         sinusoidal_embedding(jnp.zeros(2), 8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_shapes_per_example_and_vmap(name, dtype):
@@ -113,12 +114,14 @@ def test_transformer_is_zero_at_initialisation():
     np.testing.assert_array_equal(_call(model, x, s, t), np.zeros(DIM))
 
 
+@pytest.mark.slow
 def test_transformer_channels_and_patches():
     model = Transformer(3 * 16 * 16, patch_size=4, channels=3, width=16, depth=1,
                         heads=2, time_features=8, key=jr.key(0))  # fmt: skip
     assert _call(model, jnp.ones(3 * 16 * 16), 0.5, 0.2).shape == (768,)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_class_conditioning(name):
     model = MODELS[name](num_classes=3)
@@ -210,6 +213,7 @@ def test_jvp_matches_finite_difference(name):
     np.testing.assert_allclose(tangent_out, central, rtol=1e-6, atol=1e-6 * scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_grad_through_jvp_matches_finite_difference(name):
     # A loss of the Eulerian kind: the jvp's tangent is differentiated (second order).
@@ -247,6 +251,7 @@ def test_grad_through_jvp_matches_finite_difference(name):
     np.testing.assert_allclose(directional, central, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_float32_jvp_and_second_order(name):
     model = MODELS[name](jnp.float32)

@@ -57,6 +57,7 @@ def setup():
     return flow, batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted({**_rules(JVP()), **_derivative_free_rules()}))
 def test_exact_map_is_zero_residual(setup, name):
     flow, batch = setup
@@ -66,6 +67,7 @@ def test_exact_map_is_zero_residual(setup, name):
     assert float(jnp.max(jnp.abs(r))) <= 1e-10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme,order", [("forward", 1), ("central", 2)])
 @pytest.mark.parametrize(
     "name",
@@ -109,6 +111,7 @@ def _loss_and_grad(expr, model, batch, teacher):
     return float(value), np.asarray(flat)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "family,placements",
     [

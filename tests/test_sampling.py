@@ -111,6 +111,7 @@ def test_exact_map_gives_the_same_sample_on_every_grid(flow, noise, exact):
     assert max_error(grid, one) <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("forward", "backward"),
     [
@@ -159,6 +160,7 @@ def consistency(flow, noise, keys, grid):
     )
 
 
+@pytest.mark.slow
 def test_consistency_estimates_are_data_samples(flow, noise, exact):
     """With the exact map every estimate `x̂_i` has the data distribution. The grid
     truncated after `k` jumps returns `x̂_{k-1}` (the re-noising uses
@@ -187,6 +189,7 @@ def test_consistency_estimates_are_data_samples(flow, noise, exact):
     assert max_error(estimates[-1], last_jump) <= TOL
 
 
+@pytest.mark.slow
 def test_consistency_is_stochastic(flow, noise):
     eps = noise[:64]
     keys = jax.random.split(jax.random.key(4), 64)
@@ -212,6 +215,7 @@ def test_ode_sample_matches_the_exact_map(flow, noise, exact, source):
     assert max_error(solve(noise[:64]), exact[:64]) <= ODE_TOL
 
 
+@pytest.mark.slow
 def test_ode_between_any_times_and_forwards(flow, noise):
     x = noise[:16]
 
@@ -224,6 +228,7 @@ def test_ode_between_any_times_and_forwards(flow, noise):
         assert max_error(between(s, t), expected) <= ODE_TOL
 
 
+@pytest.mark.slow
 def test_float32_samplers_keep_dtype(flow, noise, exact):
     eps = noise[:32].astype(jnp.float32)
     results = {
@@ -292,6 +297,7 @@ def mixture_samples(flow, eps, cond):
     return by_map, two_jumps, by_ode
 
 
+@pytest.mark.slow
 def test_mixture_sample_matches_the_ode():
     flow = mixture(labels=jnp.array([0, 1, 0, 1]))
     eps = jax.random.normal(jax.random.key(8), (16, 2))
@@ -324,6 +330,7 @@ def sampled(case, model, eps, grid):
 GRID = jnp.array([1.0, 0.6, 0.25, 0.0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "rtol"),
     [

@@ -295,6 +295,7 @@ def _equal(a, b) -> bool:
     )
 
 
+@pytest.mark.slow
 def test_result_names_its_mesh_and_keeps_arrays_there():
     result = _fit(steps=2)
     assert result.mesh.devices.tolist() == jax.devices()
@@ -375,6 +376,7 @@ def test_interrupted_stream_resumes_bit_for_bit(tmp_path, make):
     np.testing.assert_array_equal(resumed.losses, straight.losses[12:])
 
 
+@pytest.mark.slow
 def test_stream_batches_are_checked():
     def wrong(shape, dtype=np.float32):
         while True:
@@ -437,6 +439,7 @@ class _Recorder(eqx.Module):
         return self.model(x, s, t, cond=cond)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lsd", "meanflow"])
 @pytest.mark.parametrize("jvp", [None, jnp.float32], ids=["bfloat16", "float32"])
 def test_precision_runs_networks_in_16_bits(method, jvp):
@@ -486,6 +489,7 @@ class _PrecisionRecorder(eqx.Module):
         return self.model(x, s, t, cond=cond)
 
 
+@pytest.mark.slow
 def test_kit_checks_run_at_full_matmul_precision():
     """On GPUs float32 products default to TF32; the kit's checks set "highest"
     (which a CPU run sees at trace time), and leave the setting as it was."""

@@ -27,6 +27,7 @@ def gaussian():
     return random_gaussian(jax.random.key(11), 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", methods.names())
 def test_registry_methods_are_stable_on_a_gaussian(name, gaussian):
     result = check_stability(methods.get(name), gaussian, key=jax.random.key(0))
@@ -46,6 +47,7 @@ def test_registry_methods_are_stable_on_the_asymmetric_mixture(name):
     assert result.passed, str(result)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flow", ["gaussian", "mixture"])
 def test_the_literal_ayf_sign_is_unstable(flow, gaussian):
     result = check_stability(
@@ -58,6 +60,7 @@ def test_the_literal_ayf_sign_is_unstable(flow, gaussian):
     assert result.update < 1e-6
 
 
+@pytest.mark.slow
 def test_targets_move_with_the_parameters(gaussian):
     """Differentiating through `jax.lax.stop_gradient` gives the Jacobian of a frozen
     target: for the literal AYF surrogate that is the Gauss-Newton matrix of the

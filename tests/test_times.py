@@ -52,6 +52,7 @@ def _draw(sampler, n=N, dtype=jnp.float64, key=KEY) -> Times:
     return jax.jit(lambda k: sampler(k, n, dtype=dtype))(key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_ranges_and_order(name, dtype):

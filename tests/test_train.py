@@ -94,6 +94,7 @@ def test_public_names_are_documented():
     assert fmcalc.train.__doc__ and "fit(" in fmcalc.train.__doc__
 
 
+@pytest.mark.slow
 def test_fit_records_every_step():
     result = _fit(eval_every=8, evaluate=lambda state: {"step": state.step})
     assert result.step == 20 and result.skipped == 0
@@ -116,6 +117,7 @@ def test_fit_records_every_step():
     _assert_trees_equal(result.state.model, result.model)
 
 
+@pytest.mark.slow
 def test_step_compiles_once():
     traces = []
     flow = fmcalc.flows.Gaussian(jnp.zeros(2, DTYPE), jnp.eye(2, dtype=DTYPE))
@@ -128,11 +130,13 @@ def test_step_compiles_once():
     assert traces == [16] and np.isfinite(result.losses).all()
 
 
+@pytest.mark.slow
 def test_no_ema_tracks_the_model():
     result = _fit(ema_decay=None, steps=5, clip_norm=None)
     _assert_trees_equal(result.ema, result.model)
 
 
+@pytest.mark.slow
 def test_labels_reach_the_model():
     class NeedsLabel(eqx.Module):
         inner: MLP
@@ -148,6 +152,7 @@ def test_labels_reach_the_model():
     assert np.isfinite(result.losses).all()
 
 
+@pytest.mark.slow
 def test_resume_is_bit_for_bit(straight, tmp_path):
     path = tmp_path / "run.eqx"
     first = _fit(SHORTCUT, steps=10, checkpoint=path, checkpoint_every=4)
@@ -216,6 +221,7 @@ def test_nonfinite_data_rows_are_named():
     assert all(int(row) % 4 == 3 for row in named.group(1).split(","))
 
 
+@pytest.mark.slow
 def test_nonfinite_model_times_are_named():
     class NaNLate(eqx.Module):
         inner: MLP
@@ -346,6 +352,7 @@ def test_bad_callable_data():
         _fit(data=lambda key, n: jnp.zeros((n, 2, 1), DTYPE), steps=1)
 
 
+@pytest.mark.slow
 def test_progress_bar(capsys):
     _fit(steps=2, progress=True)
     assert "2/2" in capsys.readouterr().err
