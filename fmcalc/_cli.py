@@ -512,7 +512,9 @@ def _add_run_commands(sub) -> None:
     )
     train.add_argument("--labels", help="a .npy file of N integer class labels")
     train.add_argument("--steps", type=int, default=5000, help="default 5000")
-    train.add_argument("--batch-size", type=int, default=256, help="default 256")
+    train.add_argument(
+        "--batch-size", type=int, help="default 1024 for points, 256 for images"
+    )
     train.add_argument(
         "--out", help="the run folder (default runs/METHOD-DATA; reused to resume)"
     )

@@ -159,7 +159,7 @@ def train(
     *,
     labels: str | None = None,
     steps: int = 5000,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     out: str | os.PathLike | None = None,
     width: int | None = None,
     depth: int | None = None,
@@ -178,6 +178,8 @@ def train(
     )
     default_width, default_depth, default_lr = defaults(dataset)
     lr = lr or default_lr
+    # Points are cheap per row, and 2000 steps of 256 leave a checkerboard blurred.
+    batch_size = batch_size or (256 if dataset.is_image else 1024)
     network = RunNetwork(
         dim=dataset.dim,
         width=width or default_width,
