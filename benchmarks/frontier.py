@@ -57,10 +57,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _machine import machine
-from quality import HeunMap, draw_samples, networks_used, sampling_kind
+from quality import draw_samples
 
 import fmcalc
 import fmcalc.nn
+from fmcalc._run import HeunMap, networks_used, sampling_kind
 
 
 BASELINE = "flow-matching"
@@ -357,7 +358,7 @@ def run_row(name: str, budget: float, seed: int, teacher_kind: str, ev: Evaluati
         "step_flops": costs[name]["flops"],
         "own_flops": own_steps * costs[name]["flops"],
         "teacher_flops": teacher_steps * costs[BASELINE]["flops"],
-        "kind": sampling_kind(name, m),
+        "kind": sampling_kind(m),
     }
     row["total_flops"] = row["own_flops"] + row["teacher_flops"]
     teacher = aux = None

@@ -52,6 +52,7 @@ from _quality_report import BASELINE, GUARD_STEPS, NFE
 
 import fmcalc
 import fmcalc.nn
+from fmcalc._run import HeunMap, networks_used, sampling_kind
 
 
 ROOT = pathlib.Path(__file__).resolve().parent
@@ -142,55 +143,6 @@ def select(
             raise SystemExit(f"Unknown method(s) {unknown}; choose from {known}.")
         rows = [(n, m) for n, m in rows if n in selected or n == BASELINE]
     return sorted(rows, key=lambda row: row[0] != BASELINE)
-
-
-def networks_used(method: fmcalc.Method) -> set[str]:
-    """The networks a method's residuals call: `online`, `ema`, `aux`, `teacher`."""
-    kinds = (fmcalc.Teacher, fmcalc.Network)
-    leaves = jax.tree.leaves(method, is_leaf=lambda leaf: isinstance(leaf, kinds))
-    return {
-        "teacher" if isinstance(leaf, fmcalc.Teacher) else leaf.role
-        for leaf in leaves
-        if isinstance(leaf, kinds)
-    }
-
-
-def sampling_kind(name: str, method: fmcalc.Method) -> str:
-    """How a method's map can be sampled, from the times its terms train on."""
-    if name == BASELINE:
-        return "velocity"
-    samplers = [t.times for t in method.terms if not isinstance(t.times, fmcalc.Equal)]
-    if any(isinstance(s, fmcalc.FixedSource) and s.source == 1 for s in samplers):
-        return "from-noise"
-    to_data = [
-        isinstance(s, fmcalc.KarrasGrid)
-        or (isinstance(s, fmcalc.FixedTarget) and s.target == 0)
-        for s in samplers
-    ]
-    if samplers and all(to_data):
-        return "to-data"
-    return "two-time"
-
-
-class HeunMap(eqx.Module):
-    """A flow map from `substeps` Heun steps of a velocity, returning the average
-    velocity `V(x, s, t)` (integrated directly, no division by `t - s`)."""
-
-    velocity: Callable
-    substeps: int = eqx.field(static=True)
-
-    def __call__(self, x, s, t, *, cond=None):
-        dr = 1.0 / self.substeps
-        average = jnp.zeros_like(x)
-        for k in range(self.substeps):
-            a = s + k * dr * (t - s)
-            b = s + (k + 1) * dr * (t - s)
-            k1 = self.velocity(x, a, cond=cond)
-            k2 = self.velocity(x + (b - a) * k1, b, cond=cond)
-            increment = (k1 + k2) / 2
-            x = x + (b - a) * increment
-            average = average + dr * increment
-        return average
 
 
 # ---------------------------------------------------------------- samplers
@@ -478,7 +430,7 @@ def run_dataset(
         )
         teacher = None if dataset.flow is None else dataset.flow.velocity
         for row, method in rows:
-            kind = sampling_kind(row, method)
+            kind = sampling_kind(method)
             entry = results.setdefault(
                 row,
                 {"kind": kind, "uses": sorted(networks_used(method)), "seeds": []},
