@@ -1227,7 +1227,9 @@ def fit(
     problem = _Problem(
         method,
         optimizer,
-        data,
+        # A stream's rows reach each step as arguments; the iterator itself is
+        # not part of the compiled problem.
+        None if stream is not None else data,
         labels,
         teacher,
         aux,
