@@ -254,9 +254,37 @@ def dataset_section(name: str, rows: list[dict], figure: str | None) -> list[str
                         f"only where every seed agrees: {text}"
                     )
             lines.append("")
+    if floor is not None:
+        lines += [below_floor(rows, floor), ""]
     if figure:
         lines += [f"![{name}: quality against training compute]({figure})", ""]
     return lines
+
+
+def below_floor(rows: list[dict], floor: float) -> str:
+    """The sentence that names every (method, budget, steps, teacher) whose median
+    Fréchet distance is below the real-versus-real floor, or says there is none."""
+    below = []
+    for teacher in sorted({r["teacher_kind"] for r in rows}):
+        subset = [r for r in rows if r["teacher_kind"] == teacher]
+        for (method, budget, column), values in cells(subset, "fd").items():
+            if statistics.median(values) < floor:
+                label = "" if teacher == "learned" else ", exact teacher"
+                below.append(
+                    f"{method} at budget {budget:g} with {column[3:]} "
+                    f"step{'s' if column != 'nfe1' else ''}{label} "
+                    f"({statistics.median(values):.3g})"
+                )
+    if not below:
+        return (
+            "No median is below the real-versus-real floor: no generator here "
+            "scores better than real training images do."
+        )
+    return (
+        "Below the real-versus-real floor, so closer to the held-out statistics than "
+        "real training images are (on these features, at this sample size, a "
+        "distance this low is no evidence of better samples): " + "; ".join(below) + "."
+    )
 
 
 def write_figure(name: str, rows: list[dict], path: pathlib.Path) -> None:

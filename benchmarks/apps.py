@@ -43,14 +43,14 @@ import pathlib
 import sys
 import time
 
-import _quality_data as datasets
+import _datasets as datasets
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from _machine import machine
-from _quality_metrics import assign_components, energy_distance
+from _metrics import assign_components, energy_distance
 
 import fmcalc
 import fmcalc.nn

@@ -49,16 +49,16 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 
-import _quality_data as datasets
-import _quality_metrics as metrics
+import _datasets as datasets
+import _metrics as metrics
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from _machine import machine
-from quality import draw_samples
 
 import fmcalc
 import fmcalc.nn
@@ -83,6 +83,7 @@ HEADLINE = (
     "freeflow",
 )
 EULER_STEPS = (1, 2, 4, 8, 16, 32, 64, 128)
+JUMPS = (1, 2, 4)
 AUX_SUBSTEPS = {"ctm": 2, "pfmm": 4}
 
 
@@ -136,9 +137,16 @@ PLAN = {
 SEEDS = (0, 1, 2)
 
 
+# Methods outside the registry, by name. Another benchmark adds its own before it
+# calls `main` (`benchmarks/meanflow_ablation.py`).
+EXTRA: dict[str, Callable[[], fmcalc.Method]] = {
+    "meanflow-mse": lambda: fmcalc.methods.get("meanflow", loss=fmcalc.SquaredError())
+}
+
+
 def method(name: str) -> fmcalc.Method:
-    if name == "meanflow-mse":
-        return fmcalc.methods.get("meanflow", loss=fmcalc.SquaredError())
+    if name in EXTRA:
+        return EXTRA[name]()
     return fmcalc.methods.get(name)
 
 
@@ -391,30 +399,71 @@ def run_row(name: str, budget: float, seed: int, teacher_kind: str, ev: Evaluati
     row["skipped"] = int(result.skipped)
     row["final_loss"] = float(np.nanmean(np.asarray(result.losses)[-100:]))
     start = time.perf_counter()
-    if row["kind"] == "velocity":
-        drawn = {
-            f"nfe{k}": _euler(result.ema, ev, k) for k in EULER_STEPS
-        }  # fmt: skip
-    else:
-        drawn = {
-            k: v
-            for k, v in draw_samples(
-                row["kind"], result.ema, ev.noise, ev.cond, jax.random.key(7 + seed)
-            ).items()
-            if v is not None and k.startswith("nfe")
-        }
+    drawn = draw_samples(row["kind"], result.ema, ev, jax.random.key(7 + seed))
     row["metrics"] = {column: score(ev, samples) for column, samples in drawn.items()}
     row["eval_s"] = time.perf_counter() - start
     row["samples"] = drawn
     return row
 
 
-def _euler(model, ev: Evaluation, steps: int) -> np.ndarray:
-    from quality import _chunked, _euler as euler
+# -------------------------------------------------------------------- sampling
 
-    return _chunked(
-        lambda e, c: euler(model, e, c, steps), ev.noise.shape[0], ev.noise, ev.cond
+
+@eqx.filter_jit
+def _jumps(model, noise, cond, steps):
+    return jax.vmap(lambda e, c: fmcalc.sample(model, e, steps=steps, cond=c))(
+        noise, cond
     )
+
+
+@eqx.filter_jit
+def _euler(model, noise, cond, steps):
+    velocity = fmcalc.model_velocity(model)
+    return jax.vmap(lambda e, c: fmcalc.sample_euler(velocity, e, steps=steps, cond=c))(
+        noise, cond
+    )
+
+
+@eqx.filter_jit
+def _consistency(model, noise, cond, keys, steps):
+    grid = jnp.linspace(1.0, 0.0, steps + 1, dtype=noise.dtype)
+    return jax.vmap(
+        lambda e, c, k: fmcalc.sample_consistency(model, e, key=k, grid=grid, cond=c)
+    )(noise, cond, keys)
+
+
+def _chunked(fn, n: int, *arrays, chunk: int = 1000) -> np.ndarray:
+    """`fn` on row chunks of `arrays` (a `None` array stays `None`)."""
+    out = []
+    for start in range(0, n, chunk):
+        parts = [None if a is None else a[start : start + chunk] for a in arrays]
+        out.append(np.asarray(fn(*parts)))
+    return np.concatenate(out)
+
+
+def draw_samples(kind: str, model, ev: Evaluation, key) -> dict[str, np.ndarray]:
+    """The samples of one trained model from `ev.noise`, keyed `nfe<k>`: Euler on
+    flow matching's velocity at every count of `EULER_STEPS`; `k` jumps of a flow
+    map for `k` in `JUMPS`, with consistency re-noising between the jumps of a map
+    trained only to data, and one jump only of a map trained only from noise."""
+    n, noise, cond = ev.noise.shape[0], ev.noise, ev.cond
+    if kind == "velocity":
+        return {
+            f"nfe{k}": _chunked(
+                lambda e, c, k=k: _euler(model, e, c, k), n, noise, cond
+            )
+            for k in EULER_STEPS
+        }
+    out = {}
+    for k in JUMPS:
+        if k == 1 or kind == "two-time":
+            fn = lambda e, c, k=k: _jumps(model, e, c, k)  # noqa: E731
+            out[f"nfe{k}"] = _chunked(fn, n, noise, cond)
+        elif kind == "to-data":
+            keys = jax.random.split(jax.random.fold_in(key, k), n)
+            fn = lambda e, c, r, k=k: _consistency(model, e, c, r, k)  # noqa: E731
+            out[f"nfe{k}"] = _chunked(fn, n, noise, cond, keys)
+    return out
 
 
 # ------------------------------------------------------------------------ main
@@ -448,7 +497,7 @@ def append(path: pathlib.Path, row: dict) -> None:
             fcntl.flock(file, fcntl.LOCK_UN)
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--datasets", nargs="+", choices=list(FULL))
     parser.add_argument(
@@ -483,8 +532,9 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "rows.jsonl"
-    plan = {name: PLAN[name] for name in (args.datasets or PLAN)}
-    report = dict(plan=plan, headline=(BASELINE, *HEADLINE))
+    plan = {name: tuple(args.budgets or PLAN[name]) for name in (args.datasets or PLAN)}
+    headline = tuple(dict.fromkeys((BASELINE, *(args.methods or HEADLINE))))
+    report = dict(plan=plan, headline=headline)
     if args.render:
         _render.write_report(read_rows(path), args.out, **report)
         return 0
@@ -497,9 +547,7 @@ def main(argv=None) -> int:
     names = args.datasets or list(QUICK if args.quick else PLAN)
     methods = [BASELINE, *(args.methods or HEADLINE)]
     methods = list(dict.fromkeys(methods))
-    command = "python benchmarks/frontier.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
+    command = f"python {program} " + " ".join(sys.argv[1:] if argv is None else argv)
     record = machine()
     for name in names:
         settings = table[name]

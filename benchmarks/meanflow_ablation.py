@@ -14,20 +14,22 @@ error, so the fixed point is the exact map on any data) with one or more of:
 - times: MeanFlow's ImageNet sampler (sorted logit-normal(-0.4, 1) pair, 75 % of
   rows `t = s`, `mf`) or uniform on the triangle `s > t` (`tri`).
 
-Every row trains the quality benchmark's network, budget and optimiser on the
-eight-Gaussian ring (`benchmarks/quality.py`, full settings), and is scored the
-same way: paired RMSE against the exact end point of the same noise.
+Every row is trained, sampled and scored by the frontier benchmark
+(`benchmarks/frontier.py`) on the eight-Gaussian ring, at flow matching's budget
+(`--budgets 1`, the same training compute for every row) with the exact velocity as
+the teacher of the `exact` rows (`--teacher exact`), and scored by paired RMSE
+against the exact end point of the same noise.
 
-    python benchmarks/meanflow_ablation.py [--seeds 2] [--steps N] [--methods ROW ...]
+    python benchmarks/meanflow_ablation.py [frontier options]
 
-Writes `quality.md`, `quality.json` and the samples into `--out` (default
+Writes `rows.jsonl`, `frontier.md` and the figure into `--out` (default
 `benchmarks/results/meanflow-ablation/`).
 """
 
 import pathlib
 import sys
 
-import quality
+import frontier
 
 import fmcalc
 
@@ -65,20 +67,27 @@ def variant(velocity: str, stop_gradient: str, times: str) -> fmcalc.Method:
     )
 
 
-def rows() -> list[tuple[str, fmcalc.Method]]:
-    baseline = (quality.BASELINE, fmcalc.methods.get(quality.BASELINE))
-    return [baseline] + [(m.name, m) for m in (variant(*v) for v in VARIANTS)]
+def variants() -> list[fmcalc.Method]:
+    return [variant(*v) for v in VARIANTS]
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--out" not in argv:
-        out = pathlib.Path(__file__).resolve().parent / "results" / "meanflow-ablation"
-        argv += ["--out", str(out)]
-    if "--datasets" not in argv:
-        argv += ["--datasets", "ring"]
-    return quality.main(argv, rows=rows(), program="benchmarks/meanflow_ablation.py")
+    out = pathlib.Path(__file__).resolve().parent / "results" / "meanflow-ablation"
+    defaults = {
+        "--out": [str(out)],
+        "--datasets": ["ring"],
+        "--budgets": ["1"],
+        "--teacher": ["exact"],
+        "--methods": [m.name for m in variants()],
+    }
+    for option, value in defaults.items():
+        if option not in argv:
+            argv += [option, *value]
+    for m in variants():
+        frontier.EXTRA[m.name] = lambda m=m: m
+    return frontier.main(argv, program="benchmarks/meanflow_ablation.py")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -130,6 +130,14 @@ def test_report_marks_medians_below_the_real_floor(tmp_path):
     render.write_report(rows, tmp_path, plan={"digits": (1.0,)}, headline=("lsd",))
     text = (tmp_path / "frontier.md").read_text()
     assert "1.5† [1.5–1.5]" in text and "3 [3–3]" in text
+    assert "Below the real-versus-real floor" in text
+    assert "flow-matching at budget 1 with 1 step (1.5)" in text
+    assert "lsd at budget 1" not in text
+    # Above the floor everywhere: said so, not left out.
+    higher = {**floors, "fd_real": 1.0}
+    assert "No median is below" in render.below_floor(
+        [{**r, "floors": higher} for r in rows], 1.0
+    )
     assert "Real-versus-real floor" in text and "**2**" in text
     assert (tmp_path / "frontier-digits.png").exists()
     assert "- ok: coverage" in text
@@ -158,3 +166,37 @@ def test_a_tiny_run_writes_rows_and_resumes(tmp_path, monkeypatch):
     assert len(frontier.read_rows(tmp_path / "rows.jsonl")) == 3
     assert (tmp_path / "frontier.md").exists()
     assert (tmp_path / "samples" / "ring" / "lsd-b1-s0-learned-nfe1.npy").exists()
+
+
+def test_resume_refuses_rows_of_other_settings(tmp_path, monkeypatch):
+    """Rows of one data set must share their settings: a resumed run with another
+    `--size` (or changed settings) stops before it trains anything."""
+    monkeypatch.setitem(frontier.QUICK, "ring", frontier.Settings(16, 1, 20, 32, 64))
+    other = _row("flow-matching", settings={"width": 99})
+    frontier.append(tmp_path / "rows.jsonl", other)
+    argv = ["--quick", "--datasets", "ring", "--out", str(tmp_path), "--resume"]
+    with pytest.raises(SystemExit, match="other settings"):
+        frontier.main(argv)
+    assert frontier.read_rows(tmp_path / "rows.jsonl") == [other]
+
+
+def test_meanflow_ablation_rows():
+    import meanflow_ablation as ablation
+
+    import fmcalc
+
+    rows = {m.name: m for m in ablation.variants()}
+    assert len(rows) == len(ablation.VARIANTS)
+    plain = rows["meanflow-cond-sg-mf"]
+    assert plain.learning == "marginal-from-conditional"
+    # The first variant is MeanFlow itself, with plain squared error.
+    meanflow = fmcalc.methods.get("meanflow", loss=fmcalc.SquaredError())
+    assert str(plain.terms[0].residual) == str(meanflow.terms[0].residual)
+    assert plain.terms[0].times == meanflow.terms[0].times
+    assert rows["meanflow-exact-full-tri"].learning == "distillation"
+    # The true gradient with the conditional velocity is biased, so not in the grid:
+    # the validator refuses it.
+    with pytest.raises(ValueError, match="onditional"):
+        fmcalc.eulerian(
+            form="V", stop_gradient="none", velocity=fmcalc.ConditionalVelocity()
+        )

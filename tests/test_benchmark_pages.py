@@ -35,7 +35,8 @@ def untraced_numbers(text: str, results: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def results() -> str:
-    return "\n".join(p.read_text() for p in sorted(RESULTS.rglob("*.json")))
+    files = [*RESULTS.rglob("*.json"), *RESULTS.rglob("*.jsonl")]
+    return "\n".join(p.read_text() for p in sorted(files))
 
 
 def test_there_are_pages_and_results(results):

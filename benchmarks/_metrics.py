@@ -1,4 +1,4 @@
-"""Metrics of the quality benchmark, on plain NumPy arrays (float64 inside).
+"""Metrics of the benchmarks, on plain NumPy arrays (float64 inside).
 
 - Paired errors between a sample and the exact end point of the same noise row.
 - The right-component share of mixture samples.

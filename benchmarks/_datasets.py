@@ -1,4 +1,4 @@
-"""Data sets of the quality benchmark (`benchmarks/quality.py`).
+"""Data sets of the benchmarks (`benchmarks/frontier.py`, `benchmarks/apps.py`).
 
 Every data set works offline: the analytic ones are defined here by fixed numbers,
 and the 2-d toy sets (sampled by formula) and the images (the copies bundled with
