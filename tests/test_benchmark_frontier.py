@@ -62,6 +62,19 @@ def test_ranking_is_stated_only_where_every_seed_agrees():
     assert render.separated_ranking({"x": [1.0, 2.0], "y": [1.5, 1.6]}) == [["x", "y"]]
 
 
+def test_a_single_seed_is_not_ranked(tmp_path):
+    """One seed has no range to separate: the report ranks only methods with
+    several, flow matching at the same step count among them."""
+    rows = [_row(m, s, value=v) for m, v in (("flow-matching", 2.0), ("lsd", 0.5))
+            for s in range(2)] + [_row("pfmm", 0, value=0.1)]  # fmt: skip
+    render.write_report(rows, tmp_path)
+    text = (tmp_path / "frontier.md").read_text()
+    assert "1 step, ordered only where every seed agrees: lsd < flow-matching" in text
+    assert "pfmm" in text and "< pfmm" not in text and "pfmm <" not in text
+    # The summary names the best method with several seeds, not the lone one.
+    assert "| ring | rmse | 1 | lsd (0.5) | – | – | 128 steps: 0.5 [0.5–0.5] |" in text
+
+
 def test_budgets_charge_the_teacher_half():
     settings = frontier.Settings(8, 1, 1000, 16, 10)
     own, teacher = frontier.plan_steps(2.0, 3.0, 6.0, settings, uses_teacher=True)
