@@ -167,6 +167,8 @@ class Evaluation:
     classifier: metrics.Classifier | None = None
     reference: np.ndarray | None = None
     floors: dict = dataclasses.field(default_factory=dict)
+    # Indices of the training and held-out rows of `dataset.train` (images).
+    split: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def prepare(dataset, settings: Settings, cache: pathlib.Path) -> Evaluation:
@@ -208,6 +210,7 @@ def prepare(dataset, settings: Settings, cache: pathlib.Path) -> Evaluation:
             classifier=classifier,
             reference=reference,
             floors=floors,
+            split=(train, held_out),
         )
     data = np.asarray(dataset.sample(k_data, n))
     other = np.asarray(dataset.sample(jax.random.fold_in(k_data, 1), n))
@@ -220,6 +223,24 @@ def prepare(dataset, settings: Settings, cache: pathlib.Path) -> Evaluation:
             x = jnp.asarray(noise, jnp.float64)
             ev.exact = np.asarray(solve(x, jnp.ones(n), jnp.zeros(n)))
     return ev
+
+
+def save_evaluation(ev: Evaluation, folder: pathlib.Path) -> None:
+    """What recomputing a metric needs, beside the samples: the noise (row `i` of
+    every sample file was drawn from noise row `i`), the exact end points and the
+    mixture's parameters (analytic sets), the fresh data (2-d sets), and the
+    labels the samples were conditioned on and the split (images)."""
+    np.save(folder / "noise.npy", ev.noise)
+    if ev.exact is not None:
+        np.save(folder / "exact.npy", ev.exact)
+    if ev.data is not None:
+        np.save(folder / "data.npy", ev.data)
+    if ev.dataset.mixture is not None:
+        (folder / "mixture.json").write_text(json.dumps(ev.dataset.mixture))
+    if ev.cond is not None:
+        np.save(folder / "labels.npy", ev.cond)
+    if ev.split is not None:
+        np.savez(folder / "split.npz", train=ev.split[0], held_out=ev.split[1])
 
 
 def score(ev: Evaluation, samples: np.ndarray) -> dict[str, float]:
@@ -566,9 +587,7 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
         ev = prepare(dataset, settings, args.out / "samples" / "_cache")
         samples_dir = args.out / "samples" / name
         samples_dir.mkdir(parents=True, exist_ok=True)
-        np.save(samples_dir / "noise.npy", ev.noise)
-        if ev.exact is not None:
-            np.save(samples_dir / "exact.npy", ev.exact)
+        save_evaluation(ev, samples_dir)
         teachers = Teachers(ev, settings)
         # Costs are measured on an untrained network of the same shape.
         teacher = fmcalc.model_velocity(network(dataset, settings, 0))

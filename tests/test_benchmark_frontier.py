@@ -3,9 +3,11 @@ stated only where seeds agree, and every check of the report fails on failing
 input."""
 
 import importlib.util
+import json
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -178,7 +180,15 @@ def test_a_tiny_run_writes_rows_and_resumes(tmp_path, monkeypatch):
     assert frontier.main([*argv, "--resume"]) == 0  # nothing left to run
     assert len(frontier.read_rows(tmp_path / "rows.jsonl")) == 3
     assert (tmp_path / "frontier.md").exists()
-    assert (tmp_path / "samples" / "ring" / "lsd-b1-s0-learned-nfe1.npy").exists()
+    saved = tmp_path / "samples" / "ring"
+    assert (saved / "lsd-b1-s0-learned-nfe1.npy").exists()
+    # Enough to recompute the paired errors: noise, exact end points, mixture.
+    noise, exact = np.load(saved / "noise.npy"), np.load(saved / "exact.npy")
+    assert noise.shape == exact.shape == (64, 2)
+    assert set(json.loads((saved / "mixture.json").read_text())) >= {"weights", "means"}
+    sample = np.load(saved / "lsd-b1-s0-learned-nfe1.npy")
+    recomputed = np.sqrt(np.mean(np.sum((sample - exact) ** 2, axis=1)))
+    assert recomputed == pytest.approx(rows[1]["metrics"]["nfe1"]["rmse"], rel=1e-5)
 
 
 def test_resume_refuses_rows_of_other_settings(tmp_path, monkeypatch):
