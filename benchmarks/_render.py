@@ -58,11 +58,21 @@ def _cell(values: list[float], floor: float | None = None) -> str:
     return f"{median:.3g}{mark} [{min(values):.3g}–{max(values):.3g}]"
 
 
-def cells(rows: list[dict], metric: str) -> dict:
-    """`{(method, budget, column): [value per seed]}` over the scored rows."""
+def unpaired(row: dict, column: str, metric: str) -> bool:
+    """Whether a paired error means nothing here: a map trained only to data
+    re-noises between its jumps, so its sample after more than one jump no longer
+    belongs to the exact end point of its first noise."""
+    return metric == "rmse" and row.get("kind") == "to-data" and column != "nfe1"
+
+
+def cells(rows: list[dict], metric: str, *, rankable: bool = False) -> dict:
+    """`{(method, budget, column): [value per seed]}` over the scored rows; with
+    `rankable`, without the `unpaired` cells."""
     out = collections.defaultdict(list)
     for row in rows:
         for column, scores in row.get("metrics", {}).items():
+            if rankable and unpaired(row, column, metric):
+                continue
             if metric in scores:
                 out[row["method"], row["budget"], column].append(scores[metric])
     return out
@@ -196,12 +206,12 @@ def dataset_section(name: str, rows: list[dict], figure: str | None) -> list[str
             f"size, {floors['energy_fresh']:.3g}."
         )
     lines.append("")
-    values = cells(rows, metric)
     budgets = sorted({r["budget"] for r in rows})
     teachers = sorted({r["teacher_kind"] for r in rows})
     for teacher in teachers:
         subset = [r for r in rows if r["teacher_kind"] == teacher]
-        values = cells(subset, metric)
+        shown = cells(subset, metric)
+        values = cells(subset, metric, rankable=True)
         label = "" if teacher == "learned" else " — exact teacher (ablation)"
         for budget in budgets:
             here = [r for r in subset if r["budget"] == budget]
@@ -220,7 +230,14 @@ def dataset_section(name: str, rows: list[dict], figure: str | None) -> list[str
                 "FPE: the method's measured cost of a training step, in forward "
                 "passes per data row; steps: its training steps within the "
                 "budget; teacher steps: those of the flow-matching teacher "
-                "charged to it.",
+                "charged to it."
+                + (
+                    " ‡: a map trained only to data re-noises between its jumps, "
+                    "so its sample no longer pairs with the exact end point of its "
+                    "first noise; shown, not ranked."
+                    if metric == "rmse"
+                    else ""
+                ),
                 "",
                 "| method | FPE | steps | teacher steps | "
                 + " | ".join(
@@ -235,7 +252,13 @@ def dataset_section(name: str, rows: list[dict], figure: str | None) -> list[str
                 fpe = f"{mine[0]['fpe']:.2f}" if mine else "–"
                 teacher_steps = sorted({r["teacher_steps"] for r in mine}) or ["–"]
                 row_cells = [
-                    _cell(values.get((method, budget, c), []), floor) for c in columns
+                    _cell(shown.get((method, budget, c), []), floor)
+                    + (
+                        "‡"
+                        if (method, budget, c) in shown.keys() - values.keys()
+                        else ""
+                    )
+                    for c in columns
                 ]
                 lines.append(
                     f"| {method} | {fpe} | {', '.join(map(str, steps))} | "
@@ -313,7 +336,11 @@ def write_figure(name: str, rows: list[dict], path: pathlib.Path) -> None:
         for index, (method, col) in enumerate(lines):
             points = collections.defaultdict(list)
             for r in rows:
-                if r["method"] == method and metric in r["metrics"].get(col, {}):
+                if (
+                    r["method"] == method
+                    and metric in r["metrics"].get(col, {})
+                    and not unpaired(r, col, metric)
+                ):
                     points[r["budget"]].append(r["metrics"][col][metric])
             if not points:
                 continue
@@ -339,7 +366,8 @@ def write_figure(name: str, rows: list[dict], path: pathlib.Path) -> None:
         ax.set_yscale("log")
         ax.set_title(f"{name}: {column[3:]} step{'s' if column != 'nfe1' else ''}")
         ax.set_xlabel("training compute, × flow matching's budget (teacher included)")
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     axes[0].set_ylabel(LABEL[metric])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -369,7 +397,7 @@ def summary(rows: list[dict]) -> list[str]:
             by_dataset.setdefault(row["dataset"], []).append(row)
     for name, mine in by_dataset.items():
         metric = primary_metric(mine)
-        values = cells(mine, metric)
+        values = cells(mine, metric, rankable=True)
         for budget in sorted({r["budget"] for r in mine}):
             row_cells = []
             for column in ("nfe1", "nfe2", "nfe4"):

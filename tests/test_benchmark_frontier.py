@@ -191,6 +191,25 @@ def test_a_tiny_run_writes_rows_and_resumes(tmp_path, monkeypatch):
     assert recomputed == pytest.approx(rows[1]["metrics"]["nfe1"]["rmse"], rel=1e-5)
 
 
+def test_renoised_samples_are_shown_but_not_ranked_by_paired_error(tmp_path):
+    """After a re-noising jump a to-data map's sample does not pair with its first
+    noise's end point: its 2-step paired error is marked and left out of the
+    ranking, its 1-step error is ranked."""
+    two = {"nfe1": {"rmse": 0.9}, "nfe2": {"rmse": 0.1}}
+    rows = [_row("ect", s, kind="to-data", metrics=two) for s in range(2)]
+    rows += [_row("lsd", s, kind="two-time", value=0.5) for s in range(2)]
+    for r in rows[2:]:
+        r["metrics"] = {"nfe1": {"rmse": 0.5}, "nfe2": {"rmse": 0.4}}
+    render.write_report(rows, tmp_path)
+    text = (tmp_path / "frontier.md").read_text()
+    assert "0.1 [0.1–0.1]‡" in text
+    assert "2 steps, ordered only where every seed agrees" not in text
+    assert "1 step, ordered only where every seed agrees: lsd < ect" in text
+    assert "| ring | rmse | 1 | lsd (0.5) | lsd (0.4) |" in text
+    assert render.unpaired(rows[0], "nfe2", "rmse")
+    assert not render.unpaired(rows[0], "nfe2", "energy")
+
+
 def test_resume_refuses_rows_of_other_settings(tmp_path, monkeypatch):
     """Rows of one data set must share their settings: a resumed run with another
     `--size` (or changed settings) stops before it trains anything."""
