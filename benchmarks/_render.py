@@ -374,6 +374,17 @@ def write_figure(name: str, rows: list[dict], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def unbeaten(values: dict[str, list[float]]) -> list[str]:
+    """The methods whose seed range no other method's lies wholly below, best
+    median first."""
+    out = [
+        m
+        for m, v in values.items()
+        if not any(max(w) < min(v) for n, w in values.items() if n != m)
+    ]
+    return sorted(out, key=lambda m: statistics.median(values[m]))
+
+
 def summary(rows: list[dict]) -> list[str]:
     """One table over the data sets: at each budget (learned teachers) and number
     of sampling steps, the methods whose seed ranges no other method beats (the
@@ -409,7 +420,7 @@ def summary(rows: list[dict]) -> list[str]:
                 if not scored:
                     row_cells.append("–")
                     continue
-                best = separated_ranking(scored)[0]
+                best = unbeaten(scored)
                 median = min(statistics.median(scored[m]) for m in best)
                 row_cells.append(f"{', '.join(best)} ({median:.3g})")
             euler = [

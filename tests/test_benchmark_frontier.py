@@ -77,6 +77,14 @@ def test_a_single_seed_is_not_ranked(tmp_path):
     assert "| ring | rmse | 1 | lsd (0.5) | – | – | 128 steps: 0.5 [0.5–0.5] |" in text
 
 
+def test_unbeaten_methods_are_those_no_range_lies_wholly_below():
+    # c overlaps b, which overlaps a, but a beats c on every seed: c is out,
+    # although a chain of overlaps joins it to a.
+    values = {"a": [1.0, 2.0], "b": [1.9, 3.0], "c": [2.5, 3.5], "d": [0.5, 5.0]}
+    assert render.unbeaten(values) == ["a", "b", "d"]
+    assert render.separated_ranking(values)[0] == ["a", "b", "d", "c"]
+
+
 def test_budgets_charge_the_teacher_half():
     settings = frontier.Settings(8, 1, 1000, 16, 10)
     own, teacher = frontier.plan_steps(2.0, 3.0, 6.0, settings, uses_teacher=True)
