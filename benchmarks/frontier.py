@@ -636,6 +636,10 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
                         "machine": record,
                     }
                     append(path, row)
+                    # Every row compiles its own training step and samplers: drop
+                    # them, or a process that runs hundreds of rows runs out of
+                    # memory for compiled code.
+                    jax.clear_caches()
                     print(f"[{name}] seed {seed} budget {budget:g} {method_name}: "
                           f"{_render.headline_value(row)}", flush=True)  # fmt: skip
     if args.quick:
