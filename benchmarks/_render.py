@@ -207,7 +207,8 @@ def dataset_section(name: str, rows: list[dict], figure: str | None) -> list[str
         )
     lines.append("")
     budgets = sorted({r["budget"] for r in rows})
-    teachers = sorted({r["teacher_kind"] for r in rows})
+    # Learned teachers first: the exact teacher is the ablation.
+    teachers = sorted({r["teacher_kind"] for r in rows}, key=lambda t: t != "learned")
     for teacher in teachers:
         subset = [r for r in rows if r["teacher_kind"] == teacher]
         shown = cells(subset, metric)

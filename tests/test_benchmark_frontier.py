@@ -218,6 +218,17 @@ def test_renoised_samples_are_shown_but_not_ranked_by_paired_error(tmp_path):
     assert not render.unpaired(rows[0], "nfe2", "energy")
 
 
+def test_exact_teacher_tables_follow_and_are_labelled(tmp_path):
+    rows = [
+        _row("pid", s, teacher_kind=t) for t in ("exact", "learned") for s in (0, 1)
+    ]
+    render.write_report(rows, tmp_path)
+    text = (tmp_path / "frontier.md").read_text()
+    learned = text.index("### Budget 1× flow matching's\n")
+    exact = text.index("### Budget 1× flow matching's — exact teacher (ablation)")
+    assert learned < exact
+
+
 def test_resume_refuses_rows_of_other_settings(tmp_path, monkeypatch):
     """Rows of one data set must share their settings: a resumed run with another
     `--size` (or changed settings) stops before it trains anything."""
