@@ -191,6 +191,15 @@ def dataset_section(name: str, rows: list[dict], figure: str | None) -> list[str
     floors = rows[0].get("floors", {})
     floor = floors.get("fd_real") if metric == "fd" else None
     lines = [f"## {name}", ""]
+    settings = rows[0].get("settings")
+    if settings and "width" in settings:
+        lines += [
+            f"Every method trains an MLP of width {settings['width']} and depth "
+            f"{settings['depth']} on batches of {settings['batch_size']} rows; budget "
+            f"1 is {settings['base_steps']} flow-matching steps; {settings['n_eval']} "
+            "samples per cell.",
+            "",
+        ]
     if metric == "fd":
         lines.append(
             f"Fréchet distance on a classifier trained on the held-out split "

@@ -46,7 +46,13 @@ def _row(method="lsd", seed=0, budget=1.0, value=0.5, **changes) -> dict:
         "train_s": 1.0,
         "metrics": {"nfe1": {"rmse": value, "energy": 0.01}},
         "floors": {"energy_fresh": 0.001},
-        "settings": {"base_steps": 1000},
+        "settings": {
+            "width": 8,
+            "depth": 1,
+            "batch_size": 16,
+            "base_steps": 1000,
+            "n_eval": 10,
+        },
         "seconds": 2.0,
         "command": "python benchmarks/frontier.py --quick",
         "machine": {"git": {"commit": "abc1234"}, "platform": "test", "cpu_count": 2},
@@ -153,6 +159,8 @@ def test_report_marks_medians_below_the_real_floor(tmp_path):
     render.write_report(rows, tmp_path, plan={"digits": (1.0,)}, headline=("lsd",))
     text = (tmp_path / "frontier.md").read_text()
     assert "1.5† [1.5–1.5]" in text and "3 [3–3]" in text
+    settings = "MLP of width 8 and depth 1 on batches of 16 rows; budget 1 is 1000"
+    assert settings in text
     assert "Below the real-versus-real floor" in text
     assert "flow-matching at budget 1 with 1 step (1.5)" in text
     assert "lsd at budget 1" not in text
