@@ -235,6 +235,8 @@ def test_exact_teacher_tables_follow_and_are_labelled(tmp_path):
     learned = text.index("### Budget 1× flow matching's\n")
     exact = text.index("### Budget 1× flow matching's — exact teacher (ablation)")
     assert learned < exact
+    summary = text.index("| ring | rmse | 1 | pid")
+    assert summary < text.index("| ring | rmse | 1, exact teacher | pid") < learned
 
 
 def test_resume_refuses_rows_of_other_settings(tmp_path, monkeypatch):
@@ -269,3 +271,35 @@ def test_meanflow_ablation_rows():
         fmcalc.eulerian(
             form="V", stop_gradient="none", velocity=fmcalc.ConditionalVelocity()
         )
+
+
+def _orderings(path: pathlib.Path) -> dict[int, list[set[str]]]:
+    """The groups of each "ordered only where every seed agrees" line."""
+    out = {}
+    for line in path.read_text().splitlines():
+        head, sep, tail = line.partition(", ordered only where every seed agrees: ")
+        if sep:
+            groups = [g.strip("{} ") for g in tail.split(" < ")]
+            out[int(head.split()[0])] = [set(g.split(", ")) for g in groups]
+    return out
+
+
+def test_the_meanflow_paragraph_holds_in_the_committed_report():
+    """docs/benchmarks/quality.md reads the ablation's orderings in words; the
+    committed report must still say what the words say."""
+    report = BENCHMARKS / "results" / "meanflow-ablation" / "frontier.md"
+    orderings = _orderings(report)
+    assert sorted(orderings) == [1, 2, 4]
+
+    def group(steps, name):
+        return next(i for i, g in enumerate(orderings[steps]) if name in g)
+
+    for steps in (1, 2, 4):
+        assert group(steps, "meanflow-cond-sg-mf") == group(
+            steps, "meanflow-exact-sg-mf"
+        )
+        assert group(steps, "meanflow-exact-full-tri") == 0
+    for steps in (2, 4):
+        full = group(steps, "meanflow-exact-full-mf")
+        assert full < group(steps, "meanflow-cond-sg-mf")
+        assert full < group(steps, "meanflow-exact-sg-mf")
