@@ -153,7 +153,42 @@ def checks(rows: list[dict], headline: tuple[str, ...], plan: dict) -> list[tupl
             + (" ..." if len(missing) > 12 else ""),
         )
     )
+    beaten = outside_winners(rows, headline)
+    out.append(
+        (
+            "headline subset",
+            not beaten,
+            "no method outside the headline subset beats every headline method on "
+            "every seed, at any data set, budget and number of steps"
+            if not beaten
+            else "beaten by a method outside the subset: " + ", ".join(beaten),
+        )
+    )
     return out
+
+
+def outside_winners(rows: list[dict], headline: tuple[str, ...]) -> list[str]:
+    """`method (data set, budget, steps)` for every method outside `headline` whose
+    seed range lies wholly below that of every headline method with a cell there
+    (learned teachers, ranked cells, at least `RANK_SEEDS` seeds)."""
+    found = []
+    learned = [r for r in rows if r["teacher_kind"] == "learned" and "error" not in r]
+    for name in dict.fromkeys(r["dataset"] for r in learned):
+        mine = [r for r in learned if r["dataset"] == name]
+        values = cells(mine, primary_metric(mine), rankable=True)
+        for (method, budget, column), v in values.items():
+            if method in headline or len(v) < RANK_SEEDS:
+                continue
+            rivals = [
+                w
+                for (m, b, c), w in values.items()
+                if m in headline and b == budget and c == column
+                and len(w) >= RANK_SEEDS
+            ]  # fmt: skip
+            if rivals and all(max(v) < min(w) for w in rivals):
+                steps = f"{column[3:]} step{'s' if column != 'nfe1' else ''}"
+                found.append(f"{method} ({name}, budget {budget:g}, {steps})")
+    return found
 
 
 def _fm_step_flops(rows: list[dict], row: dict) -> float:

@@ -137,6 +137,19 @@ def test_each_check_fails_on_failing_input(broken, check):
     assert all(ok for name, (ok, _) in results.items() if name not in {check, *also})
 
 
+def test_a_method_outside_the_headline_that_beats_it_fails_the_check():
+    rows = [_row(m, s, value=v) for m, v in (("flow-matching", 2.0), ("lsd", 0.5))
+            for s in range(3)]  # fmt: skip
+    tied = rows + [_row("esd", s, value=0.5) for s in range(3)]
+    headline = ("flow-matching", "lsd")
+    results = {n: ok for n, ok, _ in render.checks(tied, headline, _plan())}
+    assert results["headline subset"]
+    better = rows + [_row("esd", s, value=0.1) for s in range(3)]
+    results = {n: (ok, t) for n, ok, t in render.checks(better, headline, _plan())}
+    ok, text = results["headline subset"]
+    assert not ok and "esd (ring, budget 1, 1 step)" in text
+
+
 def test_report_marks_medians_below_the_real_floor(tmp_path):
     floors = {
         "fd_real": 2.0,
