@@ -62,7 +62,7 @@ from _machine import machine
 
 import fmcalc
 import fmcalc.nn
-from fmcalc._run import HeunMap, networks_used, sampling_kind
+from fmcalc._run import HeunMap, _chunks, _draw, networks_used, sampling_kind
 
 
 BASELINE = "flow-matching"
@@ -430,60 +430,19 @@ def run_row(name: str, budget: float, seed: int, teacher_kind: str, ev: Evaluati
 # -------------------------------------------------------------------- sampling
 
 
-@eqx.filter_jit
-def _jumps(model, noise, cond, steps):
-    return jax.vmap(lambda e, c: fmcalc.sample(model, e, steps=steps, cond=c))(
-        noise, cond
-    )
-
-
-@eqx.filter_jit
-def _euler(model, noise, cond, steps):
-    velocity = fmcalc.model_velocity(model)
-    return jax.vmap(lambda e, c: fmcalc.sample_euler(velocity, e, steps=steps, cond=c))(
-        noise, cond
-    )
-
-
-@eqx.filter_jit
-def _consistency(model, noise, cond, keys, steps):
-    grid = jnp.linspace(1.0, 0.0, steps + 1, dtype=noise.dtype)
-    return jax.vmap(
-        lambda e, c, k: fmcalc.sample_consistency(model, e, key=k, grid=grid, cond=c)
-    )(noise, cond, keys)
-
-
-def _chunked(fn, n: int, *arrays, chunk: int = 1000) -> np.ndarray:
-    """`fn` on row chunks of `arrays` (a `None` array stays `None`)."""
-    out = []
-    for start in range(0, n, chunk):
-        parts = [None if a is None else a[start : start + chunk] for a in arrays]
-        out.append(np.asarray(fn(*parts)))
-    return np.concatenate(out)
-
-
 def draw_samples(kind: str, model, ev: Evaluation, key) -> dict[str, np.ndarray]:
     """The samples of one trained model from `ev.noise`, keyed `nfe<k>`: Euler on
     flow matching's velocity at every count of `EULER_STEPS`; `k` jumps of a flow
     map for `k` in `JUMPS`, with consistency re-noising between the jumps of a map
-    trained only to data, and one jump only of a map trained only from noise."""
-    n, noise, cond = ev.noise.shape[0], ev.noise, ev.cond
-    if kind == "velocity":
-        return {
-            f"nfe{k}": _chunked(
-                lambda e, c, k=k: _euler(model, e, c, k), n, noise, cond
-            )
-            for k in EULER_STEPS
-        }
+    trained only to data, and one jump only of a map trained only from noise. The
+    same sampler as `fmcalc sample`."""
+    n = ev.noise.shape[0]
+    counts = {"velocity": EULER_STEPS, "from-noise": (1,)}.get(kind, JUMPS)
     out = {}
-    for k in JUMPS:
-        if k == 1 or kind == "two-time":
-            fn = lambda e, c, k=k: _jumps(model, e, c, k)  # noqa: E731
-            out[f"nfe{k}"] = _chunked(fn, n, noise, cond)
-        elif kind == "to-data":
-            keys = jax.random.split(jax.random.fold_in(key, k), n)
-            fn = lambda e, c, r, k=k: _consistency(model, e, c, r, k)  # noqa: E731
-            out[f"nfe{k}"] = _chunked(fn, n, noise, cond, keys)
+    for k in counts:
+        keys = jax.random.split(jax.random.fold_in(key, k), n)
+        draw = lambda e, c, r, k=k: _draw(model, e, c, r, k, kind)  # noqa: E731
+        out[f"nfe{k}"] = _chunks(draw, n, ev.noise, ev.cond, keys)
     return out
 
 
