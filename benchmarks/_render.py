@@ -393,17 +393,23 @@ def write_figure(name: str, rows: list[dict], path: pathlib.Path) -> None:
             y = [statistics.median(points[v]) for v in x]
             # Every method at a budget spends the same compute: spread them a
             # little sideways so that their seed ranges stay readable.
-            shift = 1.03 ** (index - len(lines) / 2)
+            half = max(1.0, (len(lines) - 1) / 2)
+            shift = 1.08 ** ((index - half) / half)  # within ±8 %
             low = [y_ - min(points[v]) for v, y_ in zip(x, y, strict=True)]
             high = [max(points[v]) - y_ for v, y_ in zip(x, y, strict=True)]
-            if method != "flow-matching":
-                style, label = "-o", method
-            elif col == "nfe128":
-                style, label = "k:", "flow matching, 128 Euler steps"
-            else:
-                style, label = "k--", f"flow matching, {col[3:]} Euler step(s)"
+            # Up to twenty methods share a panel: twenty colours, and markers
+            # that tell apart the few a colour-blind reader might confuse.
+            style = dict(
+                linestyle="-",
+                marker="osD^v<>"[index % 7],
+                color=plt.get_cmap("tab20")(index % 20),
+            )
+            label = method
+            if method == "flow-matching":
+                style = dict(linestyle=":" if col == "nfe128" else "--", color="k")
+                label = f"flow matching, {col[3:]} Euler step(s)"
             shifted = [v * shift for v in x]
-            ax.errorbar(shifted, y, yerr=[low, high], fmt=style, label=label, capsize=2)
+            ax.errorbar(shifted, y, yerr=[low, high], label=label, capsize=2, **style)
         floor = rows[0].get("floors", {}).get("fd_real") if rows else None
         if floor is not None and metric == "fd":
             ax.axhline(floor, color="grey", lw=0.8, label="real vs real")
@@ -411,11 +417,18 @@ def write_figure(name: str, rows: list[dict], path: pathlib.Path) -> None:
         ax.set_yscale("log")
         ax.set_title(f"{name}: {column[3:]} step{'s' if column != 'nfe1' else ''}")
         ax.set_xlabel("training compute, × flow matching's budget (teacher included)")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
     axes[0].set_ylabel(LABEL[metric])
+    # One legend for the three panels, beside them: every method has a 1-step
+    # cell, so the first panel has every line but the 2- and 4-step Euler ones.
+    handles: dict = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="center left",
+                   bbox_to_anchor=(1.0, 0.5), fontsize=7)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
