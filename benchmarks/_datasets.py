@@ -175,26 +175,18 @@ def gaussian8() -> Dataset:
     )
 
 
-def checkerboard() -> Dataset:
-    toy = fmcalc.datasets.checkerboard()
+def _toy(name: str, toy: fmcalc.datasets.Dataset) -> Dataset:
     return Dataset(
-        name="checkerboard",
-        description=toy.description,
-        kind="toy",
-        dim=2,
-        sample=toy.sample,
+        name=name, description=toy.description, kind="toy", dim=2, sample=toy.sample
     )
+
+
+def checkerboard() -> Dataset:
+    return _toy("checkerboard", fmcalc.datasets.checkerboard())
 
 
 def moons() -> Dataset:
-    toy = fmcalc.datasets.moons()
-    return Dataset(
-        name="moons",
-        description=toy.description,
-        kind="toy",
-        dim=2,
-        sample=toy.sample,
-    )
+    return _toy("moons", fmcalc.datasets.moons())
 
 
 def _images(images: fmcalc.datasets.Dataset, description: str) -> Dataset:

@@ -51,6 +51,17 @@ def device_label(machine: dict[str, Any]) -> str:
     return label
 
 
+def provenance(record: dict[str, Any]) -> str:
+    """`Command: ...; commit ...; N min on PROCESSOR (K CPU cores).` from a run's
+    record (`command`, `seconds` and `machine()`)."""
+    found = record["machine"]
+    return (
+        f"Command: `{record['command']}`; commit `{found['git']['commit']}`; "
+        f"{record['seconds'] / 60:.1f} min on {found['processor']} "
+        f"({found['cpu_count']} CPU cores)."
+    )
+
+
 def machine() -> dict[str, Any]:
     """The machine, its load average at the call, the JAX devices, the package
     versions and the commit."""

@@ -49,7 +49,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _machine import machine
+from _machine import machine, provenance
 from _metrics import assign_components, energy_distance
 
 import fmcalc
@@ -379,12 +379,7 @@ def render(results: dict, out: pathlib.Path) -> None:
 
     record = results["record"]
     seeds = record["settings"]["seeds"]
-    footer = (
-        f"\nMean over seeds {seeds} (range in brackets). Command: "
-        f"`{record['command']}`; commit `{record['machine']['git']['commit']}`; "
-        f"{record['seconds'] / 60:.1f} min on {record['machine']['processor']} "
-        f"({record['machine']['cpu_count']} CPU cores).\n"
-    )
+    footer = f"\nMean over seeds {seeds} (range in brackets). {provenance(record)}\n"
     rows = results["steering"]
     maps = list(dict.fromkeys(r["map"] for r in rows))
     names = list(dict.fromkeys(r["strategy"] for r in rows))

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _machine import machine
+from _machine import machine, provenance
 
 import fmcalc
 import fmcalc.nn
@@ -227,10 +227,7 @@ def render(results: dict, out: pathlib.Path) -> None:
     footer = (
         f"\nSeed {settings['seed']}, {settings['training_steps']} training steps of "
         f"{settings['batch_size']} images per map; round trip over "
-        f"{settings['round_trip_images']} images. Command: `{record['command']}`; "
-        f"commit `{record['machine']['git']['commit']}`; "
-        f"{record['seconds'] / 60:.1f} min on {record['machine']['processor']} "
-        f"({record['machine']['cpu_count']} CPU cores).\n"
+        f"{settings['round_trip_images']} images. {provenance(record)}\n"
     )
     rows = results["round_trip"]
     maps = list(dict.fromkeys(r["map"] for r in rows))
