@@ -2,8 +2,9 @@
 weighted, as one declarative object."""
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import equinox as eqx
 import jax
@@ -11,20 +12,45 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._batch import Batch
-from ._derivative import AbstractDerivative
+from ._derivative import AbstractDerivative, FiniteDifference
 from ._diagnostics import Finding, findings, warn
 from ._evaluate import _Interpreter
-from ._expr import AbstractExpr, Param, Sub, Variable, walk
+from ._expr import (
+    AbstractExpr,
+    Derivative,
+    Network,
+    Param,
+    Sub,
+    Teacher,
+    Variable,
+    walk,
+)
 from ._losses import AbstractLoss, SquaredError, drop_labels
-from ._schedules import AbstractSchedule
-from ._times import AbstractTimeSampler
+from ._schedules import AbstractSchedule, Compressed
+from ._times import AbstractTimeSampler, Equal, FixedSource, FixedTarget, KarrasGrid
 from ._validate import check_residual
 from .cost._estimate import estimate
 
 
-RULES = ("compositional", "lagrangian", "eulerian", "diagonal")
-LEARNING = ("distillation", "self-distillation", "marginal-from-conditional")
-OUTPUTS = ("F", "V")
+Rule = Literal["compositional", "lagrangian", "eulerian", "diagonal"]
+Learning = Literal["distillation", "self-distillation", "marginal-from-conditional"]
+Output = Literal["F", "V"]
+NetworkRole = Literal["online", "ema", "aux", "teacher"]
+Sampling = Literal["velocity", "from-noise", "to-data", "two-time"]
+RULES: tuple[str, ...] = get_args(Rule)
+LEARNING: tuple[str, ...] = get_args(Learning)
+OUTPUTS: tuple[str, ...] = get_args(Output)
+
+
+def _networks(tree) -> frozenset[NetworkRole]:
+    """The networks that the expressions (and losses) in `tree` call."""
+    kinds = (Teacher, Network)
+    leaves = jax.tree.leaves(tree, is_leaf=lambda leaf: isinstance(leaf, kinds))
+    return frozenset(
+        "teacher" if isinstance(leaf, Teacher) else leaf.role
+        for leaf in leaves
+        if isinstance(leaf, kinds)
+    )
 
 
 class Term(eqx.Module):
@@ -110,6 +136,12 @@ class Term(eqx.Module):
     def __str__(self) -> str:
         return f"{self.name}: R = {self.residual}; loss {self.loss}"
 
+    @property
+    def networks(self) -> frozenset[NetworkRole]:
+        """The networks this term's residual and loss call: `"online"`, `"ema"`,
+        `"aux"` (passed as `aux=`) and `"teacher"` (passed as `teacher=`)."""
+        return _networks((self.residual, self.loss))
+
 
 def _leaf_names(expr: AbstractExpr, kind: type) -> set[str]:
     names = set()
@@ -169,9 +201,9 @@ class Method(eqx.Module):
     """
 
     name: str = eqx.field(static=True)
-    rule: str = eqx.field(static=True)
-    learning: str = eqx.field(static=True)
-    output: str = eqx.field(static=True)
+    rule: Rule = eqx.field(static=True)
+    learning: Learning = eqx.field(static=True)
+    output: Output = eqx.field(static=True)
     terms: tuple[Term, ...]
     split: tuple[float, ...] | None = eqx.field(static=True, default=None)
     schedules: Mapping[str, AbstractSchedule] = eqx.field(default_factory=dict)
@@ -305,6 +337,90 @@ class Method(eqx.Module):
         if None in steps:
             return None
         return max(steps, default=0)  # pyright: ignore[reportArgumentType,reportCallIssue]
+
+    def for_run(self, steps: int, settle: float = 0.5) -> "Method":
+        """This method with its curricula sized for a run of `steps` steps.
+
+        The papers' curricula are counted in absolute steps for their runs of
+        100k-400k steps (ECT's ratio decays over 100k, sCT's warm-up takes 10k): in
+        a shorter run they would not reach their final values. Every schedule that
+        settles after `⌊settle · steps⌋` is run faster
+        ([`fmcalc.schedules.Compressed`][]) so that it settles there; schedules that
+        settle earlier, or never, are unchanged, and so are the terms.
+
+        **Arguments:**
+
+        - `steps`: the length of the run, `≥ 2`.
+        - `settle`: the fraction of the run by which every curriculum settles, in
+          `(0, 1]` (default 0.5).
+
+        **Returns:** a method with `settled_step <= settle * steps` (unless one of
+        its schedules never settles).
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise ValueError(
+                f"`for_run(steps=...)` must be an integer >= 2; got {steps!r}."
+            )
+        if isinstance(settle, bool) or not (
+            isinstance(settle, int | float) and 0 < settle <= 1
+        ):
+            raise ValueError(
+                f"`for_run(settle=...)` must lie in (0, 1]; got {settle!r}."
+            )
+        by = max(1, math.floor(settle * steps))
+        schedules = {}
+        for name, schedule in self.schedules.items():
+            settled = schedule.settled
+            if settled is not None and settled > by:
+                schedule = Compressed(schedule, settled / by)
+            schedules[name] = schedule
+        return dataclasses.replace(self, schedules=schedules)
+
+    @property
+    def networks(self) -> frozenset[NetworkRole]:
+        """The networks the method's terms call: `"online"`, `"ema"`, `"aux"`
+        (passed as `aux=`) and `"teacher"` (passed as `teacher=`)."""
+        return frozenset().union(*(term.networks for term in self.terms))
+
+    @property
+    def sampling(self) -> Sampling:
+        """How the trained network is sampled, from the times its terms train on:
+
+        - `"velocity"`: a diagonal method (flow matching): ODE steps of its
+          velocity `V(x, t, t)`;
+        - `"from-noise"`: trained from `s = 1` only: one jump per sample;
+        - `"to-data"`: trained to `t = 0` only: consistency sampling, re-noising
+          between jumps;
+        - `"two-time"`: any jumps `s → t`.
+        """
+        if self.rule == "diagonal":
+            return "velocity"
+        samplers = [t.times for t in self.terms if not isinstance(t.times, Equal)]
+        if any(isinstance(s, FixedSource) and s.source == 1 for s in samplers):
+            return "from-noise"
+        to_data = [
+            isinstance(s, KarrasGrid) or (isinstance(s, FixedTarget) and s.target == 0)
+            for s in samplers
+        ]
+        if samplers and all(to_data):
+            return "to-data"
+        return "two-time"
+
+    def check_dtype(self, dtype) -> None:
+        """Check that the method's finite differences resolve their steps when the
+        networks compute in `dtype`: raise if a step is at or below its resolution,
+        warn ([`fmcalc.FiniteDifferenceStepWarning`][]) if round-off would outweigh
+        the truncation error. Methods without finite differences pass any dtype."""
+        for term in self.terms:
+
+            def visit(node):
+                strategy = getattr(node, "strategy", None)
+                if isinstance(node, Derivative) and isinstance(
+                    strategy, FiniteDifference
+                ):
+                    strategy.check_dtype(dtype)
+
+            walk(term.residual, visit)
 
     def params(self, step) -> dict[str, Array]:
         """The values of the method's schedules at `step`."""

@@ -251,3 +251,36 @@ class Doubling(AbstractSchedule):
         if self.maximum is None:
             return value
         return jnp.minimum(value, self.maximum)
+
+
+class Compressed(AbstractSchedule):
+    """`schedule` run `factor` times faster: its value at step `k` is the value of
+    `schedule` at step `⌊factor · k⌋`, so a curriculum that settles at step `n`
+    settles at `⌈n / factor⌉`. [`fmcalc.Method.for_run`][] builds these to fit
+    the papers' curricula into a shorter run.
+
+    **Arguments:**
+
+    - `schedule`: the schedule to run faster.
+    - `factor`: how many times faster, `> 0`.
+    """
+
+    schedule: AbstractSchedule
+    factor: float = eqx.field(static=True, converter=_as_float)
+
+    def __check_init__(self):
+        if not isinstance(self.schedule, AbstractSchedule):
+            raise TypeError(
+                "`Compressed(schedule=...)` must be a schedule such as "
+                f"`fmcalc.schedules.LinearWarmup(0, 1, 1000)`; got {self.schedule!r}."
+            )
+        _check_positive("Compressed", "factor", self.factor)
+
+    @property
+    def settled(self) -> int | None:
+        settled = self.schedule.settled
+        return None if settled is None else math.ceil(settled / self.factor)
+
+    def __call__(self, step: Int[ArrayLike, ""]) -> Float[Array, ""]:
+        scaled = jnp.floor(jnp.asarray(step) * self.factor)
+        return self.schedule(scaled.astype(jnp.result_type(int)))

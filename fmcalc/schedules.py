@@ -3,6 +3,7 @@ AlphaFlow's α, SoFlow's Δs, FMM's interval annealing). A method's `schedules` 
 the names of its [`fmcalc.Param`][] leaves to these."""
 
 from ._schedules import (
+    Compressed as Compressed,
     AbstractSchedule as AbstractSchedule,
     Constant as Constant,
     Doubling as Doubling,

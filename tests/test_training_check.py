@@ -10,7 +10,6 @@ import pytest
 import fmcalc
 from fmcalc import D, Diagonal, FiniteDifference, FlowMap, Network, S, T, X, methods, sg
 from fmcalc.testing import check_training
-from fmcalc.testing._training import _within
 
 
 # A few training runs of 10 to 40 s each.
@@ -81,11 +80,11 @@ def test_flow_matching_is_judged_as_a_velocity():
 def test_curricula_settle_within_the_run():
     method = methods.get("ayf-emd")  # tangent warm-up over 10k steps
     assert method.settled_step == 10_000
-    short = _within(method, 3000)
+    short = method.for_run(3000)
     assert short.settled_step == 1500
     assert float(short.params(1500)["r"]) == 1.0
     assert float(short.params(750)["r"]) == pytest.approx(0.5)
-    assert _within(methods.get("lsd"), 3000) == methods.get("lsd")
+    assert methods.get("lsd").for_run(3000) == methods.get("lsd")
 
 
 @slow

@@ -1,21 +1,18 @@
 """A short training run that tells a working loss from one that only looks right."""
 
 import hashlib
-import math
 import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jaxtyping import PRNGKeyArray
 
 from .._method import Method
 from .._sampling import model_velocity, sample, sample_euler
-from .._schedules import AbstractSchedule
 from .._times import Equal, FixedSource, FixedTarget, KarrasGrid
 from ..flows._base import AbstractFlow
 from ..nn import MLP
@@ -118,34 +115,6 @@ def _error(samples, exact) -> float:
 
 
 _BASELINES: dict[str, float] = {}
-
-
-class _Compressed(AbstractSchedule):
-    """`schedule` run `factor` times faster: a curriculum that settles within a
-    short run."""
-
-    schedule: AbstractSchedule
-    factor: float = eqx.field(static=True)
-
-    def __call__(self, step):
-        scaled = jnp.floor(jnp.asarray(step) * self.factor)
-        return self.schedule(scaled.astype(jnp.result_type(int)))
-
-    @property
-    def settled(self) -> int | None:
-        settled = self.schedule.settled
-        return None if settled is None else math.ceil(settled / self.factor)
-
-
-def _within(method: Method, steps: int) -> Method:
-    """`method` with every curriculum compressed to settle by half the run."""
-    schedules = {}
-    for name, schedule in method.schedules.items():
-        settled = schedule.settled
-        if settled is not None and settled > steps // 2:
-            schedule = _Compressed(schedule, settled / (steps // 2))
-        schedules[name] = schedule
-    return eqx.tree_at(lambda m: m.schedules, method, schedules)
 
 
 def _train(method, model, flow, *, key, steps, batch_size, learning_rate, **nets):
@@ -269,7 +238,7 @@ def check_training(
         aux=flow if aux is None else aux,
     )
     try:
-        trained = _train(_within(method, steps), model, flow, **budget, **nets)
+        trained = _train(method.for_run(steps), model, flow, **budget, **nets)
     except stopped as error:
         failure = failure or str(error).splitlines()[0]
     else:
