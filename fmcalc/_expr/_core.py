@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 
 import equinox as eqx
 
-from ._derivative import JVP, AbstractDerivative, FiniteDifference
+from .._derivative import JVP, AbstractDerivative, FiniteDifference
 
 
 Kind = Literal["vector", "time"]
