@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ._convert import _as_float, _check_positive, _check_real
 from ._custom_types import Time
-from ._times import _as_float, _check_positive, _check_real
 
 
 def _check_loss(owner: str, value) -> None:

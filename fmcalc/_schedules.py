@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from ._times import _as_float, _as_int, _check_int, _check_positive, _check_real
+from ._convert import _as_float, _as_int, _check_int, _check_positive, _check_real
 
 
 def _float_step(step) -> Array:

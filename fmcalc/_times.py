@@ -13,7 +13,6 @@ building blocks; samplers ([`fmcalc.AbstractTimeSampler`][]) combine them.
 """
 
 import abc
-import math
 from typing import ClassVar, NamedTuple
 
 import equinox as eqx
@@ -21,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._convert import _as_float, _as_int, _check_int, _check_positive, _check_real
 
 
 class Times(NamedTuple):
@@ -37,35 +38,6 @@ class Times(NamedTuple):
     u: Float[Array, " n"] | None = None
 
 
-def _as_float(value):
-    """Field converter: Python and NumPy numbers to `float`; anything else is left
-    for `__check_init__` to reject with a message that names it."""
-    if isinstance(value, int | float | np.integer | np.floating) and not isinstance(
-        value, bool
-    ):
-        return float(value)
-    return value
-
-
-def _as_int(value):
-    """Field converter: NumPy integers to `int`; anything else is left for
-    `__check_init__`."""
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def _check_real(owner: str, name: str, value) -> float:
-    if not isinstance(value, float):
-        raise TypeError(
-            f"`{owner}({name}=...)` must be a Python number; got {value!r} of type "
-            f"{type(value).__name__}."
-        )
-    if not math.isfinite(value):
-        raise ValueError(f"`{owner}({name}=...)` must be finite; got {value!r}.")
-    return value
-
-
 def _check_unit(owner: str, name: str, value) -> float:
     value = _check_real(owner, name, value)
     if not 0.0 <= value <= 1.0:
@@ -73,24 +45,6 @@ def _check_unit(owner: str, name: str, value) -> float:
             f"`{owner}({name}=...)` must lie in [0, 1] (t = 0 is data, t = 1 is "
             f"noise); got {value!r}."
         )
-    return value
-
-
-def _check_positive(owner: str, name: str, value) -> float:
-    value = _check_real(owner, name, value)
-    if not value > 0:
-        raise ValueError(f"`{owner}({name}=...)` must be positive; got {value!r}.")
-    return value
-
-
-def _check_int(owner: str, name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"`{owner}({name}=...)` must be a Python int; got {value!r} of type "
-            f"{type(value).__name__}."
-        )
-    if value < minimum:
-        raise ValueError(f"`{owner}({name}=...)` must be ≥ {minimum}; got {value!r}.")
     return value
 
 

@@ -1,5 +1,8 @@
+import contextlib
+
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 
 import fmcalc
@@ -31,3 +34,15 @@ def residuals(expr, batch, **networks):
 
 def loglog_slope(steps, errors) -> float:
     return float(np.polyfit(np.log(steps), np.log(errors), 1)[0])
+
+
+@contextlib.contextmanager
+def without_runtime_typechecks():
+    """Switch off the jaxtyping/beartype hook to reach fmcalc's own validation, which
+    is what users running without the hook see."""
+    previous = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", previous)

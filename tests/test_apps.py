@@ -6,9 +6,9 @@ the closed-form tilted distribution)."""
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
+from helpers import without_runtime_typechecks
 
 import fmcalc
 from fmcalc import apps
@@ -349,15 +349,6 @@ def test_resample_copies_by_weight():
 # Bad inputs
 
 
-@pytest.fixture
-def without_runtime_typechecks():
-    """Switch off the jaxtyping/beartype hook to reach fmcalc's own validation."""
-    previous = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", previous)
-
-
 X = jnp.zeros(2)
 BAD = {
     "batched x0": (
@@ -494,7 +485,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", BAD, ids=str)
-def test_bad_inputs_raise_clear_errors(case, without_runtime_typechecks):
+def test_bad_inputs_raise_clear_errors(case):
     make, error, message = BAD[case]
-    with pytest.raises(error, match=message):
+    with without_runtime_typechecks(), pytest.raises(error, match=message):
         make()

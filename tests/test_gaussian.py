@@ -5,9 +5,9 @@ import hypothesis
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
+from helpers import without_runtime_typechecks
 
 from fmcalc import testing
 from fmcalc._derivative import JVP, FiniteDifference
@@ -215,16 +215,6 @@ def test_pushing_noise_gives_data(steps):
     assert moments_within_error(x, flow.mean, cov)
 
 
-@pytest.fixture
-def without_runtime_typechecks():
-    """Switch off the jaxtyping/beartype hook to reach `Gaussian`'s own validation,
-    which is what users running without the hook see."""
-    previous = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", previous)
-
-
 # The hook's TypeCheckError or `Gaussian`'s own message; either names the argument.
 NAMES_ARGUMENT = "`{0}`|parameter '{0}'"
 BAD_CONSTRUCTIONS = {
@@ -276,16 +266,16 @@ BAD_CALLS = {
 
 
 @pytest.mark.parametrize("case", BAD_CONSTRUCTIONS, ids=str)
-def test_bad_construction(case, without_runtime_typechecks):
+def test_bad_construction(case):
     make, error, message, _ = BAD_CONSTRUCTIONS[case]
-    with pytest.raises(error, match=message):
+    with without_runtime_typechecks(), pytest.raises(error, match=message):
         make()
 
 
 @pytest.mark.parametrize("case", BAD_CALLS, ids=str)
-def test_bad_call(case, without_runtime_typechecks):
+def test_bad_call(case):
     call, error, message, _ = BAD_CALLS[case]
-    with pytest.raises(error, match=message):
+    with without_runtime_typechecks(), pytest.raises(error, match=message):
         call(Gaussian(jnp.zeros(3), jnp.eye(3)))
 
 

@@ -8,10 +8,9 @@ gives `F(eps, 1, 0)` to round-off, and its samples have the data's moments.
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
-from helpers import loglog_slope, random_gaussian
+from helpers import loglog_slope, random_gaussian, without_runtime_typechecks
 
 from fmcalc import testing
 from fmcalc._sampling import (
@@ -385,16 +384,6 @@ def test_gradient_matches_finite_difference(flow, noise, case, rtol):
 # Bad input -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def without_runtime_typechecks():
-    """Switch off the jaxtyping/beartype hook to reach the samplers' own validation,
-    which is what users running without the hook see."""
-    previous = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", previous)
-
-
 E = jnp.zeros(DIM)
 KEY = jax.random.key(0)
 # The hook's TypeCheckError or the sampler's own message; either names the argument.
@@ -525,9 +514,9 @@ BAD_CALLS = {
 
 
 @pytest.mark.parametrize("case", BAD_CALLS, ids=str)
-def test_bad_input(flow, case, without_runtime_typechecks):
+def test_bad_input(flow, case):
     call, error, message, _ = BAD_CALLS[case]
-    with pytest.raises(error, match=message):
+    with without_runtime_typechecks(), pytest.raises(error, match=message):
         call(flow)
 
 

@@ -5,9 +5,9 @@ import equinox as eqx
 import hypothesis
 import hypothesis.strategies as st
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
+from helpers import without_runtime_typechecks
 
 import fmcalc.testing
 from fmcalc import testing
@@ -206,23 +206,15 @@ def test_tolerance():
         testing.tolerance(jnp.float16)
 
 
-@pytest.fixture
-def without_runtime_typechecks():
-    """Switch off the jaxtyping/beartype hook to reach the checks' own validation."""
-    previous = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", previous)
-
-
-def test_checks_validate_batches(problem, without_runtime_typechecks):
+def test_checks_validate_batches(problem):
     flow, x, s, _, t = problem
-    with pytest.raises(ValueError, match=r"`x` must be a non-empty batch"):
-        testing.boundary_residual(flow.flow_map, x[0], t[0])
-    with pytest.raises(ValueError, match=r"Time `t` must have shape \(64,\)"):
-        testing.inverse_residual(flow.flow_map, x, s, t[:3])
-    with pytest.raises(TypeError, match="`x` must be a floating array"):
-        testing.boundary_residual(flow.flow_map, jnp.ones((4, 3), int), t[:4])
+    with without_runtime_typechecks():
+        with pytest.raises(ValueError, match=r"`x` must be a non-empty batch"):
+            testing.boundary_residual(flow.flow_map, x[0], t[0])
+        with pytest.raises(ValueError, match=r"Time `t` must have shape \(64,\)"):
+            testing.inverse_residual(flow.flow_map, x, s, t[:3])
+        with pytest.raises(TypeError, match="`x` must be a floating array"):
+            testing.boundary_residual(flow.flow_map, jnp.ones((4, 3), int), t[:4])
 
 
 def test_checks_measure_in_the_precision_of_x(problem):
