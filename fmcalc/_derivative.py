@@ -3,7 +3,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -12,6 +12,14 @@ import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._warnings import FiniteDifferenceStepWarning
+
+
+# Pyright reads `AbstractClassVar` as a `ClassVar` only when imported so, in the
+# module that uses it (equinox's docs; a re-export loses it).
+if TYPE_CHECKING:
+    from typing import ClassVar as AbstractClassVar
+else:
+    from equinox import AbstractClassVar
 
 
 class AbstractDerivative(eqx.Module):
@@ -28,8 +36,12 @@ class AbstractDerivative(eqx.Module):
     of `fn`); the primal comes free with the derivative and should be reused.
     """
 
-    exact: ClassVar[bool]
-    order: ClassVar[int | None]
+    exact: AbstractClassVar[bool]
+
+    @property
+    @abc.abstractmethod
+    def order(self) -> int | None:
+        """The order of the truncation error in the step (`None` if exact)."""
 
     @abc.abstractmethod
     def __call__(
@@ -50,7 +62,10 @@ class JVP(AbstractDerivative):
     """
 
     exact: ClassVar[bool] = True
-    order: ClassVar[int | None] = None
+
+    @property
+    def order(self) -> None:
+        return None
 
     def __call__(self, fn, primals, tangents):
         tangents = tuple(
@@ -162,7 +177,7 @@ class FiniteDifference(AbstractDerivative):
             )
 
     @property
-    def order(self) -> int:  # pyright: ignore[reportIncompatibleVariableOverride]
+    def order(self) -> int:
         return 1 if self.scheme == "forward" else 2
 
     def stencil(self, up: Any = 1, down: Any = 1) -> tuple[tuple[Any, Any], ...]:

@@ -10,7 +10,6 @@ weight of the times alone does not.
 
 import abc
 from collections.abc import Callable
-from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -54,7 +53,10 @@ class AbstractLoss(eqx.Module):
     residual vanishes per example and no weighting moves the fixed point.
     """
 
-    depends_on_residual: ClassVar[bool]
+    @property
+    @abc.abstractmethod
+    def depends_on_residual(self) -> bool:
+        """Whether the per-example weight depends on the residual."""
 
     @property
     def formula(self) -> str:
@@ -95,7 +97,9 @@ class SquaredError(AbstractLoss):
     **Arguments:** none.
     """
 
-    depends_on_residual: ClassVar[bool] = False
+    @property
+    def depends_on_residual(self) -> bool:
+        return False
 
     @property
     def formula(self) -> str:
@@ -140,7 +144,9 @@ class PseudoHuber(AbstractLoss):
 
     c: float | None = eqx.field(static=True, default=None, converter=_as_float)
 
-    depends_on_residual: ClassVar[bool] = True
+    @property
+    def depends_on_residual(self) -> bool:
+        return True
 
     def __check_init__(self):
         if self.c is not None:
@@ -203,7 +209,9 @@ class Adaptive(AbstractLoss):
     p: float = eqx.field(static=True, default=1.0, converter=_as_float)
     c: float = eqx.field(static=True, default=1e-3, converter=_as_float)
 
-    depends_on_residual: ClassVar[bool] = True
+    @property
+    def depends_on_residual(self) -> bool:
+        return True
 
     def __check_init__(self):
         if not 0 <= _check_real("Adaptive", "p", self.p):
@@ -247,7 +255,9 @@ class LogVariance(AbstractLoss):
     **Arguments:** none. Pass the learned function as `aux=` when calling.
     """
 
-    depends_on_residual: ClassVar[bool] = False
+    @property
+    def depends_on_residual(self) -> bool:
+        return False
 
     @property
     def formula(self) -> str:
@@ -294,7 +304,9 @@ class Cosine(AbstractLoss):
     **Arguments:** none.
     """
 
-    depends_on_residual: ClassVar[bool] = True
+    @property
+    def depends_on_residual(self) -> bool:
+        return True
 
     @property
     def formula(self) -> str:
@@ -342,7 +354,7 @@ class TimeWeighted(AbstractLoss):
             )
 
     @property
-    def depends_on_residual(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+    def depends_on_residual(self) -> bool:
         return self.loss.depends_on_residual
 
     @property
@@ -401,7 +413,7 @@ class Sum(AbstractLoss):
             _check_loss("Sum", loss)
 
     @property
-    def depends_on_residual(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+    def depends_on_residual(self) -> bool:
         return any(loss.depends_on_residual for loss in self.losses)
 
     @property

@@ -13,7 +13,7 @@ building blocks; samplers ([`fmcalc.AbstractTimeSampler`][]) combine them.
 """
 
 import abc
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -22,6 +22,14 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._convert import _as_float, _as_int, _check_int, _check_positive, _check_real
+
+
+# Pyright reads `AbstractClassVar` as a `ClassVar` only when imported so, in the
+# module that uses it (equinox's docs; a re-export loses it).
+if TYPE_CHECKING:
+    from typing import ClassVar as AbstractClassVar
+else:
+    from equinox import AbstractClassVar
 
 
 class Times(NamedTuple):
@@ -180,8 +188,12 @@ class AbstractTimeSampler(eqx.Module):
       draws `t > s` too). Where `u` is drawn it lies between `t` and `s`.
     """
 
-    uses_u: ClassVar[bool]
-    ordered: ClassVar[bool]
+    uses_u: AbstractClassVar[bool]
+
+    @property
+    @abc.abstractmethod
+    def ordered(self) -> bool:
+        """Whether `s ≥ t` on every row."""
 
     @abc.abstractmethod
     def __call__(self, key: PRNGKeyArray, n: int, *, dtype=jnp.float32) -> Times:
@@ -198,7 +210,10 @@ class UniformTriangle(AbstractTimeSampler):
     """
 
     uses_u: ClassVar[bool] = False
-    ordered: ClassVar[bool] = True
+
+    @property
+    def ordered(self) -> bool:
+        return True
 
     def __call__(self, key: PRNGKeyArray, n: int, *, dtype=jnp.float32) -> Times:
         _check_call("UniformTriangle", n, dtype)
@@ -217,7 +232,10 @@ class UniformSquare(AbstractTimeSampler):
     """
 
     uses_u: ClassVar[bool] = False
-    ordered: ClassVar[bool] = False
+
+    @property
+    def ordered(self) -> bool:
+        return False
 
     def __call__(self, key: PRNGKeyArray, n: int, *, dtype=jnp.float32) -> Times:
         _check_call("UniformSquare", n, dtype)
@@ -257,7 +275,10 @@ class SortedPair(AbstractTimeSampler):
     equal_fraction: float = eqx.field(static=True, default=0.0, converter=_as_float)
 
     uses_u: ClassVar[bool] = False
-    ordered: ClassVar[bool] = True
+
+    @property
+    def ordered(self) -> bool:
+        return True
 
     def __check_init__(self):
         _check_distribution("SortedPair", "first", self.first)
@@ -291,7 +312,10 @@ class Equal(AbstractTimeSampler):
     distribution: AbstractTimeDistribution
 
     uses_u: ClassVar[bool] = False
-    ordered: ClassVar[bool] = True
+
+    @property
+    def ordered(self) -> bool:
+        return True
 
     def __check_init__(self):
         _check_distribution("Equal", "distribution", self.distribution)
@@ -322,7 +346,10 @@ class FixedTarget(AbstractTimeSampler):
     target: float = eqx.field(static=True, default=0.0, converter=_as_float)
 
     uses_u: ClassVar[bool] = False
-    ordered: ClassVar[bool] = True
+
+    @property
+    def ordered(self) -> bool:
+        return True
 
     def __check_init__(self):
         _check_distribution("FixedTarget", "distribution", self.distribution)
@@ -354,7 +381,10 @@ class FixedSource(AbstractTimeSampler):
     source: float = eqx.field(static=True, default=1.0, converter=_as_float)
 
     uses_u: ClassVar[bool] = False
-    ordered: ClassVar[bool] = True
+
+    @property
+    def ordered(self) -> bool:
+        return True
 
     def __check_init__(self):
         _check_distribution("FixedSource", "distribution", self.distribution)
@@ -389,7 +419,10 @@ class DyadicSteps(AbstractTimeSampler):
     levels: int = eqx.field(static=True, default=7, converter=_as_int)
 
     uses_u: ClassVar[bool] = True
-    ordered: ClassVar[bool] = True
+
+    @property
+    def ordered(self) -> bool:
+        return True
 
     def __check_init__(self):
         _check_int("DyadicSteps", "levels", self.levels, 1)
@@ -435,7 +468,10 @@ class KarrasGrid(AbstractTimeSampler):
     rho: float = eqx.field(static=True, default=7.0, converter=_as_float)
 
     uses_u: ClassVar[bool] = True
-    ordered: ClassVar[bool] = True
+
+    @property
+    def ordered(self) -> bool:
+        return True
 
     def __check_init__(self):
         _check_int("KarrasGrid", "steps", self.steps, 2)
@@ -484,7 +520,10 @@ class GapFirst(AbstractTimeSampler):
     target: AbstractTimeDistribution = LogitNormal(-0.4, 1.0)
 
     uses_u: ClassVar[bool] = False
-    ordered: ClassVar[bool] = True
+
+    @property
+    def ordered(self) -> bool:
+        return True
 
     def __check_init__(self):
         _check_distribution("GapFirst", "gap", self.gap)
@@ -524,7 +563,7 @@ class WithIntermediate(AbstractTimeSampler):
     uses_u: ClassVar[bool] = True
 
     @property
-    def ordered(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+    def ordered(self) -> bool:
         return self.base.ordered
 
     def __check_init__(self):

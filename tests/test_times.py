@@ -108,7 +108,7 @@ def test_uniform_square():
     assert abs(np.mean(t > s) - 0.5) < 0.01
     assert abs(s.mean() - 0.5) < 0.01 and abs(t.mean() - 0.5) < 0.01
     assert abs(np.corrcoef(s, t)[0, 1]) < 0.03
-    assert not UniformSquare.ordered and not WithIntermediate(UniformSquare()).ordered
+    assert not UniformSquare().ordered and not WithIntermediate(UniformSquare()).ordered
     assert WithIntermediate(UniformTriangle()).ordered
 
 

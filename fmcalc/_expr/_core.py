@@ -2,9 +2,17 @@
 
 import abc
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import equinox as eqx
+
+
+# Pyright reads `AbstractClassVar` as a `ClassVar` only when imported so, in the
+# module that uses it (equinox's docs; a re-export loses it).
+if TYPE_CHECKING:
+    from typing import ClassVar as AbstractClassVar
+else:
+    from equinox import AbstractClassVar
 
 
 Kind = Literal["vector", "time"]
@@ -152,7 +160,7 @@ def _is_zero(expr: AbstractExpr) -> bool:
 class _Binary(AbstractExpr):
     left: AbstractExpr
     right: AbstractExpr
-    symbol: ClassVar[str]
+    symbol: AbstractClassVar[str]
 
     @property
     def children(self):

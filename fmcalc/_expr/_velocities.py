@@ -1,12 +1,20 @@
 """Sources of the instantaneous velocity `v(x, t)` and their calls."""
 
 import abc
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import equinox as eqx
 
 from ._core import AbstractExpr, Kind, S, X, _wrap
 from ._networks import Network
+
+
+# Pyright reads `AbstractClassVar` as a `ClassVar` only when imported so, in the
+# module that uses it (equinox's docs; a re-export loses it).
+if TYPE_CHECKING:
+    from typing import ClassVar as AbstractClassVar
+else:
+    from equinox import AbstractClassVar
 
 
 class AbstractVelocity(eqx.Module):
@@ -18,7 +26,7 @@ class AbstractVelocity(eqx.Module):
     Each source declares `network_cost`: forward passes of a network per call.
     """
 
-    network_cost: ClassVar[int]
+    network_cost: AbstractClassVar[int]
 
     @property
     @abc.abstractmethod

@@ -4,7 +4,7 @@ jumps, and the probability-flow ODE reference."""
 import abc
 import math
 from collections.abc import Callable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import diffrax
 import equinox as eqx
@@ -15,6 +15,14 @@ from jaxtyping import ArrayLike, Float, PRNGKeyArray
 from .._custom_types import Cond, Scalar, Vector
 from .._misc import call, check_example, time_grid
 from ._lookahead import jump
+
+
+# Pyright reads `AbstractClassVar` as a `ClassVar` only when imported so, in the
+# module that uses it (equinox's docs; a re-export loses it).
+if TYPE_CHECKING:
+    from typing import ClassVar as AbstractClassVar
+else:
+    from equinox import AbstractClassVar
 
 
 def _standard_normal_log_prob(z: Vector) -> Scalar:
@@ -31,7 +39,7 @@ class AbstractLogDet(eqx.Module):
     ) -> Scalar:
         """`log |det ∂fn/∂x|` at `x`; `key` is `None` for a deterministic strategy."""
 
-    needs_key: eqx.AbstractClassVar[bool]
+    needs_key: AbstractClassVar[bool]
 
 
 class ExactLogDet(AbstractLogDet):
