@@ -39,16 +39,16 @@ def test_check_passes(capsys, monkeypatch):
     """Every group of `fmcalc check --quick` except the per-method fixed points,
     which tests/test_methods.py runs for the whole registry, and which are kept
     here for the methods biased by construction and one unbiased method."""
-    import fmcalc._cli as cli
+    import fmcalc._verify as verify
 
-    every = cli.groups
+    every = verify.groups
     kept = {f"fixed point of {name}" for name in ("ct", "cd", "ect", "meanflow")}
 
     def groups(quick):
         out = every(quick=quick)
         return [g for g in out if not g[0].startswith("fixed point") or g[0] in kept]
 
-    monkeypatch.setattr(cli, "groups", groups)
+    monkeypatch.setattr(verify, "groups", groups)
     assert main(["check", "--quick"]) == 0
     out = capsys.readouterr().out
     assert "0 failed" in out
@@ -63,10 +63,10 @@ def test_check_passes(capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_check_streams_rows_and_lists_what_it_leaves_out(capsys, monkeypatch):
-    import fmcalc._cli as cli
+    import fmcalc._verify as verify
 
-    first_two = cli.groups(quick=True)[:2]
-    monkeypatch.setattr(cli, "groups", lambda quick: first_two)
+    first_two = verify.groups(quick=True)[:2]
+    monkeypatch.setattr(verify, "groups", lambda quick: first_two)
     assert main(["check", "--quick"]) == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
