@@ -62,7 +62,6 @@ from _machine import machine
 
 import fmcalc
 import fmcalc.nn
-from fmcalc._run import HeunMap, _chunks, _draw, networks_used, sampling_kind
 
 
 BASELINE = "flow-matching"
@@ -291,7 +290,7 @@ def step_cost(name: str, ev: Evaluation, settings: Settings, teacher, aux) -> di
         else jnp.asarray(ev.train_labels[: settings.batch_size])
     )
     batch = m.batch(jax.random.key(0), x0, cond=cond)
-    used = networks_used(m)
+    used = m.networks
     nets = {
         "teacher": teacher if "teacher" in used else None,
         "ema": model if "ema" in used else None,
@@ -334,7 +333,7 @@ def plan_steps(budget: float, fm_step_flops: float, own_step_flops: float,
 def fit(name: str, model, ev: Evaluation, settings: Settings, steps: int, *, seed,
         teacher=None, aux=None):  # fmt: skip
     m = method(name)
-    used = networks_used(m)
+    used = m.networks
     schedule = optax.cosine_decay_schedule(settings.lr, steps, alpha=0.01)
     if ev.train is not None:
         data, labels = jnp.asarray(ev.train), jnp.asarray(ev.train_labels)
@@ -381,7 +380,7 @@ def run_row(name: str, budget: float, seed: int, teacher_kind: str, ev: Evaluati
             settings: Settings, teachers: Teachers, costs: dict) -> dict:  # fmt: skip
     """Train one method at one budget and seed, sample it and score it."""
     m = method(name)
-    used = networks_used(m)
+    used = m.networks
     exact = teacher_kind == "exact" and ev.dataset.flow is not None
     uses_teacher = bool(used & {"teacher", "aux"}) and not exact
     own_steps, teacher_steps = plan_steps(
@@ -398,7 +397,7 @@ def run_row(name: str, budget: float, seed: int, teacher_kind: str, ev: Evaluati
         "step_flops": costs[name]["flops"],
         "own_flops": own_steps * costs[name]["flops"],
         "teacher_flops": teacher_steps * costs[BASELINE]["flops"],
-        "kind": sampling_kind(m),
+        "kind": m.sampling,
     }
     row["total_flops"] = row["own_flops"] + row["teacher_flops"]
     teacher = aux = None
@@ -409,7 +408,7 @@ def run_row(name: str, budget: float, seed: int, teacher_kind: str, ev: Evaluati
     elif uses_teacher:
         fm, row["teacher_s"] = teachers.get(seed, teacher_steps)
         teacher = fmcalc.model_velocity(fm)
-        aux = HeunMap(teacher, AUX_SUBSTEPS.get(name, 4))
+        aux = fmcalc.HeunMap(teacher, AUX_SUBSTEPS.get(name, 4))
         row["teacher"] = f"flow matching, {teacher_steps} steps (charged)"
     model = network(ev.dataset, settings, seed)
     result, row["train_s"] = fit(
@@ -436,13 +435,17 @@ def draw_samples(kind: str, model, ev: Evaluation, key) -> dict[str, np.ndarray]
     map for `k` in `JUMPS`, with consistency re-noising between the jumps of a map
     trained only to data, and one jump only of a map trained only from noise. The
     same sampler as `fmcalc sample`."""
-    n = ev.noise.shape[0]
     counts = {"velocity": EULER_STEPS, "from-noise": (1,)}.get(kind, JUMPS)
     out = {}
     for k in counts:
-        keys = jax.random.split(jax.random.fold_in(key, k), n)
-        draw = lambda e, c, r, k=k: _draw(model, e, c, r, k, kind)  # noqa: E731
-        out[f"nfe{k}"] = _chunks(draw, n, ev.noise, ev.cond, keys)
+        out[f"nfe{k}"] = fmcalc.sample_batch(
+            model,
+            ev.noise,
+            steps=k,
+            kind=kind,
+            key=jax.random.fold_in(key, k),
+            cond=ev.cond,
+        )
     return out
 
 
@@ -552,7 +555,11 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
         teacher = fmcalc.model_velocity(network(dataset, settings, 0))
         costs = {
             n: step_cost(
-                n, ev, settings, teacher, HeunMap(teacher, AUX_SUBSTEPS.get(n, 4))
+                n,
+                ev,
+                settings,
+                teacher,
+                fmcalc.HeunMap(teacher, AUX_SUBSTEPS.get(n, 4)),
             )
             for n in methods
         }

@@ -95,9 +95,11 @@ from ._rules import (
     meanflow as meanflow,
 )
 from ._sampling import (
+    HeunMap as HeunMap,
     invert as invert,
     model_velocity as model_velocity,
     sample as sample,
+    sample_batch as sample_batch,
     sample_consistency as sample_consistency,
     sample_euler as sample_euler,
     sample_ode as sample_ode,

@@ -16,19 +16,15 @@ import json
 import math
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from . import datasets, methods
-from ._expr import Network, Teacher
-from ._method import Method
-from ._sampling import model_velocity, sample, sample_consistency, sample_euler
-from ._times import Equal, FixedSource, FixedTarget, KarrasGrid
+from ._sampling import HeunMap, model_velocity, sample_batch
 from .nn import MLP
 from .train import fit, load_checkpoint, save_checkpoint
 
@@ -74,57 +70,6 @@ def ema_decay(steps: int) -> float:
     """0.999 for long runs; shorter runs need a shorter memory, or the average still
     holds the initial weights when training stops."""
     return min(0.999, max(0.0, 1 - 10 / steps))
-
-
-def networks_used(method: Method) -> set[str]:
-    """The networks a method's residuals call: `online`, `ema`, `aux`, `teacher`."""
-    kinds = (Teacher, Network)
-    leaves = jax.tree.leaves(method, is_leaf=lambda leaf: isinstance(leaf, kinds))
-    return {
-        "teacher" if isinstance(leaf, Teacher) else leaf.role
-        for leaf in leaves
-        if isinstance(leaf, kinds)
-    }
-
-
-def sampling_kind(method: Method) -> str:
-    """How a method's map can be sampled, from the times its terms train on:
-    `velocity` (flow matching: Euler steps of its diagonal), `from-noise` (`s = 1`
-    only: one jump), `to-data` (`t = 0` only: consistency sampling with re-noising)
-    or `two-time` (any jumps)."""
-    if method.rule == "diagonal":
-        return "velocity"
-    samplers = [t.times for t in method.terms if not isinstance(t.times, Equal)]
-    if any(isinstance(s, FixedSource) and s.source == 1 for s in samplers):
-        return "from-noise"
-    to_data = [
-        isinstance(s, KarrasGrid) or (isinstance(s, FixedTarget) and s.target == 0)
-        for s in samplers
-    ]
-    if samplers and all(to_data):
-        return "to-data"
-    return "two-time"
-
-
-class HeunMap(eqx.Module):
-    """A flow map from `substeps` Heun steps of a velocity, returning the average
-    velocity `V(x, s, t)`: CTM's teacher solver and PFMM's partial map."""
-
-    velocity: Callable
-    substeps: int = eqx.field(static=True)
-
-    def __call__(self, x, s, t, *, cond=None):
-        dr = 1.0 / self.substeps
-        average = jnp.zeros_like(x)
-        for k in range(self.substeps):
-            a = s + k * dr * (t - s)
-            b = s + (k + 1) * dr * (t - s)
-            k1 = self.velocity(x, a, cond=cond)
-            k2 = self.velocity(x + (b - a) * k1, b, cond=cond)
-            increment = (k1 + k2) / 2
-            x = x + (b - a) * increment
-            average = average + dr * increment
-        return average
 
 
 def _say(message: str) -> None:
@@ -187,7 +132,7 @@ def train(
         num_classes=dataset.num_classes,
         skip=dataset.dim > (width or default_width),
     )
-    used = networks_used(method)
+    used = method.networks
     needs_teacher = bool(used & {"teacher", "aux"}) and dataset.flow is None
     if reference is None:
         reference = needs_teacher
@@ -208,7 +153,7 @@ def train(
         "shape": list(dataset.shape),
         "mean": np.asarray(dataset.mean, np.float64).tolist(),
         "scale": dataset.scale,
-        "sampling": sampling_kind(method),
+        "sampling": method.sampling,
         "reference": bool(reference) and method_name != REFERENCE,
     }
     previous = _read_run(out)
@@ -280,27 +225,6 @@ def train(
     return out
 
 
-@eqx.filter_jit
-def _draw(model, noise, cond, keys, steps: int, kind: str):
-    def one(e, c, k):
-        if kind == "velocity":
-            return sample_euler(model_velocity(model), e, steps=steps, cond=c)
-        if kind == "to-data" and steps > 1:
-            grid = jnp.linspace(1.0, 0.0, steps + 1, dtype=e.dtype)
-            return sample_consistency(model, e, key=k, grid=grid, cond=c)
-        return sample(model, e, steps=steps, cond=c)
-
-    return jax.vmap(one)(noise, cond, keys)
-
-
-def _chunks(fn, n: int, *arrays, size: int = 1000) -> np.ndarray:
-    parts = []
-    for start in range(0, n, size):
-        rows = [None if a is None else a[start : start + size] for a in arrays]
-        parts.append(np.asarray(fn(*rows)))
-    return np.concatenate(parts)
-
-
 def sample_run(
     run: str | os.PathLike,
     *,
@@ -332,7 +256,6 @@ def sample_run(
     cond = None
     if network.num_classes is not None:
         cond = jnp.arange(n, dtype=jnp.int32) % network.num_classes
-    keys = jax.random.split(k_renoise, n)
     kind = record["sampling"]
     mean, scale = np.asarray(record["mean"], np.float32), record["scale"]
 
@@ -350,17 +273,17 @@ def sample_run(
         label = f"{record['method']}, {k} step{'s' * (k > 1)}"
         if kind == "velocity":
             label = f"{record['method']}, {k} Euler step{'s' * (k > 1)}"
-        drawn = _chunks(
-            lambda e, c, r, k=k: _draw(model, e, c, r, k, kind), n, noise, cond, keys
-        )
+        drawn = sample_batch(model, noise, steps=k, kind=kind, key=k_renoise, cond=cond)
         panels[label] = to_units(drawn)
     if not panels:
         raise ValueError(f"No sample could be drawn with --steps {list(steps)}.")
     if record.get("reference") and (run / "reference.eqx").exists():
         ref = load_checkpoint(run / "reference.eqx", network.build(record["seed"]))
-        fn = lambda e, c, r: _draw(ref, e, c, r, REFERENCE_STEPS, "velocity")
+        drawn = sample_batch(
+            ref, noise, steps=REFERENCE_STEPS, kind="velocity", cond=cond
+        )
         label = f"flow matching, {REFERENCE_STEPS} Euler steps (reference)"
-        panels[label] = to_units(_chunks(fn, n, noise, cond, keys))
+        panels[label] = to_units(drawn)
     out = pathlib.Path(out) if out is not None else run / "samples.npy"
     own = [v for label, v in panels.items() if "(reference)" not in label]
     np.save(out, np.stack(own))

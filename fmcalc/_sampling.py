@@ -1,22 +1,29 @@
 """Samplers: flow-map sampling (one or several jumps), its inverse, consistency
-multistep sampling, and the velocity baselines (adaptive ODE solve, Euler).
+multistep sampling, and the velocity baselines (adaptive ODE solve, Euler); a flow
+map from Heun steps of a velocity; and a batched sampler that picks among them by
+how a method's map is sampled.
 
-Every sampler acts on one example (batch with `jax.vmap`), runs under `jit`, and is
-differentiable in the model's parameters and in the time grid: the number of steps is
-static, the times are array values, and there is no Python control flow on traced
-values.
+Every per-example sampler acts on one example (batch with `jax.vmap`), runs under
+`jit`, and is differentiable in the model's parameters and in the time grid: the
+number of steps is static, the times are array values, and there is no Python control
+flow on traced values. [`fmcalc.sample_batch`][] is the exception: a host-side loop
+over chunks of a batch, returning NumPy arrays.
 """
 
+import operator
 from collections.abc import Callable
+from typing import get_args
 
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import ArrayLike, Float, PRNGKeyArray
 
 from ._conventions import flow_map_from_average_velocity, interpolate
 from ._custom_types import Cond, Time, Vector
+from ._method import Sampling
 from ._misc import (
     call as _call,
     check_example as _check_example,
@@ -337,3 +344,167 @@ def sample_euler(
 
     x, _ = jax.lax.scan(step, noise, (times[:-1], times[1:]))
     return x
+
+
+class HeunMap(eqx.Module):
+    """A flow map from `substeps` Heun steps of a velocity, as an average velocity
+    `V(x, s, t)`: the teacher solver of consistency trajectory models (CTM) and the
+    partial map of partial flow-map matching (PFMM), passed to training as `aux=`.
+
+    With `h = (t - s) / substeps` and `r_k = s + k h`, each substep is Heun's method
+    (the trapezoidal predictor-corrector) on `dx/dr = v(x, r)`,
+
+    `k1 = v(x_k, r_k)`, `k2 = v(x_k + h k1, r_{k+1})`,
+    `x_{k+1} = x_k + h (k1 + k2) / 2`,
+
+    and the result is the mean increment `V(x, s, t) = Σ_k (k1 + k2) / 2 / substeps`,
+    so that `x + (t - s) V(x, s, t)` is the last iterate: second order in `h`, exact
+    for `s = t` (`V(x, t, t) = v(x, t)`).
+
+    **Arguments:**
+
+    - `velocity`: the velocity, called per example as `velocity(x, t)`, or
+      `velocity(x, t, cond=cond)` when the map is called with `cond` (e.g.
+      [`fmcalc.model_velocity`][]`(teacher)` or an analytic flow's `flow.velocity`).
+    - `substeps`: the number of Heun steps from `s` to `t`, a positive integer (two
+      velocity calls each).
+
+    **Example:**
+
+    ```python
+    flow = fmcalc.flows.Gaussian(jnp.zeros(2), jnp.eye(2))
+    heun = fmcalc.HeunMap(flow.velocity, 4)
+    x0 = fmcalc.sample(heun, jnp.ones(2))  # ≈ flow.flow_map(jnp.ones(2), 1.0, 0.0)
+    ```
+    """
+
+    velocity: Callable[..., Vector]
+    substeps: int = eqx.field(static=True)
+
+    def __check_init__(self):
+        if isinstance(self.substeps, bool) or not (
+            isinstance(self.substeps, int) and self.substeps >= 1
+        ):
+            raise ValueError(
+                f"`HeunMap(substeps=...)` must be a positive integer; got "
+                f"{self.substeps!r}."
+            )
+
+    def __call__(self, x: Vector, s: Time, t: Time, *, cond: Cond = None) -> Vector:
+        dr = 1.0 / self.substeps
+        average = jnp.zeros_like(x)
+        for k in range(self.substeps):
+            a = s + k * dr * (t - s)
+            b = s + (k + 1) * dr * (t - s)
+            k1 = _call(self.velocity, x, a, cond=cond)
+            k2 = _call(self.velocity, x + (b - a) * k1, b, cond=cond)
+            increment = (k1 + k2) / 2
+            x = x + (b - a) * increment
+            average = average + dr * increment
+        return average
+
+
+_KINDS: tuple[str, ...] = get_args(Sampling)
+
+
+@eqx.filter_jit
+def _draw(model, noise, cond, keys, steps: int, kind: str):
+    def one(e, c, k):
+        if kind == "velocity":
+            return sample_euler(model_velocity(model), e, steps=steps, cond=c)
+        if kind == "to-data" and steps > 1:
+            grid = jnp.linspace(1.0, 0.0, steps + 1, dtype=e.dtype)
+            return sample_consistency(model, e, key=k, grid=grid, cond=c)
+        return sample(model, e, steps=steps, cond=c)
+
+    return jax.vmap(one)(noise, cond, keys)
+
+
+def sample_batch(
+    model: Callable[..., Vector],
+    noise: Float[ArrayLike, "n dim"],
+    *,
+    steps: int,
+    kind: Sampling,
+    key: PRNGKeyArray | None = None,
+    cond: Cond = None,
+    chunk: int = 1000,
+) -> np.ndarray:
+    """Samples of a batch of noise, drawn the way a method's map is sampled, in
+    chunks: the sampler of `fmcalc sample` and of the benchmarks.
+
+    `kind` is a method's [`fmcalc.Method.sampling`][]:
+
+    - `"velocity"` (flow matching): `steps` Euler steps of the model's own velocity
+      `V(x, t, t)` ([`fmcalc.sample_euler`][] of [`fmcalc.model_velocity`][]);
+    - `"to-data"` (trained to `t = 0` only): [`fmcalc.sample_consistency`][] on the
+      uniform grid of `steps` jumps, re-noising between them (one jump is
+      `F(noise, 1, 0)`);
+    - `"two-time"`, `"from-noise"`: `steps` uniform jumps of [`fmcalc.sample`][]. A
+      map trained from noise only (`s = 1`) never saw the later jumps' sources; ask
+      it for one step.
+
+    Each chunk is one jitted, vmapped call, so memory stays bounded for large
+    batches; the chunks' results are gathered on the host.
+
+    **Arguments:**
+
+    - `model`: the average velocity, called per example as
+      `model(x, s, t, cond=cond)` (any fmcalc model, or an analytic flow).
+    - `noise`: the noise, shape `(n, dim)`, one row per sample (a JAX or NumPy
+      array).
+    - `steps`: Euler steps or jumps per sample, a positive integer.
+    - `kind`: how the map is sampled (above).
+    - `key`: the PRNG key of consistency re-noising, split into one key per row
+      (`jax.random.split(key, n)`, so a sample does not depend on the chunk size);
+      needed only for `kind="to-data"` with `steps > 1`.
+    - `cond`: per-row conditioning (e.g. class labels, shape `(n,)`), passed on to
+      every model call as `cond=`; `None` for an unconditional model.
+    - `chunk`: the most rows per call.
+
+    **Returns:** the samples, a NumPy array shaped like `noise`.
+
+    **Example:**
+
+    ```python
+    flow = fmcalc.flows.Gaussian(jnp.zeros(2), jnp.eye(2))
+    eps = jax.random.normal(jax.random.key(0), (5000, 2))
+    x0 = fmcalc.sample_batch(flow, eps, steps=2, kind="two-time")
+    # A trained model: kind=method.sampling, e.g. "to-data" for consistency models.
+    ```
+    """
+    if kind not in _KINDS:
+        raise ValueError(
+            f"`sample_batch(kind=...)` must be one of {_KINDS} (a method's "
+            f"`Method.sampling`); got {kind!r}."
+        )
+    for name, value in (("steps", steps), ("chunk", chunk)):
+        if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
+            raise ValueError(
+                f"`sample_batch({name}=...)` must be a positive integer; got {value!r}."
+            )
+    if jnp.ndim(noise) != 2:
+        raise ValueError(
+            f"`noise` must be a batch of shape (n, dim); got shape {jnp.shape(noise)}."
+        )
+    n = jnp.shape(noise)[0]
+    leading = {jnp.shape(leaf)[:1] for leaf in jax.tree.leaves(cond)}
+    if leading - {(n,)}:
+        raise ValueError(
+            f"`cond` must hold one row per sample (leading axis {n}); got leading "
+            f"axes {sorted(leading)}."
+        )
+    keys = None
+    if kind == "to-data" and steps > 1:
+        if key is None:
+            raise ValueError(
+                f"Consistency sampling (`kind='to-data'`) re-noises between its "
+                f"{steps} jumps: pass `key=`."
+            )
+        keys = jax.random.split(key, n)
+    parts = []
+    for start in range(0, n, chunk):
+        rows = operator.itemgetter(slice(start, start + chunk))
+        part = jax.tree.map(rows, (noise, cond, keys))
+        parts.append(np.asarray(_draw(model, *part, steps, kind)))
+    return np.concatenate(parts)

@@ -1,5 +1,6 @@
 """Samplers against exact flow maps: flow-map sampling and its inverse, consistency
-sampling, the adaptive ODE reference and Euler's method.
+sampling, the adaptive ODE reference and Euler's method; the Heun flow map of a
+velocity; and the batched sampler, against the per-example samplers it dispatches to.
 
 With the exact Gaussian map as the model every sampler has a known answer: any grid
 gives `F(eps, 1, 0)` to round-off, and its samples have the data's moments.
@@ -14,9 +15,11 @@ from helpers import loglog_slope, random_gaussian, without_runtime_typechecks
 
 from fmcalc import testing
 from fmcalc._sampling import (
+    HeunMap,
     invert,
     model_velocity,
     sample,
+    sample_batch,
     sample_consistency,
     sample_euler,
     sample_ode,
@@ -267,6 +270,72 @@ def test_euler_on_the_diagonal_is_euler_on_the_velocity(flow, noise):
     assert max_error(a, b) <= TOL
 
 
+# Heun's flow map of a velocity ---------------------------------------------------
+
+
+def test_heun_map_is_second_order(flow, noise, exact):
+    """Doubling the substeps quarters the error of the one-jump sample; on the
+    diagonal the map is the velocity itself."""
+    eps, target = noise[:64], exact[:64]
+
+    @eqx.filter_jit
+    def rms_error(heun):
+        x = jax.vmap(lambda e: sample(heun, e))(eps)
+        return jnp.sqrt(jnp.mean(jnp.sum((x - target) ** 2, axis=-1)))
+
+    substeps = [4, 8, 16, 32]
+    errors = [float(rms_error(HeunMap(flow.velocity, k))) for k in substeps]
+    assert abs(loglog_slope(substeps, errors) + 2) <= 0.1, errors
+    heun = HeunMap(flow.velocity, 3)
+    t = jnp.asarray(0.4)
+    on_diagonal = jax.vmap(lambda e: heun(e, t, t))(eps)
+    assert max_error(on_diagonal, jax.vmap(lambda e: flow.velocity(e, t))(eps)) <= TOL
+
+
+def test_heun_map_passes_cond_on(noise):
+    heun = HeunMap(lambda x, t, *, cond: cond * x, 2)
+    fixed = HeunMap(lambda x, t: 2.0 * x, 2)
+    s, t = jnp.asarray(1.0), jnp.asarray(0.5)
+    assert max_error(heun(noise[0], s, t, cond=2.0), fixed(noise[0], s, t)) == 0
+
+
+# The batched sampler ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["velocity", "from-noise", "to-data", "two-time"])
+def test_sample_batch_is_the_per_example_sampler(flow, noise, kind):
+    """Each kind dispatches to its sampler, row by row, and the chunk size does not
+    change a sample (the re-noising keys are split over the whole batch)."""
+    eps = noise[:50]
+    key = jax.random.key(3)
+    keys = jax.random.split(key, 50)
+    grid = jnp.linspace(1.0, 0.0, 4)
+    expected = {
+        "velocity": jax.vmap(lambda e: sample_euler(model_velocity(flow), e, steps=3)),
+        "from-noise": jax.vmap(lambda e: sample(flow, e, steps=3)),
+        "two-time": jax.vmap(lambda e: sample(flow, e, steps=3)),
+        "to-data": jax.vmap(
+            lambda e, k: sample_consistency(flow, e, key=k, grid=grid),
+        ),
+    }[kind]
+    want = expected(eps, keys) if kind == "to-data" else expected(eps)
+    whole = sample_batch(flow, eps, steps=3, kind=kind, key=key)
+    chunked = sample_batch(flow, np.asarray(eps), steps=3, kind=kind, key=key, chunk=16)
+    assert isinstance(whole, np.ndarray) and whole.shape == eps.shape
+    assert max_error(whole, want) <= TOL
+    assert max_error(chunked, whole) <= TOL
+
+
+def test_sample_batch_passes_labels_on(noise):
+    def model(x, s, t, *, cond):
+        return cond * x
+
+    eps, labels = noise[:12], jnp.arange(12) % 3
+    want = jax.vmap(lambda e, c: sample(model, e, steps=2, cond=c))(eps, labels)
+    got = sample_batch(model, eps, steps=2, kind="two-time", cond=labels, chunk=6)
+    assert max_error(got, want) <= TOL
+
+
 # Mixture: the exact map is itself an ODE solve -------------------------------------
 
 
@@ -497,6 +566,43 @@ BAD_CALLS = {
         TypeError,
         r"needs a `grid` of times from 1 to 0",
         NAMES_ARGUMENT.format("grid"),
+    ),
+    "Heun map without substeps": (
+        lambda f: HeunMap(f.velocity, 0),
+        ValueError,
+        r"`HeunMap\(substeps=...\)` must be a positive integer; got 0",
+        None,
+    ),
+    "batch sampler, unknown kind": (
+        lambda f: sample_batch(f, E[None], steps=1, kind="one-step"),  # pyright: ignore
+        ValueError,
+        r"`sample_batch\(kind=...\)` must be one of .*'two-time'.*got 'one-step'",
+        NAMES_ARGUMENT.format("kind"),
+    ),
+    "batch sampler, steps zero": (
+        lambda f: sample_batch(f, E[None], steps=0, kind="two-time"),
+        ValueError,
+        r"`sample_batch\(steps=...\)` must be a positive integer; got 0",
+        None,
+    ),
+    "batch sampler, one example": (
+        lambda f: sample_batch(f, E, steps=1, kind="two-time"),
+        ValueError,
+        r"`noise` must be a batch of shape \(n, dim\); got shape \(4,\)",
+        NAMES_ARGUMENT.format("noise"),
+    ),
+    "batch sampler, labels of another batch": (
+        lambda f: sample_batch(f, E[None], steps=1, kind="two-time", cond=jnp.zeros(3)),
+        ValueError,
+        r"`cond` must hold one row per sample \(leading axis 1\); got leading axes "
+        r"\[\(3,\)\]",
+        None,
+    ),
+    "batch sampler, re-noising without a key": (
+        lambda f: sample_batch(f, E[None], steps=2, kind="to-data"),
+        ValueError,
+        r"re-noises between its 2 jumps: pass `key=`",
+        None,
     ),
     "ODE time outside [0, 1]": (
         lambda f: sample_ode(f.velocity, E, t0=-0.5),
