@@ -55,7 +55,6 @@ from _metrics import assign_components, energy_distance
 import fmcalc
 import fmcalc.nn
 from fmcalc import apps
-from fmcalc.apps._likelihood import _augmented_field
 
 
 METHODS = ("meanflow", "lsd", "fmm")
@@ -250,12 +249,14 @@ def ode_cost(velocity, x0):
     """FLOPs of the ODE likelihood of one example: one evaluation of the augmented
     field (velocity and exact divergence), times the solver's evaluations."""
     field = fmcalc.cost.flops(
-        lambda x, t: _augmented_field(t, (x, jnp.zeros((), x.dtype)), (velocity, None)),
+        lambda x, t: apps.augmented_field(
+            t, (x, jnp.zeros((), x.dtype)), (velocity, None)
+        ),
         x0,
         jnp.asarray(0.5, x0.dtype),
     )
     solution = diffrax.diffeqsolve(
-        diffrax.ODETerm(_augmented_field),
+        diffrax.ODETerm(apps.augmented_field),
         diffrax.Tsit5(),
         t0=0.0,
         t1=1.0,

@@ -43,7 +43,6 @@ from _machine import machine
 import fmcalc
 from fmcalc import testing
 from fmcalc.nn import MLP
-from fmcalc.testing._training import _error, _exact, _jumps
 
 
 SCRATCH = pathlib.Path(tempfile.gettempdir()) / "fmcalc-benchmarks"
@@ -150,7 +149,12 @@ def training(steps: int, seeds: list[int], done: Callable[[dict], None]) -> list
     """The training runs; `done(row)` after each."""
     flow = ring()
     noise = jax.random.normal(jax.random.key(99), (2000, 2), jnp.float32)
-    exact = _exact(flow, noise)
+    exact = testing.exact_samples(flow, noise)
+
+    def paired(model, jumps: int) -> float:
+        samples = testing.jump_samples(model, noise, steps=jumps)
+        return testing.paired_error(samples, exact)
+
     rows = []
     for method in ("meanflow", "lsd"):
         for seed in seeds:
@@ -175,8 +179,8 @@ def training(steps: int, seeds: list[int], done: Callable[[dict], None]) -> list
                     "method": method,
                     "seed": seed,
                     "policy": name,
-                    "one_step": _error(_jumps(result.ema, noise, 1), exact),
-                    "two_step": _error(_jumps(result.ema, noise, 2), exact),
+                    "one_step": paired(result.ema, 1),
+                    "two_step": paired(result.ema, 2),
                     "loss_curve": [float(np.nanmean(w)) for w in windows],
                     "skipped": result.skipped,
                     "seconds": time.perf_counter() - start,

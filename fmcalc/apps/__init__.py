@@ -9,7 +9,8 @@ inverse maps, each checked against exact answers from the analytic flows.
   mixture and a [`fmcalc.apps.QuadraticReward`][].
 - **Likelihood.** [`fmcalc.apps.log_likelihood`][] is `log p0(x0)` by the change of
   variables through the map to noise, in a few jumps;
-  [`fmcalc.apps.log_likelihood_ode`][] is the ODE reference.
+  [`fmcalc.apps.log_likelihood_ode`][] is the ODE reference, a solve of
+  [`fmcalc.apps.augmented_field`][].
 - **Inverse maps.** [`fmcalc.apps.round_trip_error`][], [`fmcalc.apps.slerp`][] and
   [`fmcalc.apps.interpolation`][] encode data to noise, edit there and decode.
 """
@@ -23,6 +24,7 @@ from ._likelihood import (
     AbstractLogDet as AbstractLogDet,
     ExactLogDet as ExactLogDet,
     HutchinsonLogDet as HutchinsonLogDet,
+    augmented_field as augmented_field,
     log_likelihood as log_likelihood,
     log_likelihood_ode as log_likelihood_ode,
 )

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import ArrayLike, Float, PRNGKeyArray
 
-from .._custom_types import Cond, Scalar, Vector
+from .._custom_types import Cond, Scalar, Time, Vector
 from .._misc import call, check_example, time_grid
 from ._lookahead import jump
 
@@ -200,8 +200,40 @@ def log_likelihood(
     return _standard_normal_log_prob(x) + total
 
 
-def _augmented_field(t, state, args):
-    """`d(x, ℓ)/dt = (v(x, t), ∇·v(x, t))`, the divergence exact by forward mode."""
+def augmented_field(
+    t: Time,
+    state: tuple[Vector, Scalar],
+    args: tuple[Callable[..., Vector], Cond],
+) -> tuple[Vector, Scalar]:
+    """The vector field of the probability-flow ODE augmented with its log-density,
+
+    `d(x, ℓ)/dt = (v(x, t), ∇·v(x, t))`,
+
+    with the divergence exact (the trace of the Jacobian, built column by column in
+    forward mode: `dim` Jacobian-vector products). Integrated from `t = 0` to `1` it
+    gives `ℓ(1) - ℓ(0) = log p0(x0) - log p1(x(1))`: it is what
+    [`fmcalc.apps.log_likelihood_ode`][] solves, in diffrax's convention
+    `vector_field(t, y, args)` for `diffrax.ODETerm`.
+
+    **Arguments:**
+
+    - `t`: the time, a scalar.
+    - `state`: `(x, ℓ)`, one example of shape `(dim,)` and the running integral of
+      the divergence (which the field does not depend on).
+    - `args`: `(velocity, cond)`: the velocity, called per example as
+      `velocity(x, t)`, or `velocity(x, t, cond=cond)` when `cond` is not `None`.
+
+    **Returns:** `(v(x, t), ∇·v(x, t))`.
+
+    **Example:**
+
+    ```python
+    flow = fmcalc.flows.Gaussian(jnp.zeros(2), jnp.eye(2))
+    v, divergence = fmcalc.apps.augmented_field(
+        0.5, (jnp.ones(2), jnp.zeros(())), (flow.velocity, None)
+    )
+    ```
+    """
     velocity, cond = args
     x, _ = state
     v, tangent = jax.linearize(lambda y: call(velocity, y, t, cond=cond), x)
@@ -249,7 +281,7 @@ def log_likelihood_ode(
     dtype = x0.dtype
     default = 1e-10 if dtype == jnp.float64 else 1e-6
     solution = diffrax.diffeqsolve(
-        diffrax.ODETerm(_augmented_field),
+        diffrax.ODETerm(augmented_field),
         diffrax.Tsit5(),
         t0=jnp.zeros((), dtype),
         t1=jnp.ones((), dtype),

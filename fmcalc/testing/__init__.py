@@ -46,6 +46,10 @@ from ._strategies import (
 from ._training import (
     TrainingResult as TrainingResult,
     check_training as check_training,
+    euler_samples as euler_samples,
+    exact_samples as exact_samples,
+    jump_samples as jump_samples,
+    paired_error as paired_error,
 )
 from ._unbiased import (
     AffinePerturbation as AffinePerturbation,

@@ -9,8 +9,9 @@ import equinox as eqx
 import jax
 import numpy as np
 import optax
-from jaxtyping import PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from .._custom_types import Vector
 from .._method import Method
 from .._sampling import model_velocity, sample, sample_euler
 from .._times import Equal, FixedSource, FixedTarget, KarrasGrid
@@ -94,22 +95,94 @@ def _one_jump_only(method: Method) -> bool:
 
 
 @eqx.filter_jit
-def _jumps(model, noise, steps: int):
+def jump_samples(
+    model: Callable[..., Vector], noise: Float[Array, "n dim"], *, steps: int
+) -> Float[Array, "n dim"]:
+    """A flow map's samples of a batch of noise in `steps` uniform jumps: the
+    per-row [`fmcalc.sample`][], vmapped and jitted.
+
+    **Arguments:**
+
+    - `model`: the average velocity, called per example as `model(x, s, t)`.
+    - `noise`: the noise, shape `(n, dim)`.
+    - `steps`: the number of jumps.
+
+    **Returns:** the samples, shaped like `noise`; row `i` is drawn from `noise[i]`,
+    to compare with [`fmcalc.testing.exact_samples`][] by
+    [`fmcalc.testing.paired_error`][].
+    """
     return jax.vmap(lambda e: sample(model, e, steps=steps))(noise)
 
 
 @eqx.filter_jit
-def _euler(model, noise, steps: int):
+def euler_samples(
+    model: Callable[..., Vector], noise: Float[Array, "n dim"], *, steps: int
+) -> Float[Array, "n dim"]:
+    """A model's samples of a batch of noise by `steps` Euler steps of its own
+    velocity `v(x, t) = V(x, t, t)`: the flow-matching baseline,
+    [`fmcalc.sample_euler`][] of [`fmcalc.model_velocity`][], vmapped and jitted.
+
+    **Arguments:**
+
+    - `model`: the average velocity, called per example as `model(x, s, t)`.
+    - `noise`: the noise, shape `(n, dim)`.
+    - `steps`: the number of Euler steps.
+
+    **Returns:** the samples, shaped like `noise`, row `i` drawn from `noise[i]`.
+    """
     velocity = model_velocity(model)
     return jax.vmap(lambda e: sample_euler(velocity, e, steps=steps))(noise)
 
 
 @eqx.filter_jit
-def _exact(flow, noise):
+def exact_samples(
+    flow: AbstractFlow, noise: Float[Array, "n dim"]
+) -> Float[Array, "n dim"]:
+    """The exact end points `F*(eps, 1, 0)` of a batch of noise under an analytic
+    flow: what a sampler should return for the same noise.
+
+    **Arguments:**
+
+    - `flow`: an analytic flow (see [`fmcalc.flows`][]).
+    - `noise`: the noise, shape `(n, dim)`.
+
+    **Returns:** the data points, shaped like `noise`, row `i` the image of
+    `noise[i]`.
+    """
     return jax.vmap(lambda e: flow.flow_map(e, 1.0, 0.0))(noise)
 
 
-def _error(samples, exact) -> float:
+def paired_error(
+    samples: Float[ArrayLike, "n dim"], exact: Float[ArrayLike, "n dim"]
+) -> float:
+    """The paired error of samples: the mean Euclidean distance between the sample
+    drawn from each noise and the exact end point of the same noise,
+    `mean_i ‖samples_i - exact_i‖`.
+
+    Unlike a distance between distributions, it also sees a sampler that draws the
+    right distribution along the wrong paths; it is
+    [`fmcalc.testing.check_training`][]'s measure.
+
+    **Arguments:**
+
+    - `samples`: the samples, shape `(n, dim)` (e.g. from
+      [`fmcalc.testing.jump_samples`][]).
+    - `exact`: the exact end points of the same noise, shape `(n, dim)` (e.g. from
+      [`fmcalc.testing.exact_samples`][]).
+
+    **Returns:** the mean distance, a Python float.
+
+    **Example:**
+
+    ```python
+    flow = fmcalc.flows.Gaussian(jnp.zeros(2), jnp.eye(2))
+    eps = jax.random.normal(jax.random.key(0), (1000, 2))
+    exact = fmcalc.testing.exact_samples(flow, eps)
+    error = fmcalc.testing.paired_error(
+        fmcalc.testing.jump_samples(flow, eps, steps=2), exact
+    )  # ≈ 0: the exact map is its own sampler
+    ```
+    """
     distance = np.linalg.norm(np.asarray(samples) - np.asarray(exact), axis=-1)
     return float(np.mean(distance))
 
@@ -212,9 +285,9 @@ def check_training(
         key=k_train, steps=steps, batch_size=batch_size, learning_rate=learning_rate
     )
     noise = jax.random.normal(k_noise, (n, dim), dtype)
-    exact = _exact(flow, noise)
+    exact = exact_samples(flow, noise)
     mean = np.mean(np.asarray(flow.sample(jax.random.fold_in(k_noise, 1), 20_000)), 0)
-    trivial = _error(np.broadcast_to(mean, exact.shape), exact)
+    trivial = paired_error(np.broadcast_to(mean, exact.shape), exact)
 
     digest = hashlib.sha256(np.asarray(jax.random.key_data(key)).tobytes())
     for leaf in jax.tree.leaves(eqx.filter(flow, eqx.is_array)):
@@ -229,7 +302,9 @@ def check_training(
             failure = f"flow matching's own run: {str(error).splitlines()[0]}"
             _BASELINES[cache] = float("nan")
         else:
-            _BASELINES[cache] = _error(_euler(baseline, noise, 128), exact)
+            _BASELINES[cache] = paired_error(
+                euler_samples(baseline, noise, steps=128), exact
+            )
     flow_matching = _BASELINES[cache]
 
     one = two = float("nan")
@@ -243,11 +318,11 @@ def check_training(
         failure = failure or str(error).splitlines()[0]
     else:
         if method.rule == "diagonal":  # a velocity, not a map: sample it as one
-            one = two = _error(_euler(trained, noise, 128), exact)
+            one = two = paired_error(euler_samples(trained, noise, steps=128), exact)
         else:
-            one = _error(_jumps(trained, noise, 1), exact)
+            one = paired_error(jump_samples(trained, noise, steps=1), exact)
             if not _one_jump_only(method):
-                two = _error(_jumps(trained, noise, 2), exact)
+                two = paired_error(jump_samples(trained, noise, steps=2), exact)
     worst = float(np.nanmax([one, two])) if failure is None else float("nan")
     passed = bool(
         failure is None
