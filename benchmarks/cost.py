@@ -63,39 +63,6 @@ SEED_SLACK = 0.3
 STATIC_SLACK = 0.5
 MEANFLOW_LIMIT = {"mlp": 4.1, "transformer": 4.3}
 
-# The cost column of the method table in Dieleman (2026), "Learning the integral of
-# a diffusion model", section "The landscape": FPE of one training iteration with
-# the full loss on the entire batch, a backward pass costing 2 forwards, a JVP with
-# its forward 2 and the backward through it 4. Flow matching is the text's
-# "run-of-the-mill neural network training has a cost of 3 FPE"; sCT and ECT are
-# not in the table.
-SEED_FPE: dict[str, float | None] = {
-    "flow-matching": 3,
-    "lmd": 9,
-    "lsd": 10,
-    "ayf-lmd": 6,
-    "tvm": 10,
-    "freeflow": 12,
-    "pid": 7,
-    "ct": 4,
-    "cd": 5,
-    "ctm": 7,
-    "emd": 7,
-    "esd": 10,
-    "ayf-emd": 6,
-    "soflow": 7,
-    "facm": 8,
-    "meanflow": 4,
-    "imf": 5,
-    "shortcut": 8,
-    "splitmeanflow": 9,
-    "psd": 8,
-    "fmm": 9,
-    "pfmm": 5,
-    "sct": None,
-    "ect": None,
-}
-
 # Why a method's full-batch count differs from the seed's, shown where the
 # measurement exceeds the seed's figure by more than SEED_SLACK.
 SEED_WHY = {
@@ -358,7 +325,12 @@ def run_network(
                 "rule": case.method.rule,
                 "learning": case.method.learning,
                 "default_split": None,
-                "seed": SEED_FPE.get(case.name),
+                # The cost column of Dieleman's (2026) table, "Learning the
+                # integral of a diffusion model": FPE of one iteration with the
+                # full loss on the entire batch, a backward pass costing 2
+                # forwards, a JVP with its forward 2 and the backward through it
+                # 4; None for the methods not in it (sCT, ECT).
+                "seed": fmcalc.methods.info(case.name).dieleman_cost,
             },
         )
         if case.layout == "split":
