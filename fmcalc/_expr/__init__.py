@@ -61,16 +61,3 @@ from ._velocities import (
     Teacher as Teacher,
     VelocityCall as VelocityCall,
 )
-
-
-def _keep_module_names() -> None:
-    # A checkpoint's run record names each node of a method's residual by
-    # `module.qualname` (`describe` of the checkpoint module), and a run resumes only
-    # from a record equal to its own. The nodes keep the module they were defined in
-    # before this package was split, so that records written earlier still match.
-    for value in list(globals().values()):
-        if isinstance(value, type) and value.__module__.startswith(__name__ + "."):
-            value.__module__ = __name__
-
-
-_keep_module_names()
