@@ -90,8 +90,8 @@ def train(method: str, data, seed: int, steps: int, batch_size: int):
         steps=steps,
         batch_size=batch_size,
         optimizer=optax.adam(optax.cosine_decay_schedule(2e-3, steps, alpha=0.01)),
-        ema_decay=min(0.999, 1 - 10 / steps),
-        progress=False,
+        ema=fmcalc.train.EMA(horizon=0.1),  # the default, named as the docstring has it
+        options=fmcalc.train.Options(progress=False),
     )
     return result.ema
 

@@ -22,6 +22,7 @@ import optax
 import fmcalc
 from fmcalc.flows import GaussianMixture
 from fmcalc.nn import MLP
+from fmcalc.train import Evaluation, Options
 
 
 matplotlib.use("Agg")
@@ -72,12 +73,14 @@ def train(method, **options):
         steps=args.steps,
         batch_size=256,
         optimizer=optax.adam(optax.cosine_decay_schedule(2e-3, args.steps)),
-        ema_decay=min(0.999, 1 - 10 / args.steps),
         **options,
     )
 
 
-result = train(method, evaluate=evaluate, eval_every=max(args.steps // 4, 1))
+result = train(
+    method,
+    options=Options(evaluation=Evaluation(evaluate, every=max(args.steps // 4, 1))),
+)
 for step, errors in result.evaluations:
     print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in errors.items()))
 baseline = fmcalc.model_velocity(train(fmcalc.methods.get("flow-matching")).ema)

@@ -23,6 +23,7 @@ from fmcalc import D, Diagonal, Network, S as s, T as t, Term, X as x, sg
 from fmcalc.flows import Gaussian
 from fmcalc.nn import MLP
 from fmcalc.testing import check_fixed_point
+from fmcalc.train import EMA, Evaluation, Options
 
 
 matplotlib.use("Agg")
@@ -107,12 +108,16 @@ def train(method, **options):
         key=jax.random.key(4),
         steps=args.steps,
         batch_size=256,
-        ema_decay=0.99,  # the EMA is also the tangent's network
+        # The EMA is also the tangent's network: a short memory, 5 % of the run.
+        ema=EMA(horizon=0.05),
         **options,
     )
 
 
-result = train(method, evaluate=evaluate, eval_every=max(args.steps // 4, 1))
+result = train(
+    method,
+    options=Options(evaluation=Evaluation(evaluate, every=max(args.steps // 4, 1))),
+)
 for step, errors in result.evaluations:
     print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in errors.items()))
 baseline = fmcalc.model_velocity(train(fmcalc.methods.get("flow-matching")).ema)

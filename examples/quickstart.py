@@ -16,6 +16,7 @@ from fmcalc import D, Network, S as s, T as t, X as x, sg
 from fmcalc.flows import Gaussian
 from fmcalc.nn import MLP
 from fmcalc.testing import check_unbiased, perturbed
+from fmcalc.train import Evaluation, Options
 
 
 matplotlib.use("Agg")
@@ -98,11 +99,14 @@ def evaluate(state):
 def train(method, **options):
     return fmcalc.train.fit(
         method, net, flow.sample, key=jax.random.key(4), steps=args.steps,
-        batch_size=256, ema_decay=min(0.999, 1 - 10 / args.steps), **options,
+        batch_size=256, **options,
     )  # fmt: skip
 
 
-result = train(method, evaluate=evaluate, eval_every=max(args.steps // 4, 1))
+result = train(
+    method,
+    options=Options(evaluation=Evaluation(evaluate, every=max(args.steps // 4, 1))),
+)
 for step, errors in result.evaluations:
     print(f"step {step}: 1-step paired error {errors['1-step']:.3f}")
 one_jump = jax.vmap(lambda e: fmcalc.sample(result.ema, e))(noise)
