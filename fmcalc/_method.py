@@ -3,8 +3,8 @@ weighted, as one declarative object."""
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
-from typing import Any, Literal, get_args
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, cast, get_args
 
 import equinox as eqx
 import jax
@@ -46,11 +46,12 @@ def _networks(tree) -> frozenset[NetworkRole]:
     """The networks that the expressions (and losses) in `tree` call."""
     kinds = (Teacher, Network)
     leaves = jax.tree.leaves(tree, is_leaf=lambda leaf: isinstance(leaf, kinds))
-    return frozenset(
+    roles = (
         "teacher" if isinstance(leaf, Teacher) else leaf.role
         for leaf in leaves
         if isinstance(leaf, kinds)
     )
+    return frozenset(cast(NetworkRole, role) for role in roles)
 
 
 class Term(eqx.Module):
@@ -455,19 +456,57 @@ class Method(eqx.Module):
         **Returns:** `(loss, metrics)`, where metrics hold each term's mean loss
         (`"<term>/loss"`) and mean squared residual (`"<term>/residual"`).
         """
-        params = self.params(step)
         networks = {"online": model, "ema": ema, "aux": aux}
-        total = jnp.zeros((), batch.x0.dtype)
-        metrics = {}
-        n_data = self.data_rows(batch.x0.shape[0])
-        for term, rows in self.term_rows(batch):
+        pairs = self.term_rows(batch)
+        total, sums = self.summed_loss(
+            pairs,
+            networks,
+            teacher=teacher,
+            params=self.params(step),
+            n_data=self.data_rows(batch.x0.shape[0]),
+        )
+        counts = {term.name: rows.x0.shape[0] for term, rows in pairs}
+        metrics = {
+            name: value / counts[name.rpartition("/")[0]]
+            for name, value in sums.items()
+        }
+        return total, metrics
+
+    def summed_loss(
+        self,
+        pairs: Sequence[tuple[Term, Batch]],
+        networks: Mapping[str, Any],
+        *,
+        teacher: Callable | None,
+        params: Mapping[str, Array],
+        n_data: int,
+    ) -> tuple[Float[Array, ""], dict[str, Array]]:
+        """The loss of some rows of a batch of `n_data` data rows, and each term's
+        sums over them: what [`fmcalc.Method.loss`][] computes, as sums, so that
+        the parts of a batch (micro-batches) add up to the whole.
+
+        **Arguments:**
+
+        - `pairs`: each term with its rows, as [`fmcalc.Method.term_rows`][] gives.
+        - `networks`: the `"online"`, `"ema"` and `"aux"` networks.
+        - `teacher`: the teacher velocity, or `None`.
+        - `params`: the schedules' values, [`fmcalc.Method.params`][].
+        - `n_data`: the number of data rows of the whole batch.
+
+        **Returns:** `(loss, sums)`: the weighted loss, and each term's summed
+        loss (`"<term>/loss"`) and squared residual (`"<term>/residual"`).
+        """
+        dtype = pairs[0][1].x0.dtype if pairs else jnp.result_type(float)
+        total = jnp.zeros((), dtype)
+        sums = {}
+        for term, rows in pairs:
             losses, squared = jax.vmap(
                 lambda ex, term=term: term_loss(term, ex, networks, teacher, params)
             )(rows)
             total = total + term.weight * jnp.sum(losses) / n_data
-            metrics[f"{term.name}/loss"] = jnp.mean(losses)
-            metrics[f"{term.name}/residual"] = jnp.mean(squared)
-        return total, metrics
+            sums[f"{term.name}/loss"] = jnp.sum(losses)
+            sums[f"{term.name}/residual"] = jnp.sum(squared)
+        return total, sums
 
     def data_rows(self, n_rows: int) -> int:
         """The number of data rows in a batch of `n_rows` rows."""

@@ -26,7 +26,14 @@ import optax
 from . import datasets, methods
 from ._sampling import HeunMap, model_velocity, sample_batch
 from .nn import MLP
-from .train import fit, load_checkpoint, save_checkpoint
+from .train import (
+    EMA,
+    Checkpoint,
+    Options,
+    fit,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 RUN_FILE = "run.json"
@@ -66,12 +73,6 @@ def defaults(dataset: datasets.Dataset) -> tuple[int, int, float]:
     return (256 if dataset.dim <= 256 else 512), 4, 2e-3
 
 
-def ema_decay(steps: int) -> float:
-    """0.999 for long runs; shorter runs need a shorter memory, or the average still
-    holds the initial weights when training stops."""
-    return min(0.999, max(0.0, 1 - 10 / steps))
-
-
 def _say(message: str) -> None:
     print(message, flush=True)
 
@@ -87,8 +88,10 @@ def _fit(method, model, dataset, *, steps, batch_size, lr, seed, checkpoint, **k
         batch_size=batch_size,
         optimizer=optax.adam(schedule),
         labels=None if dataset.labels is None else jnp.asarray(dataset.labels),
-        ema_decay=ema_decay(steps),
-        checkpoint=checkpoint,
+        # The average remembers a tenth of the run, so that a short run's average
+        # has left the initial weights behind.
+        ema=EMA(horizon=0.1),
+        options=Options(checkpoint=Checkpoint(checkpoint)),
         **kw,
     )
 

@@ -505,6 +505,7 @@ def sample_batch(
     parts = []
     for start in range(0, n, chunk):
         rows = operator.itemgetter(slice(start, start + chunk))
-        part = jax.tree.map(rows, (noise, cond, keys))
-        parts.append(np.asarray(_draw(model, *part, steps, kind)))
+        rows_noise, rows_cond, rows_keys = jax.tree.map(rows, (noise, cond, keys))
+        drawn = _draw(model, rows_noise, rows_cond, rows_keys, steps, kind)
+        parts.append(np.asarray(drawn))
     return np.concatenate(parts)

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 import fmcalc
+from fmcalc import train
 from fmcalc.nn import MLP
 
 
@@ -24,7 +25,7 @@ def main(checkpoint: str, losses: str) -> None:
 
     data = jax.random.normal(jax.random.key(1), (256, 2), jnp.float32)
     model = MLP(2, width=16, depth=2, time_features=8, key=jax.random.key(0))
-    result = fmcalc.train.fit(
+    result = train.fit(
         fmcalc.methods.get("shortcut"),
         model,
         data,
@@ -32,12 +33,12 @@ def main(checkpoint: str, losses: str) -> None:
         steps=STEPS,
         batch_size=16,
         optimizer=optax.adam(1e-3),
-        ema_decay=0.9,
-        checkpoint=checkpoint,
-        checkpoint_every=EVERY,
-        evaluate=report,
-        eval_every=1,
-        progress=False,
+        ema=train.EMA(decay=0.9),
+        options=train.Options(
+            checkpoint=train.Checkpoint(checkpoint, every=EVERY),
+            evaluation=train.Evaluation(report, every=1),
+            progress=False,
+        ),
     )
     start = result.step - len(result.losses)
     np.save(losses, np.concatenate([[start], result.losses]))

@@ -1,4 +1,5 @@
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -46,3 +47,24 @@ def without_runtime_typechecks():
         yield
     finally:
         jaxtyping.config.update("jaxtyping_disable", previous)
+
+
+OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(fmcalc.train.Options))
+DEVICE_FIELDS = frozenset(f.name for f in dataclasses.fields(fmcalc.train.Devices))
+
+
+def fit(method, model, data, **kwargs):
+    """`fmcalc.train.fit` without a progress bar, where the fields of
+    `fmcalc.train.Options` (`checkpoint=`, `divergence=`, ...) and of
+    `fmcalc.train.Devices` (`mesh=`, `accumulate=`, ...) may also be passed as
+    keywords of their own: the tests vary one option at a time."""
+    fields = {name: kwargs.pop(name) for name in list(kwargs) if name in OPTION_FIELDS}
+    devices = {name: kwargs.pop(name) for name in list(kwargs) if name in DEVICE_FIELDS}
+    options = kwargs.pop("options", None)
+    if devices:
+        fields["devices"] = fmcalc.train.Devices(**devices)
+    if options is None:
+        options = fmcalc.train.Options(**({"progress": False} | fields))
+    elif fields:
+        raise TypeError(f"pass {sorted(fields)} in `options`, not beside it")
+    return fmcalc.train.fit(method, model, data, options=options, **kwargs)

@@ -28,9 +28,11 @@ import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from helpers import fit as fit_quietly  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 import fmcalc  # noqa: E402
+from fmcalc import train  # noqa: E402
 from fmcalc.nn import MLP, Transformer  # noqa: E402
 
 
@@ -73,13 +75,13 @@ def fit(method: str, kind: str, devices: int | None, **options):
             key=jax.random.key(2),
             batch_size=32,
             optimizer=OPTIMIZER,
-            ema_decay=0.9,
+            ema=train.EMA(decay=0.9),
             progress=False,
             mesh=mesh,
         )
         | options
     )
-    return fmcalc.train.fit(fmcalc.methods.get(method), model(kind), **options)
+    return fit_quietly(fmcalc.methods.get(method), model(kind), **options)
 
 
 def save(out: str, results: dict) -> None:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import random_batch, random_gaussian
+from helpers import fit, random_batch, random_gaussian
 
 import fmcalc
 from fmcalc import (
@@ -286,11 +286,11 @@ def _fit(method=FLOW_MATCHING, model=None, data=None, **options) -> train.TrainR
         steps=20,
         batch_size=16,
         optimizer=OPTIMIZER,
-        progress=False,
+        ema=train.EMA(decay=0.999),
     )
     model = _mlp() if model is None else model
     data = _data() if data is None else data
-    return train.fit(method, model, data, **(defaults | options))
+    return fit(method, model, data, **(defaults | options))
 
 
 def _params(tree) -> list[np.ndarray]:
@@ -305,8 +305,7 @@ def test_nan_learning_rate_never_reaches_the_checkpoint(tmp_path):
             _fit(
                 optimizer=optax.adam(float("nan")),
                 steps=30,
-                checkpoint=path,
-                checkpoint_every=1,
+                checkpoint=train.Checkpoint(path, every=1),
             )
     assert "finite loss and gradient but an update" in str(error.value)
     assert "`model.layers[0].weight`" in str(error.value)
@@ -317,13 +316,12 @@ def test_nan_learning_rate_never_reaches_the_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_exploding_update_keeps_the_good_checkpoint(tmp_path):
     path = tmp_path / "c.eqx"
-    good = _fit(steps=20, checkpoint=path, checkpoint_every=10)
+    good = _fit(steps=20, checkpoint=train.Checkpoint(path, every=10))
     with pytest.warns(RuntimeWarning, match="skipped"):
         with pytest.raises(train.NonFiniteError, match="update"):
             _fit(
                 steps=30,
-                checkpoint=path,
-                checkpoint_every=10,
+                checkpoint=train.Checkpoint(path, every=10),
                 optimizer=optax.adam(1e30),
             )
     kept = train.load_checkpoint(path, good.state)
@@ -401,16 +399,16 @@ def test_bad_divergence_options(options, error, match):
         train.Divergence(**options)
 
 
-def test_bad_resume_option():
+def test_bad_resume_option(tmp_path):
     with pytest.raises(
         (ValueError, TypeError), match="or 'weights-only'; got 'yes'|parameter 'resume'"
     ):
-        _fit(resume="yes")  # pyright: ignore[reportArgumentType]
+        _fit(checkpoint=train.Checkpoint(tmp_path / "run.eqx", resume="yes"))  # pyright: ignore[reportArgumentType]
 
 
 def test_bad_divergence_option():
     with pytest.raises(
-        TypeError, match="Divergence .*or None.*got 1000.0|parameter 'divergence'"
+        TypeError, match="Divergence.*or None; got 1000.0|parameter 'divergence'"
     ):
         _fit(divergence=1e3)  # pyright: ignore[reportArgumentType]
 
@@ -476,11 +474,15 @@ def test_resume_refuses_another_batch_size(tmp_path):
 def test_weights_only_resume_starts_a_new_run_from_the_weights(tmp_path):
     path = tmp_path / "c.eqx"
     first = _fit(steps=6, checkpoint=path)
-    tuned = _fit(steps=3, batch_size=8, checkpoint=path, resume="weights-only")
+    tuned = _fit(
+        steps=3, batch_size=8, checkpoint=train.Checkpoint(path, resume="weights-only")
+    )
     assert tuned.step == 3 and tuned.losses.shape == (3,)
     assert train.checkpoint_header(path)["run"]["batch_size"] == 8
     # Rerun, the same call continues its own run rather than starting over.
-    again = _fit(steps=3, batch_size=8, checkpoint=path, resume="weights-only")
+    again = _fit(
+        steps=3, batch_size=8, checkpoint=train.Checkpoint(path, resume="weights-only")
+    )
     assert again.losses.shape == (0,)
     assert not all(
         np.array_equal(x, y)
@@ -490,11 +492,11 @@ def test_weights_only_resume_starts_a_new_run_from_the_weights(tmp_path):
 
 def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
     path = tmp_path / "c.eqx"
-    _fit(steps=10, checkpoint=path, checkpoint_every=5)
+    _fit(steps=10, checkpoint=train.Checkpoint(path, every=5))
     contents = path.read_bytes()
     path.write_bytes(contents[:-10])
     with pytest.warns(RuntimeWarning, match="is damaged.*previous checkpoint"):
-        resumed = _fit(steps=10, checkpoint=path, checkpoint_every=5)
+        resumed = _fit(steps=10, checkpoint=train.Checkpoint(path, every=5))
     assert resumed.losses.shape == (5,) and resumed.step == 10
 
 

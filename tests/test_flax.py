@@ -55,8 +55,7 @@ def test_nnx_trains_checkpoints_and_comes_back(tmp_path):
         key=jax.random.key(0),
         steps=60,
         batch_size=64,
-        checkpoint=tmp_path / "run.eqx",
-        progress=False,
+        options=fmcalc.train.Options(checkpoint=tmp_path / "run.eqx", progress=False),
     )
     assert np.isfinite(result.losses).all()
     assert result.losses[-10:].mean() < result.losses[:10].mean()
@@ -92,7 +91,7 @@ def test_linen_with_labels():
         key=jax.random.key(2),
         steps=30,
         batch_size=32,
-        progress=False,
+        options=fmcalc.train.Options(progress=False),
     )
     assert np.isfinite(result.losses).all()
     module, params = result.model.to_flax()

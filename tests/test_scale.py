@@ -26,11 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import fit
 
 import fmcalc
 from fmcalc import testing, train
-from fmcalc._checkpoint_orbax import save as save_directory
 from fmcalc.nn import MLP
+from fmcalc.train._orbax import save as save_directory
 
 
 CHILD = Path(__file__).with_name("scale_run.py")
@@ -157,7 +158,8 @@ data = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
 model = MLP(2, width=16, depth=1, time_features=8, key=jax.random.key(0))
 result = fmcalc.train.fit(
     fmcalc.methods.get("lmd"), model, data, key=jax.random.key(2), steps=2,
-    batch_size=16, optimizer=optax.adam(1e-3), teacher=teacher, progress=False,
+    batch_size=16, optimizer=optax.adam(1e-3), teacher=teacher,
+    options=fmcalc.train.Options(progress=False),
 )
 assert result.mesh.devices.size == 2 and np.isfinite(result.losses).all()
 """
@@ -270,7 +272,7 @@ def _fit(
             steps=20,
             batch_size=16,
             optimizer=OPTIMIZER,
-            ema_decay=0.5,
+            ema=train.EMA(decay=0.5),
             progress=False,
         )
         | options
@@ -278,7 +280,7 @@ def _fit(
     data = _data() if data is None else data
     if isinstance(method, str):
         method = fmcalc.methods.get(method)
-    return train.fit(method, _model(), data, **options)
+    return fit(method, _model(), data, **options)
 
 
 def _leaves(tree) -> list[np.ndarray]:
@@ -313,7 +315,7 @@ def test_result_names_its_mesh_and_keeps_arrays_there():
         # The test run's type-check hook or fit's own message; either names it.
         (dict(mesh=jax.devices()), TypeError, "a jax.sharding.Mesh|parameter 'mesh'"),
         (dict(shard_params="model"), ValueError, "must name an axis of the mesh"),
-        (dict(accumulate=0), ValueError, "accumulate=0"),
+        (dict(accumulate=0), ValueError, r"accumulate=\.\.\.\)` must be .* got 0"),
         (dict(accumulate=3), ValueError, "multiples of 3"),
         (dict(precision=jnp.bfloat16), TypeError, "Precision|parameter 'precision'"),
     ],
@@ -370,7 +372,7 @@ def test_interrupted_stream_resumes_bit_for_bit(tmp_path, make):
     position = json.loads(train.checkpoint_header(path)["stream"])
     assert position["drawn"] == 12
     assert (position["state"] is None) == (make is _plain_stream)
-    resumed = _fit(data=make(), checkpoint=path, checkpoint_every=5)
+    resumed = _fit(data=make(), checkpoint=train.Checkpoint(path, every=5))
     assert resumed.losses.shape == (8,)
     assert _equal(resumed.model, straight.model)
     np.testing.assert_array_equal(resumed.losses, straight.losses[12:])
@@ -450,7 +452,7 @@ def test_precision_runs_networks_in_16_bits(method, jvp):
     in a JVP whose primal is the prediction: every call in bfloat16, or the JVP's
     in float32 and the prediction apart in bfloat16; parameters stay float32."""
     _DTYPES.clear()
-    result = train.fit(
+    result = fit(
         fmcalc.methods.get(method),
         _Recorder(_model()),
         _data(),

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import fit
 
 import fmcalc
 from fmcalc import train
@@ -37,16 +38,18 @@ def _data(n: int = 64) -> jax.Array:
 
 
 def _fit(method=FLOW_MATCHING, model=None, data=None, **kwargs) -> train.TrainResult:
-    options: dict[str, Any] = dict(
+    """`fit` on the small model and data, without a progress bar; the fields of
+    `train.Options` may be passed as keywords."""
+    arguments: dict[str, Any] = dict(
         key=jax.random.key(2),
         steps=20,
         batch_size=16,
         optimizer=OPTIMIZER,
-        progress=False,
+        ema=train.EMA(decay=0.999),
     )
     model = _model() if model is None else model
     data = _data() if data is None else data
-    return train.fit(method, model, data, **(options | kwargs))
+    return fit(method, model, data, **(arguments | kwargs))
 
 
 def _state(model: MLP, step: int = 1) -> train.TrainState:
@@ -96,7 +99,9 @@ def test_public_names_are_documented():
 
 @pytest.mark.slow
 def test_fit_records_every_step():
-    result = _fit(eval_every=8, evaluate=lambda state: {"step": state.step})
+    result = _fit(
+        evaluation=train.Evaluation(lambda state: {"step": state.step}, every=8)
+    )
     assert result.step == 20 and result.skipped == 0
     assert result.losses.shape == (20,) and np.isfinite(result.losses).all()
     assert set(result.metrics) == {
@@ -132,7 +137,7 @@ def test_step_compiles_once():
 
 @pytest.mark.slow
 def test_no_ema_tracks_the_model():
-    result = _fit(ema_decay=None, steps=5, clip_norm=None)
+    result = _fit(ema=None, steps=5, clip_norm=None)
     _assert_trees_equal(result.ema, result.model)
 
 
@@ -155,7 +160,7 @@ def test_labels_reach_the_model():
 @pytest.mark.slow
 def test_resume_is_bit_for_bit(straight, tmp_path):
     path = tmp_path / "run.eqx"
-    first = _fit(SHORTCUT, steps=10, checkpoint=path, checkpoint_every=4)
+    first = _fit(SHORTCUT, steps=10, checkpoint=train.Checkpoint(path, every=4))
     assert train.load_checkpoint(path, first.state).step == 10
     # A different key is ignored in favour of the checkpoint's.
     second = _fit(SHORTCUT, steps=20, checkpoint=path, key=jax.random.key(9))
@@ -179,7 +184,7 @@ def test_interrupt_saves_and_resumes(straight, tmp_path):
         return {}
 
     with pytest.raises(KeyboardInterrupt):
-        _fit(SHORTCUT, checkpoint=path, evaluate=interrupt, eval_every=1)
+        _fit(SHORTCUT, checkpoint=path, evaluation=train.Evaluation(interrupt, every=1))
     saved = train.load_checkpoint(path, straight.state)
     assert saved.step == 7
     resumed = _fit(SHORTCUT, checkpoint=path)
@@ -196,7 +201,7 @@ def test_nonfinite_rows_are_skipped():
         return {}
 
     with pytest.warns(RuntimeWarning, match="skipped"):
-        result = _fit(data=data, steps=30, evaluate=record, eval_every=1)
+        result = _fit(data=data, steps=30, evaluation=train.Evaluation(record, every=1))
     skipped = np.flatnonzero(np.isnan(result.losses))
     assert 0 < result.skipped == skipped.size < 30
     assert np.isfinite(np.delete(result.losses, skipped)).all()
@@ -322,11 +327,12 @@ def test_damaged_checkpoint_is_rejected(tmp_path):
     [
         (dict(steps=0), ValueError, "steps=0"),
         (dict(batch_size=-2), ValueError, "batch_size=-2"),
-        (dict(checkpoint_every=0), ValueError, "checkpoint_every=0"),
-        (dict(eval_every=0), ValueError, "eval_every=0"),
-        (dict(max_nonfinite=0), ValueError, "max_nonfinite=0"),
-        (dict(ema_decay=1.5), ValueError, "1.5"),
-        (dict(clip_norm=0.0), ValueError, "0.0"),
+        (dict(ema=0.999), TypeError, r"EMA\(decay=0.999\)|parameter 'ema'"),
+        (
+            dict(options=dict(progress=False)),
+            TypeError,
+            "fmcalc.train.Options|parameter 'options'",
+        ),
         (dict(data=jnp.zeros((4, 2, 2))), ValueError, r"\(4, 2, 2\)"),
         (dict(data=jnp.zeros((0, 2))), ValueError, r"\(0, 2\)"),
         (dict(data=jnp.zeros((4, 2), int)), TypeError, "int"),
@@ -347,6 +353,69 @@ def test_bad_arguments(change, error, match):
         _fit(**change)
 
 
+@pytest.mark.parametrize(
+    "build, error, match",
+    [
+        (lambda: train.Checkpoint("run.eqx", every=0), ValueError, r"every=\.\.\.\)"),
+        (lambda: train.Checkpoint("run.eqx", keep=0), ValueError, "keep"),
+        (
+            lambda: train.Checkpoint("run.eqx", resume="yes"),
+            Exception,
+            "'yes'|parameter 'resume'",
+        ),
+        (lambda: train.Evaluation(lambda s: {}, every=0), ValueError, "every"),
+        (lambda: train.Evaluation("fn"), TypeError, "'fn'"),
+        (lambda: train.EMA(decay=1.5), ValueError, "1.5"),
+        (lambda: train.EMA(horizon=0.0), ValueError, "horizon"),
+        (lambda: train.EMA(decay=0.9, horizon=0.1), ValueError, "not both"),
+        (lambda: train.Devices(accumulate=0), ValueError, "accumulate"),
+        (lambda: train.Devices(mesh="cpu"), TypeError, "Mesh"),
+        (lambda: train.Options(max_nonfinite=0), ValueError, "max_nonfinite"),
+        (lambda: train.Options(clip_norm=0.0), ValueError, "0.0"),
+        (
+            lambda: train.Options(schedules="papers"),
+            Exception,
+            "'papers'|parameter 'schedules'",
+        ),
+        (lambda: train.Options(divergence=1e3), TypeError, "1000.0"),
+        (lambda: train.Options(progress="no"), TypeError, "'no'"),
+    ],
+)
+def test_bad_options(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("ema_decay", "EMA(decay=...)"),
+        ("checkpoint", "Checkpoint("),
+        ("checkpoint_every", "Checkpoint(path, every=...)"),
+        ("resume", "resume=..."),
+        ("evaluate", "Evaluation(fn, every=...)"),
+        ("mesh", "Devices(mesh=...)"),
+        ("accumulate", "Devices(accumulate=...)"),
+        ("precision", "Options(precision=...)"),
+        ("progress", "Options(progress=...)"),
+        ("max_nonfinite", "Options(max_nonfinite=...)"),
+    ],
+)
+def test_moved_keywords_name_their_option(old, new):
+    with pytest.raises(TypeError, match=re.escape(new)):
+        train.fit(
+            FLOW_MATCHING, _model(), _data(), key=jax.random.key(0), steps=1,
+            batch_size=16, **{old: None},
+        )  # fmt: skip
+
+
+def test_fit_takes_at_most_twelve_parameters():
+    import inspect
+
+    assert len(inspect.signature(train.fit).parameters) <= 12
+    assert "for_run" in (train.fit.__doc__ or "")
+
+
 def test_bad_callable_data():
     with pytest.raises(ValueError, match=r"shape \(16, 2, 1\)"):
         _fit(data=lambda key, n: jnp.zeros((n, 2, 1), DTYPE), steps=1)
@@ -354,5 +423,5 @@ def test_bad_callable_data():
 
 @pytest.mark.slow
 def test_progress_bar(capsys):
-    _fit(steps=2, progress=True)
+    _fit(steps=2, progress=True)  # an `Options` field, passed on by `_fit`
     assert "2/2" in capsys.readouterr().err

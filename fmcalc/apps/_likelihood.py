@@ -281,7 +281,7 @@ def log_likelihood_ode(
     dtype = x0.dtype
     default = 1e-10 if dtype == jnp.float64 else 1e-6
     solution = diffrax.diffeqsolve(
-        diffrax.ODETerm(augmented_field),
+        diffrax.ODETerm(augmented_field),  # pyright: ignore[reportArgumentType]
         diffrax.Tsit5(),
         t0=jnp.zeros((), dtype),
         t1=jnp.ones((), dtype),

@@ -202,8 +202,8 @@ def _train(method, model, flow, *, key, steps, batch_size, learning_rate, **nets
         steps=steps,
         batch_size=batch_size,
         optimizer=optimizer,
-        ema_decay=1 - 50 / steps,
-        progress=False,
+        ema=train.EMA(decay=1 - 50 / steps),
+        options=train.Options(progress=False),
         **nets,
     ).model
 

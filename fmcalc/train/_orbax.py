@@ -1,16 +1,16 @@
-"""Checkpoint directories written with orbax-checkpoint, for runs whose state is
-spread over several processes.
+"""The orbax store: checkpoint directories written with orbax-checkpoint, for
+runs whose state is spread over several processes.
 
-A directory holds the last two saves, numbered in the order they were made, each
-finalised atomically by orbax (written under a temporary name, renamed once every
-process has written its shards), so the save before the last is what `.prev` is
-to a checkpoint file. Each save holds the state's arrays, written by the
-processes that hold them, with a JSON header written once: the same record as a
-checkpoint file's (what wrote it, the run, the pytree's structure from
-`describe`) and a 64-bit fingerprint of every
-array, computed by the devices from the array's bits, whatever its layout; a
-restore recomputes them. Each process's position in a stream of batches is kept
-with grain's per-process handler.
+A directory holds the last saves (two by default), numbered in the order they
+were made, each finalised atomically by orbax (written under a temporary name,
+renamed once every process has written its shards), so the save before the last
+is what `.prev` is to a checkpoint file. Each save holds the state's arrays,
+written by the processes that hold them, with a JSON header written once: the
+same record as a checkpoint file's (what wrote it, the run, the pytree's
+structure from `describe`) and a 64-bit fingerprint of every array, computed by
+the devices from the array's bits, whatever its layout; a restore recomputes
+them. Each process's position in a stream of batches is kept with grain's
+per-process handler.
 """
 
 import dataclasses
@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
-from . import _checkpoint
-from ._parallel import fetch
+from .._parallel import fetch
+from ._header import FORMAT, CheckpointError, describe, differences, versions
 
 
 _PARTS = ("model", "ema", "opt_state")
@@ -76,7 +76,11 @@ def _fingerprints(leaves: list[Array]) -> Array:
         words = _words(x)
         position = jax.lax.iota(jnp.uint32, words.size)
         lanes = [
-            jnp.sum(_mix(words ^ _mix(position * jnp.uint32(0x9E3779B9) + seed)))
+            # In uint32 whether or not 64-bit types are enabled.
+            jnp.sum(
+                _mix(words ^ _mix(position * jnp.uint32(0x9E3779B9) + seed)),
+                dtype=jnp.uint32,
+            )
             for seed in (jnp.uint32(0x243F6A88), jnp.uint32(0x85A308D3))
         ]
         rows.append(jnp.stack(lanes))
@@ -98,10 +102,10 @@ def _orbax():
     return ocp, grain
 
 
-def _manager(path: str):
+def _manager(path: str, keep: int = 2):
     ocp, grain = _orbax()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=2, enable_async_checkpointing=False, create=True
+        max_to_keep=keep, enable_async_checkpointing=False, create=True
     )
     handlers = {
         **{part: ocp.StandardCheckpointHandler() for part in (*_PARTS, "key")},
@@ -141,16 +145,19 @@ def _split(state) -> tuple[dict[str, list[Array]], dict[str, list]]:
     return arrays, numbers
 
 
-def save(path: str, state, record: dict[str, Any], position: str | None) -> None:
+def save(
+    path: str, state, record: dict[str, Any], position: str | None, keep: int = 2
+) -> None:
     """Save `state` (a `TrainState` on any mesh) as the newest checkpoint in the
-    directory `path`. Every process calls it."""
+    directory `path`, which keeps the `keep` newest saves. Every process calls
+    it."""
     ocp, grain = _orbax()
     arrays, numbers = _split(state)
     header = {
         **record,
-        "format": _checkpoint.FORMAT,
-        "versions": _checkpoint._versions(),
-        "tree": _checkpoint.describe(state),
+        "format": FORMAT,
+        "versions": versions(),
+        "tree": describe(state),
         "step": state.step,
         "numbers": numbers,
         "fingerprints": {part: fingerprints(leaves) for part, leaves in arrays.items()},
@@ -161,7 +168,7 @@ def save(path: str, state, record: dict[str, Any], position: str | None) -> None
     items["header"] = ocp.args.JsonSave(header)
     if position is not None:
         items["data"] = grain.checkpoint.CheckpointSave(_Position(position))
-    with _manager(path) as manager:
+    with _manager(path, keep) as manager:
         latest = manager.latest_step()
         manager.save(
             0 if latest is None else latest + 1, args=ocp.args.Composite(**items)
@@ -178,9 +185,9 @@ def label(path: str, save: int) -> str:
     return os.path.join(path, str(save))
 
 
-def _damaged(path: str, save: int, problem: str) -> "_checkpoint.CheckpointError":
+def _damaged(path: str, save: int, problem: str) -> CheckpointError:
     where = label(path, save)
-    return _checkpoint.CheckpointError(
+    return CheckpointError(
         f"The checkpoint {where!r} is damaged: {problem}. It cannot be loaded; the "
         f"directory {path!r} keeps the save before it, if there is one, or start "
         "afresh with a new path (or `resume=False`).",
@@ -200,8 +207,8 @@ def header(path: str, save: int) -> dict[str, Any]:
     except Exception as error:  # noqa: BLE001 - any failure to read is damage
         raise _damaged(path, save, f"its header cannot be read ({error})") from error
     found = restored["header"]
-    if not isinstance(found, dict) or found.get("format") != _checkpoint.FORMAT:
-        raise _damaged(path, save, f"its header is not format {_checkpoint.FORMAT}")
+    if not isinstance(found, dict) or found.get("format") != FORMAT:
+        raise _damaged(path, save, f"its header is not format {FORMAT}")
     return found
 
 
@@ -219,16 +226,16 @@ def restore(
     part, one per array of `like`'s part), after checking its structure against
     `like` and its arrays against their fingerprints; and this process's stream
     position if `stream`."""
-    expected = _checkpoint.describe(like)
+    expected = describe(like)
     keep = lambda key: any(  # noqa: E731
         key == f".{f}" or key.startswith((f".{f}.", f".{f}[")) for f in fields
     )
-    problems = _checkpoint.differences(
+    problems = differences(
         {k: v for k, v in found["tree"].items() if keep(k)},
         {k: v for k, v in expected.items() if keep(k)},
     )
     if problems:
-        raise _checkpoint.CheckpointError(
+        raise CheckpointError(
             f"The checkpoint {label(path, save)!r} was written for another model or "
             "optimiser: "
             + "; ".join(problems)
