@@ -351,8 +351,9 @@ def fit(name: str, model, ev: Evaluation, settings: Settings, steps: int, *, see
         labels=labels,
         teacher=teacher if "teacher" in used else None,
         aux=aux if "aux" in used else None,
-        ema_decay=settings.ema_decay(steps),
-        progress=False,
+        ema=fmcalc.train.EMA(decay=settings.ema_decay(steps)),
+        # The committed rows were trained with the papers' absolute curricula.
+        options=fmcalc.train.Options(progress=False, schedules="paper"),
     )
     jax.block_until_ready(eqx.filter(result.ema, eqx.is_array))
     return result, time.perf_counter() - start

@@ -169,9 +169,10 @@ def training(steps: int, seeds: list[int], done: Callable[[dict], None]) -> list
                     steps=steps,
                     batch_size=256,
                     optimizer=optax.adam(optax.cosine_decay_schedule(2e-3, steps)),
-                    ema_decay=1 - 50 / steps,
-                    precision=policy,
-                    progress=False,
+                    ema=fmcalc.train.EMA(decay=1 - 50 / steps),
+                    options=fmcalc.train.Options(
+                        precision=policy, progress=False, schedules="paper"
+                    ),
                 )
                 losses = np.asarray(result.losses)
                 windows = np.array_split(losses, WINDOWS)

@@ -46,9 +46,8 @@ from _machine import machine  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 import fmcalc  # noqa: E402
-from fmcalc._parallel import Layout, array_leaves, place, put  # noqa: E402
-from fmcalc._train import _Problem, _step, _step_number  # noqa: E402
 from fmcalc.nn import MLP, Transformer  # noqa: E402
+from fmcalc.train import Devices, TrainStep  # noqa: E402
 
 
 METHODS = ("meanflow", "lsd", "shortcut")
@@ -66,69 +65,39 @@ def network(kind: str, key) -> eqx.Module:
 
 
 def build(method: str, model: eqx.Module, dim: int, devices: int, sharded: bool):
-    """The step `fit` compiles on the first `devices` devices, and its inputs."""
+    """The step `fit` compiles on the first `devices` devices."""
     flow = fmcalc.flows.Gaussian(
         np.zeros(dim, np.float32), np.eye(dim, dtype=np.float32)
     )
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-4))
-    mesh = Mesh(jax.devices()[:devices], ("data",))
-    axis = "data" if sharded else None
-    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-    parts = {"model": model, "ema": model, "opt_state": opt_state}
-    shardings = {
-        name: Layout.of(mesh, axis, part).state for name, part in parts.items()
-    }
-    layout = Layout(
-        mesh, axis, shardings["model"] + shardings["ema"] + shardings["opt_state"]
-    )
-    problem = _Problem(
+    return TrainStep(
         fmcalc.methods.get(method),
-        optimizer,
+        model,
         flow.sample,
-        None,
-        None,
-        None,
-        BATCH,
-        0.999,
-        layout,
-        1,
-        None,
+        key=jax.random.key(1),
+        batch_size=BATCH,
+        optimizer=optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-4)),
+        ema=fmcalc.train.EMA(decay=0.999),
+        devices=Devices(
+            mesh=Mesh(jax.devices()[:devices], ("data",)),
+            shard_params="data" if sharded else None,
+        ),
     )
-    state = [place(parts[name], shardings[name]) for name in parts]
-    key = put(jax.random.key(1), layout.replicated)
-    return state, key, layout, problem
-
-
-def compile_step(state, key, layout, problem) -> jax.stages.Compiled:
-    return (
-        _step.lower(*state, _step_number(0, layout), key, problem, None)
-        .compile()
-        .compiled
-    )
-
-
-def state_bytes(state) -> int:
-    """Bytes of the state's arrays held by one device."""
-    return sum(x.addressable_shards[0].data.nbytes for x in array_leaves(state))
 
 
 def measure(method: str, kind: str, devices: int, sharded: bool, steps: int) -> dict:
     dim = 16 if kind == "mlp" else 64
-    inputs = build(method, network(kind, jax.random.key(0)), dim, devices, sharded)
-    state, key, layout, problem = inputs
-    compiled = compile_step(*inputs)
+    step = build(method, network(kind, jax.random.key(0)), dim, devices, sharded)
+    compiled = step.compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     memory = compiled.memory_analysis()
     times = []
-    for i in range(steps + 2):
+    state = step.state
+    for _ in range(steps + 2):
         start = time.perf_counter()
-        (model, ema, opt_state), outputs = _step(
-            *state, _step_number(i, layout), key, problem, None
-        )
+        state, outputs = step(state)
         jax.block_until_ready(outputs)
         times.append(time.perf_counter() - start)
-        state = [model, ema, opt_state]
     return {
         "method": method,
         "model": kind,
@@ -137,7 +106,7 @@ def measure(method: str, kind: str, devices: int, sharded: bool, steps: int) -> 
         "flops": float(cost["flops"]),
         "argument_bytes": int(memory.argument_size_in_bytes),
         "temp_bytes": int(memory.temp_size_in_bytes),
-        "state_bytes": state_bytes(state),
+        "state_bytes": step.state_bytes(state),
         "step_ms": 1e3 * statistics.median(times[2:]),
     }
 

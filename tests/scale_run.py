@@ -160,10 +160,10 @@ def sharded(out: str) -> None:
 
     results = {}
     for name, split in (("replicated", False), ("sharded", True)):
-        inputs = scaling.build("meanflow", model("transformer"), 16, 8, split)
-        memory = scaling.compile_step(*inputs).memory_analysis()
+        step = scaling.build("meanflow", model("transformer"), 16, 8, split)
+        memory = step.compile().memory_analysis()
         results[f"{name}/arguments"] = np.asarray(memory.argument_size_in_bytes)
-        results[f"{name}/state"] = np.asarray(scaling.state_bytes(inputs[0]))
+        results[f"{name}/state"] = np.asarray(step.state_bytes())
     for name, axis in (("replicated", None), ("sharded", "data")):
         result = fit("meanflow", "mlp", None, steps=10, shard_params=axis)
         for i, leaf in enumerate(leaves(result.model)):

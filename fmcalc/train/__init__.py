@@ -28,6 +28,7 @@ the same losses and parameters as an uninterrupted run.
 """
 
 from .._precision import Precision as Precision
+from ._build import TrainStep as TrainStep
 from ._file import save_checkpoint as save_checkpoint
 from ._guards import (
     Divergence as Divergence,

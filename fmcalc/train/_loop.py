@@ -10,7 +10,6 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-import equinox as eqx
 import jax
 import numpy as np
 import optax
@@ -18,9 +17,10 @@ from jaxtyping import ArrayLike, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
 from .._method import Method
-from .._parallel import Layout, check_mesh, fetch_tree, place, put
+from .._parallel import check_mesh, fetch_tree
 from .._warnings import EMAHorizonWarning
 from . import _store
+from ._build import setup
 from ._data import check_batch, check_data, run_record
 from ._diagnose import diagnose, diagnose_update
 from ._guards import DivergenceError, Monitor, NonFiniteError, soundness_of, unsound
@@ -558,49 +558,24 @@ def fit(
                 "one process; a run of several processes fed by streams keeps each "
                 "process's position in a checkpoint directory. Pass a new path."
             )
-    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-    parts = {"model": model, "ema": model, "opt_state": opt_state}
-    shard_params = devices.shard_params
-    shardings = {
-        name: Layout.of(mesh, shard_params, part).state for name, part in parts.items()
-    }
-    layout = Layout(
-        mesh,
-        shard_params,
-        shardings["model"] + shardings["ema"] + shardings["opt_state"],
-    )
-    shardings["key"] = (layout.replicated,)
-    if stream is None and not callable(data):
-        data = put(data, layout.replicated)
-        labels = None if labels is None else put(labels, layout.replicated)
-    # The teacher's and aux network's arrays are read by every device.
-    teacher, aux = jax.tree.map(
-        lambda x: put(x, layout.replicated) if eqx.is_array(x) else x, (teacher, aux)
-    )
-    problem = Problem(
+    built = setup(
         method,
-        optimizer,
+        model,
         # A stream's rows reach each step as arguments; the iterator itself is
         # not part of the compiled problem.
         None if stream is not None else data,
         labels,
-        teacher,
-        aux,
-        batch_size,
-        ema_decay,
-        layout,
-        accumulate,
-        options.precision,
+        key=key,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        teacher=teacher,
+        aux=aux,
+        ema_decay=ema_decay,
+        mesh=mesh,
+        devices=devices,
+        precision=options.precision,
     )
-
-    def placed(state: TrainState) -> TrainState:
-        return TrainState(
-            *(place(getattr(state, name), shardings[name]) for name in parts),
-            step=state.step,
-            key=put(state.key, layout.replicated),
-        )
-
-    state = placed(TrainState(model, model, opt_state, 0, key))
+    problem, state = built.problem, built.state
     run = run_record(
         method,
         data,
@@ -619,10 +594,10 @@ def fit(
             state,
             run,
             checkpoint.resume,
-            shardings,
+            built.shardings,
             stream is not None,
         )
-        state = placed(state)
+        state = built.placed(state)
         if position is not None:
             stream.seek(position)  # pyright: ignore[reportOptionalMemberAccess]
         if saved_monitor is not None and divergence is not None:
