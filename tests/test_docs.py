@@ -12,6 +12,7 @@ import re
 import select
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -66,19 +67,41 @@ import json, os, sys, traceback
 import jax
 reply, sys.stdout = sys.stdout, sys.stderr
 for request in sys.stdin:
-    page, folder, blocks = json.loads(request)
+    page, folder, blocks, probe = json.loads(request)
     os.chdir(folder)
     jax.config.update("jax_enable_x64", False)  # as a fresh interpreter has it
     namespace = {"__name__": "__main__"}
+    found = None
     try:
         for line, code in blocks:
             exec(compile("\\n" * (line - 1) + code, page, "exec"), namespace)
+        if probe:
+            exec(probe, namespace)
+            found = namespace["probed"]
         error = None
     except BaseException:
         error = traceback.format_exc()
-    reply.write(json.dumps(error) + "\\n")
+    reply.write(json.dumps([error, found]) + "\\n")
     reply.flush()
 """
+# What a page's blocks left behind, read after they ran: the README quickstart's
+# samples must look like the data. On the checkerboard, the share of samples on the
+# dark squares: about 0.45 for the Gaussian noise they start from, 1 for the data.
+_PROBES = {
+    README: """
+import numpy as np
+
+def _on_dark_squares(x):
+    x = np.asarray(x)
+    inside = np.all((x >= -2) & (x < 2), axis=1)
+    return float(np.mean(inside & (np.floor(x).sum(axis=1) % 2 == 0)))
+
+probed = {"noise": _on_dark_squares(noise)}
+for steps in (1, 2):
+    samples = jax.vmap(lambda e: fmcalc.sample(result.ema, e, steps=steps))(noise)
+    probed[f"{steps} jump(s)"] = _on_dark_squares(samples)
+"""
+}
 _TIMEOUT = 900
 
 
@@ -101,19 +124,22 @@ class _Interpreter:
             )
         return self.process
 
-    def run(self, page: pathlib.Path, folder: pathlib.Path) -> str | None:
-        """Runs `page`'s blocks in `folder`; **returns** the traceback, or `None`."""
+    def run(self, page: pathlib.Path, folder: pathlib.Path) -> tuple[str | None, Any]:
+        """Runs `page`'s blocks in `folder`; **returns** the traceback (or `None`)
+        and what the page's probe found."""
         process = self._process()
         stdin, stdout = process.stdin, process.stdout
         assert stdin is not None and stdout is not None
-        stdin.write(json.dumps([str(page), str(folder), _blocks(page)]) + "\n")
+        request = [str(page), str(folder), _blocks(page), _PROBES.get(page)]
+        stdin.write(json.dumps(request) + "\n")
         stdin.flush()
         ready, _, _ = select.select([stdout], [], [], _TIMEOUT)
         answer = stdout.readline() if ready else ""
         if not answer:
             self.close()
-            return f"no answer within {_TIMEOUT} s, or the interpreter died"
-        return json.loads(answer)
+            return f"no answer within {_TIMEOUT} s, or the interpreter died", None
+        error, found = json.loads(answer)
+        return error, found
 
     def close(self):
         if self.process is not None:
@@ -145,8 +171,25 @@ def _id(page: pathlib.Path) -> str:
 def test_code_blocks_run_as_pasted(page, tmp_path, interpreter):
     """Each page's Python blocks run in order, as pasted into a fresh interpreter, in
     an empty folder (so files a page writes do not land in the repository)."""
-    error = interpreter.run(page, tmp_path)
+    error, found = interpreter.run(page, tmp_path)
     assert error is None, f"{_id(page)}:\n{error[-4000:]}"
+    if page == README:
+        _assert_quickstart_samples_the_data(found)
+
+
+def _assert_quickstart_samples_the_data(found: dict[str, float]) -> None:
+    """The quickstart's map, trained as written, puts its 1- and 2-jump samples
+    on the checkerboard's dark squares far more often than the noise falls there."""
+    assert 0.35 < found["noise"] < 0.55, found
+    for jumps in ("1 jump(s)", "2 jump(s)"):
+        assert found[jumps] >= found["noise"] + 0.15, found
+
+
+def test_the_quickstart_check_fails_on_noise():
+    with pytest.raises(AssertionError):
+        _assert_quickstart_samples_the_data(
+            {"noise": 0.45, "1 jump(s)": 0.46, "2 jump(s)": 0.47}
+        )
 
 
 @pytest.mark.slow
