@@ -4,7 +4,8 @@
   name, rule, learning setting, output, static cost and Dieleman's figure.
 - `<!-- methods: RULE -->` becomes the reference entry of every method of that rule,
   from `fmcalc.methods.doc(name, format="markdown")` (the text `fmcalc methods NAME`
-  prints), with the gradient roles of `fmcalc.explain(name)` in a collapsed block.
+  prints), with the gradient roles of `fmcalc.explain(name)` in a collapsed block
+  and, for a method with a curriculum, its length in the paper and under `fit`.
 - `--8<-- "benchmarks/results/....md"` on a line of its own becomes that report, as
   the benchmark wrote it: its headings below the section that includes it, its
   figures copied into the site. Numbers on the benchmark pages come from these
@@ -27,12 +28,40 @@ _LINK = re.compile(r"(\]\()([^)\s]+)(\))")
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+# The run length of the example in each curriculum note.
+_EXAMPLE_RUN = 10_000
+
+
+def _curricula(name: str) -> str:
+    """Each schedule of the method as the paper has it, and as `fit` sizes it."""
+    method = fmcalc.methods.get(name)
+    if not method.schedules:
+        return ""
+    paper = "; ".join(
+        f"`{key}` follows `{' '.join(repr(schedule).split())}`"
+        for key, schedule in method.schedules.items()
+    )
+    settled = method.settled_step
+    sized = method.for_run(_EXAMPLE_RUN).settled_step
+    return (
+        "\n**Curriculum and run length**\n\n"
+        f"- In the paper: {paper}, settled at step {settled:,} "
+        f'(`fmcalc.methods.get("{name}").settled_step`).\n'
+        "- Under [`fmcalc.train.fit`][], by default: `method.for_run(steps)`, each "
+        "schedule compressed ([`fmcalc.schedules.Compressed`][]) to settle by half "
+        f"the run, e.g. at step {sized:,} of a {_EXAMPLE_RUN:,}-step run. "
+        '`options=fmcalc.train.Options(schedules="paper")` keeps the paper\'s step '
+        "counts.\n"
+    )
+
+
 def _entry(name: str) -> str:
     text = fmcalc.methods.doc(name, format="markdown")
     heading, rest = text.split("\n", 1)
     explained = textwrap.indent(str(fmcalc.explain(name)), "    ")
     return (
         f"{heading} {{ #{name} }}\n{rest}"
+        + _curricula(name)
         + f'\n??? note "Gradient roles: `fmcalc explain {name}`"\n\n'
         + f"    ```text\n{explained}\n    ```\n"
     )
