@@ -1,7 +1,8 @@
 """Set up a virtual environment and run fmcalc's main job or its tests.
 
-    python3 dev.py check    # verify the library: identities on analytic flows
-    python3 dev.py test     # the test suite
+    python3 dev.py check          # verify the library: identities on analytic flows
+    python3 dev.py test           # the test suite
+    python3 dev.py test --fast    # its fast tier (leaves out tests marked slow)
 
 Needs only Python 3.11+; the first run creates `.venv` and installs fmcalc with its
 test extras (re-installed whenever pyproject.toml changes).
@@ -27,19 +28,38 @@ def ensure_environment() -> None:
         found = sys.version.split()[0]
         sys.exit(f"fmcalc needs Python 3.11 or newer; this is {found}.")
     if not (BIN / "python").exists():
+        _say(f"dev.py: creating the virtual environment {VENV}")
         venv.EnvBuilder(with_pip=True).create(VENV)
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if STAMP.exists() and STAMP.read_text() == digest:
         return
+    _say(
+        "dev.py: installing fmcalc with its test extras into .venv "
+        '(pip install -e ".[test,dev]": jax, equinox, optax, diffrax, orbax, grain, '
+        "flax, scikit-learn, mkdocs, pytest, ...); this takes a few minutes once, "
+        "and again only when pyproject.toml changes"
+    )
     pip = [str(BIN / "python"), "-m", "pip", "install", "--quiet"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
     subprocess.run([*pip, "-e", f"{ROOT}[test,dev]"], check=True)
     STAMP.write_text(digest)
+    _say("dev.py: installed")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _test(extra: list[str]) -> list[str]:
+    """pytest on two workers; `--fast` leaves out the tests marked slow."""
+    fast = ["-m", "not slow"] if "--fast" in extra else []
+    rest = [arg for arg in extra if arg != "--fast"]
+    return [str(BIN / "python"), "-m", "pytest", "-n", "2", *fast, *rest]
 
 
 COMMANDS = {
     "check": lambda extra: [str(BIN / "python"), "-m", "fmcalc", "check", *extra],
-    "test": lambda extra: [str(BIN / "python"), "-m", "pytest", "-n", "2", *extra],
+    "test": _test,
 }
 
 

@@ -3,8 +3,8 @@ AlphaFlow's α, SoFlow's Δs, FMM's interval annealing). A method's `schedules` 
 the names of its [`fmcalc.Param`][] leaves to these."""
 
 from ._schedules import (
-    Compressed as Compressed,
     AbstractSchedule as AbstractSchedule,
+    Compressed as Compressed,
     Constant as Constant,
     Doubling as Doubling,
     Exponential as Exponential,

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fmcalc
 from fmcalc._schedules import (
     Constant,
     Doubling,
@@ -165,3 +166,43 @@ def test_step_must_be_scalar():
 def test_bad_parameters(build, error, match):
     with pytest.raises(error, match=match):
         build()
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in fmcalc.methods.names() if fmcalc.methods.get(n).schedules]
+)
+def test_for_run_settles_every_curriculum_by_half_the_run(name):
+    method = fmcalc.methods.get(name)
+    short = method.for_run(2000)
+    assert short.settled_step is not None and short.settled_step <= 1000
+    # The terms, and so the formulas, are unchanged.
+    assert short.terms == method.terms and str(short) == str(method)
+    # A run long enough for the paper's curricula leaves them as they are.
+    assert method.for_run(10 * (method.settled_step or 1)) == method
+    # At the end of a compressed curriculum, the final values.
+    end = method.params(method.settled_step)
+    for key, value in short.params(short.settled_step).items():
+        assert float(value) == pytest.approx(float(end[key])), key
+
+
+def test_for_run_refuses_bad_lengths():
+    method = fmcalc.methods.get("ect")
+    with pytest.raises(
+        ValueError, match="steps=...\\)` must be an integer >= 2; got 1"
+    ):
+        method.for_run(1)
+    with pytest.raises(
+        ValueError, match="settle=...\\)` must lie in \\(0, 1\\]; got 0"
+    ):
+        method.for_run(100, settle=0.0)
+
+
+def test_compressed_schedule():
+    warmup = fmcalc.schedules.LinearWarmup(0.0, 1.0, 1000)
+    fast = fmcalc.schedules.Compressed(warmup, 4)
+    assert fast.settled == 250
+    assert float(fast(125)) == pytest.approx(0.5) and float(fast(10_000)) == 1.0
+    with pytest.raises(ValueError, match="factor"):
+        fmcalc.schedules.Compressed(warmup, 0.0)
+    with pytest.raises(TypeError, match="schedule"):
+        fmcalc.schedules.Compressed(lambda step: step, 2.0)  # pyright: ignore[reportArgumentType]

@@ -75,7 +75,7 @@ def _damaged(path: str, problem: str) -> CheckpointError:
     return CheckpointError(
         f"The checkpoint {path!r} is damaged: {problem}. It cannot be loaded; use "
         f"the previous checkpoint {previous_path(path)!r} if there is one, or start "
-        "afresh with a new path (or `resume=False`).",
+        "afresh with a new path (or `Checkpoint(path, resume=False)`).",
         path=path,
         problems=[problem],
         damaged=True,
@@ -270,7 +270,7 @@ def restore(
             f"The checkpoint {path!r} was written for another model or optimiser: "
             + "; ".join(problems)
             + ". Pass the model and optimiser it was written with, or a new path "
-            "(or `resume=False`) to start afresh.",
+            "(or `Checkpoint(path, resume=False)`) to start afresh.",
             path=path,
             problems=problems,
             damaged=False,

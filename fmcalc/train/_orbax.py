@@ -190,7 +190,7 @@ def _damaged(path: str, save: int, problem: str) -> CheckpointError:
     return CheckpointError(
         f"The checkpoint {where!r} is damaged: {problem}. It cannot be loaded; the "
         f"directory {path!r} keeps the save before it, if there is one, or start "
-        "afresh with a new path (or `resume=False`).",
+        "afresh with a new path (or `Checkpoint(path, resume=False)`).",
         path=where,
         problems=[problem],
         damaged=True,
@@ -240,7 +240,7 @@ def restore(
             "optimiser: "
             + "; ".join(problems)
             + ". Pass the model and optimiser it was written with, or a new path "
-            "(or `resume=False`) to start afresh.",
+            "(or `Checkpoint(path, resume=False)`) to start afresh.",
             path=label(path, save),
             problems=problems,
             damaged=False,

@@ -34,9 +34,9 @@ def resume_from(
                     f"The checkpoint {name!r} was written by another run: "
                     + "; ".join(problems)
                     + ". Pass the same method, batch size, data and options to "
-                    "continue it; `resume='weights-only'` to start a new run from "
-                    "its weights (fine-tuning); or a new path (or `resume=False`) to "
-                    "start afresh.",
+                    "continue it; `Checkpoint(path, resume='weights-only')` to start "
+                    "a new run from its weights (fine-tuning); or a new path (or "
+                    "`Checkpoint(path, resume=False)`) to start afresh.",
                     path=name,
                     problems=problems,
                     damaged=False,

@@ -27,9 +27,11 @@ def inputs():
     jax.config.update("jax_enable_x64", True)
     model = MLP(DIM, width=16, depth=2, key=jax.random.key(0), dtype=jnp.float64)
     perturbed = lambda k: jax.tree.map(  # noqa: E731
-        lambda a: a + 0.01 * jax.random.normal(k, a.shape, a.dtype)
-        if eqx.is_inexact_array(a)
-        else a,
+        lambda a: (
+            a + 0.01 * jax.random.normal(k, a.shape, a.dtype)
+            if eqx.is_inexact_array(a)
+            else a
+        ),
         model,
     )
     ema, aux = perturbed(jax.random.key(1)), perturbed(jax.random.key(2))
