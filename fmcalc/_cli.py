@@ -131,6 +131,13 @@ def _add_run_commands(sub) -> None:
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
+        "--schedules",
+        choices=("run", "paper"),
+        default="run",
+        help="the method's curricula: 'run' (default) compresses them to settle by "
+        "half the run; 'paper' keeps the papers' step counts",
+    )
+    train.add_argument(
         "--reference",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -174,6 +181,7 @@ def _run_command(args: argparse.Namespace) -> int:
                 lr=args.lr,
                 seed=args.seed,
                 reference=args.reference,
+                schedules=args.schedules,
             )
         else:
             _run.sample_run(

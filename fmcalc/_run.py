@@ -17,6 +17,7 @@ import math
 import os
 import pathlib
 from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +78,9 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def _fit(method, model, dataset, *, steps, batch_size, lr, seed, checkpoint, **kw):
+def _fit(
+    method, model, dataset, *, steps, batch_size, lr, seed, schedules, checkpoint, **kw
+):
     schedule = optax.cosine_decay_schedule(lr, steps, alpha=0.01)
     return fit(
         method,
@@ -91,7 +94,7 @@ def _fit(method, model, dataset, *, steps, batch_size, lr, seed, checkpoint, **k
         # The average remembers a tenth of the run, so that a short run's average
         # has left the initial weights behind.
         ema=EMA(horizon=0.1),
-        options=Options(checkpoint=Checkpoint(checkpoint)),
+        options=Options(checkpoint=Checkpoint(checkpoint), schedules=schedules),
         **kw,
     )
 
@@ -114,8 +117,11 @@ def train(
     lr: float | None = None,
     seed: int = 0,
     reference: bool | None = None,
+    schedules: Literal["run", "paper"] = "run",
 ) -> pathlib.Path:
     """Train `method_name` on `data` into the run folder `out`; **returns** it.
+    The method's curricula follow the run (`schedules="run"`, see
+    [`fmcalc.Method.for_run`][]) or keep the paper's step counts (`"paper"`).
 
     Running the same command again resumes from `train.eqx` (after Ctrl-C or a
     crash); a finished run is left as it is."""
@@ -152,6 +158,7 @@ def train(
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
+        "schedules": schedules,
         "network": dataclasses.asdict(network),
         "shape": list(dataset.shape),
         "mean": np.asarray(dataset.mean, np.float64).tolist(),
@@ -164,7 +171,7 @@ def train(
         # The learning-rate schedule and the EMA's horizon follow `steps`, so a
         # run resumes only under the same budget.
         same = ("method", "data", "labels", "steps", "batch_size", "lr", "seed")
-        same += ("network",)
+        same += ("network", "schedules")
         changed = [k for k in same if previous.get(k) != record[k]]
         if changed:
             raise ValueError(
@@ -178,7 +185,9 @@ def train(
         f"{dataset.description}; MLP {network.depth}×{network.width}, {steps} steps "
         f"of {batch_size} rows -> {out}/"
     )
-    settings = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    settings = dict(
+        steps=steps, batch_size=batch_size, lr=lr, seed=seed, schedules=schedules
+    )
     teacher = None if dataset.flow is None else dataset.flow.velocity
     if record["reference"]:
         _say(f"[1/2] the flow-matching reference{' (the teacher)' * needs_teacher}")

@@ -118,3 +118,19 @@ def test_interrupt_says_how_to_resume(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(_run, "train", interrupted)
     assert _train(tmp_path, "--method", "lsd", "--data", "ring") == 130
     assert "run the same command to resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "given, expected", [([], "run"), (["--schedules", "paper"], "paper")]
+)
+def test_schedules_switch_reaches_the_run(monkeypatch, given, expected):
+    seen = {}
+    monkeypatch.setattr(_run, "train", lambda *a, **k: seen.update(k))
+    assert main(["train", "--method", "ect", "--data", "ring", *given]) == 0
+    assert seen["schedules"] == expected
+
+
+def test_schedules_switch_refuses_other_values(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "ect", "--data", "ring", "--schedules", "papers"])
+    assert "'papers'" in capsys.readouterr().err

@@ -425,3 +425,37 @@ def test_bad_callable_data():
 def test_progress_bar(capsys):
     _fit(steps=2, progress=True)  # an `Options` field, passed on by `_fit`
     assert "2/2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fit_sizes_curricula_for_the_run_unless_told_not_to():
+    sct = fmcalc.methods.get("sct")  # a tangent warm-up over 10k steps
+    default = _fit(sct, steps=6)
+    by_hand = _fit(sct.for_run(6), steps=6, schedules="paper")
+    paper = _fit(sct, steps=6, schedules="paper")
+    np.testing.assert_array_equal(default.losses, by_hand.losses)
+    assert not np.array_equal(default.losses[1:], paper.losses[1:])
+
+
+def test_ema_horizon_is_a_share_of_the_run():
+    assert train.EMA(horizon=0.1).decay_for(200) == pytest.approx(0.95)
+    assert train.EMA(horizon=0.1).decay_for(5) == 0.0  # under one step: no average
+    assert train.EMA(decay=0.999).decay_for(200) == 0.999
+    assert train.EMA().decay_for(1000) == train.EMA(horizon=0.1).decay_for(1000)
+
+
+@pytest.mark.slow
+def test_checkpoint_keeps_as_many_saves_as_asked(tmp_path):
+    path = tmp_path / "run.eqx"
+    _fit(steps=12, checkpoint=train.Checkpoint(path, every=4, keep=3))
+    steps = [
+        train.checkpoint_header(tmp_path / name)["step"]
+        for name in ("run.eqx", "run.eqx.prev", "run.eqx.prev2")
+    ]
+    assert steps == [12, 8, 4] and not (tmp_path / "run.eqx.prev3").exists()
+    # The two newest damaged: the run resumes from the oldest kept.
+    for name in ("run.eqx", "run.eqx.prev"):
+        (tmp_path / name).write_bytes(b"damaged")
+    with pytest.warns(RuntimeWarning, match="previous checkpoint"):
+        resumed = _fit(steps=12, checkpoint=train.Checkpoint(path, every=4, keep=3))
+    assert resumed.losses.shape == (8,)

@@ -2,7 +2,6 @@
 parameters' average (`EMA`), saving and resuming (`Checkpoint`), evaluation hooks
 (`Evaluation`), the devices (`Devices`), and the rest of the run (`Options`)."""
 
-import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -10,16 +9,9 @@ from typing import Any, Literal
 import equinox as eqx
 from jax.sharding import Mesh
 
-from .._convert import _as_float
+from .._convert import _as_float, _check_int, _check_positive
 from .._precision import Precision
 from ._guards import Divergence
-
-
-def _check_count(owner: str, name: str, value: Any, *, least: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(
-            f"`{owner}({name}=...)` must be an integer >= {least}; got {value!r}."
-        )
 
 
 class EMA(eqx.Module):
@@ -55,13 +47,9 @@ class EMA(eqx.Module):
             raise ValueError(
                 f"`EMA(decay=...)` must lie in [0, 1]; got {self.decay!r}."
             )
-        if self.horizon is not None and not (
-            isinstance(self.horizon, float) and 0 < self.horizon < math.inf
-        ):
-            raise ValueError(
-                "`EMA(horizon=...)` must be a positive fraction of the run (e.g. "
-                f"0.1); got {self.horizon!r}."
-            )
+        if self.horizon is not None:
+            # A fraction of the run, e.g. 0.1.
+            _check_positive("EMA", "horizon", self.horizon)
 
     def decay_for(self, steps: int) -> float:
         """The decay in a run of `steps` steps."""
@@ -105,8 +93,8 @@ class Checkpoint(eqx.Module):
             raise TypeError(
                 f"`Checkpoint(path=...)` must be a file path; got {self.path!r}."
             )
-        _check_count("Checkpoint", "every", self.every)
-        _check_count("Checkpoint", "keep", self.keep)
+        _check_int("Checkpoint", "every", self.every, 1)
+        _check_int("Checkpoint", "keep", self.keep, 1)
         if self.resume not in (True, False, "weights-only"):
             raise ValueError(
                 "`Checkpoint(resume=...)` must be True, False or 'weights-only'; got "
@@ -135,7 +123,7 @@ class Evaluation(eqx.Module):
                 f"a dict of floats; got {self.fn!r}."
             )
         if self.every is not None:
-            _check_count("Evaluation", "every", self.every)
+            _check_int("Evaluation", "every", self.every, 1)
 
 
 class Devices(eqx.Module):
@@ -174,7 +162,7 @@ class Devices(eqx.Module):
                 "`Devices(shard_params=...)` must be the name of a mesh axis or None; "
                 f"got {self.shard_params!r}."
             )
-        _check_count("Devices", "accumulate", self.accumulate)
+        _check_int("Devices", "accumulate", self.accumulate, 1)
 
 
 class Options(eqx.Module):
@@ -233,14 +221,9 @@ class Options(eqx.Module):
                 "`Options(devices=...)` must be fmcalc.train.Devices(mesh=..., "
                 f"shard_params=..., accumulate=...); got {self.devices!r}."
             )
-        if self.clip_norm is not None and not (
-            isinstance(self.clip_norm, float) and 0 < self.clip_norm < math.inf
-        ):
-            raise ValueError(
-                "`Options(clip_norm=...)` must be a positive number or None; got "
-                f"{self.clip_norm!r}."
-            )
-        _check_count("Options", "max_nonfinite", self.max_nonfinite)
+        if self.clip_norm is not None:
+            _check_positive("Options", "clip_norm", self.clip_norm)
+        _check_int("Options", "max_nonfinite", self.max_nonfinite, 1)
         if not isinstance(self.progress, bool):
             raise TypeError(
                 f"`Options(progress=...)` must be True or False; got {self.progress!r}."
