@@ -91,7 +91,34 @@ class AbstractExpr(eqx.Module):
 # Leaves ------------------------------------------------------------------------------
 
 
-class Variable(AbstractExpr):
+class _Leaf(AbstractExpr):
+    """A node computed from no other node: a time, unless it says otherwise."""
+
+    @property
+    def kind(self) -> Kind:
+        return "time"
+
+    @property
+    def children(self) -> tuple[AbstractExpr, ...]:
+        return ()
+
+
+class _Unary(AbstractExpr):
+    """A node computed from one other node, `operand`: of the operand's kind,
+    unless it says otherwise."""
+
+    operand: eqx.AbstractVar[AbstractExpr]
+
+    @property
+    def kind(self) -> Kind:
+        return self.operand.kind
+
+    @property
+    def children(self) -> tuple[AbstractExpr, ...]:
+        return (self.operand,)
+
+
+class Variable(_Leaf):
     """A leaf: `x` (the noisy input `x_s`), or one of the times `s`, `t`, `u`.
 
     Use the module-level instances [`fmcalc.X`][], [`fmcalc.S`][], [`fmcalc.T`][],
@@ -112,10 +139,6 @@ class Variable(AbstractExpr):
         return "vector" if self.name == "x" else "time"
 
     @property
-    def children(self):
-        return ()
-
-    @property
     def key(self):
         return ("var", self.name)
 
@@ -123,18 +146,10 @@ class Variable(AbstractExpr):
         return self.name
 
 
-class Constant(AbstractExpr):
+class Constant(_Leaf):
     """A scalar constant. Python numbers in expressions become constants."""
 
     value: float = eqx.field(static=True)
-
-    @property
-    def kind(self) -> Kind:
-        return "time"
-
-    @property
-    def children(self):
-        return ()
 
     @property
     def key(self):
@@ -236,18 +251,10 @@ def _check_same_kind(node: _Binary, verb: str) -> None:
         )
 
 
-class Neg(AbstractExpr):
+class Neg(_Unary):
     """`-operand`."""
 
     operand: AbstractExpr
-
-    @property
-    def kind(self) -> Kind:
-        return self.operand.kind
-
-    @property
-    def children(self):
-        return (self.operand,)
 
     @property
     def key(self):
@@ -258,18 +265,10 @@ class Neg(AbstractExpr):
         return f"-({inner})" if _precedence(self.operand) <= 2 else f"-{inner}"
 
 
-class StopGradient(AbstractExpr):
+class StopGradient(_Unary):
     """`sg[operand]`: the value of `operand`, with no gradient flowing through it."""
 
     operand: AbstractExpr
-
-    @property
-    def kind(self) -> Kind:
-        return self.operand.kind
-
-    @property
-    def children(self):
-        return (self.operand,)
 
     @property
     def key(self):

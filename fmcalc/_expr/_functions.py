@@ -2,26 +2,18 @@
 
 import equinox as eqx
 
-from ._core import AbstractExpr, Kind
+from ._core import AbstractExpr, Kind, _Leaf, _Unary
 
 
 _TIME_FUNCTIONS = ("sqrt", "cos", "sin", "exp", "log", "sigmoid")
 
 
-class Param(AbstractExpr):
+class Param(_Leaf):
     """A named scalar supplied at evaluation (`params={name: value}`), for
     hyperparameters that follow a curriculum (a tangent warm-up factor, a guidance
     scale): a method evaluates its schedules at the training step."""
 
     name: str = eqx.field(static=True)
-
-    @property
-    def kind(self) -> Kind:
-        return "time"
-
-    @property
-    def children(self):
-        return ()
 
     @property
     def key(self):
@@ -31,17 +23,9 @@ class Param(AbstractExpr):
         return self.name
 
 
-class HasLabel(AbstractExpr):
+class HasLabel(_Leaf):
     """`1` for an example with a class label (`cond >= 0`), `0` for an unlabelled
     or label-dropped one (`cond` negative or `None`)."""
-
-    @property
-    def kind(self) -> Kind:
-        return "time"
-
-    @property
-    def children(self):
-        return ()
 
     @property
     def key(self):
@@ -51,7 +35,7 @@ class HasLabel(AbstractExpr):
         return "[y ≠ ∅]"
 
 
-class Indicator(AbstractExpr):
+class Indicator(_Unary):
     """`1` where `low <= operand <= high`, else `0` (e.g. a guidance interval)."""
 
     operand: AbstractExpr
@@ -74,10 +58,6 @@ class Indicator(AbstractExpr):
         return "time"
 
     @property
-    def children(self):
-        return (self.operand,)
-
-    @property
     def key(self):
         return ("indicator", self.low, self.high, self.operand.key)
 
@@ -85,7 +65,7 @@ class Indicator(AbstractExpr):
         return f"[{self.low:g} <= {self.operand} <= {self.high:g}]"
 
 
-class TimeFunction(AbstractExpr):
+class TimeFunction(_Unary):
     """An elementwise function of a time expression: one of `sqrt`, `cos`, `sin`,
     `exp`, `log`, `sigmoid`."""
 
@@ -108,10 +88,6 @@ class TimeFunction(AbstractExpr):
         return "time"
 
     @property
-    def children(self):
-        return (self.operand,)
-
-    @property
     def key(self):
         return ("fn", self.function, self.operand.key)
 
@@ -119,7 +95,7 @@ class TimeFunction(AbstractExpr):
         return f"{self.function}({self.operand})"
 
 
-class Normalize(AbstractExpr):
+class Normalize(_Unary):
     """`operand / (‖operand‖ + c)`: the tangent normalisation of sCM and AYF."""
 
     operand: AbstractExpr
@@ -136,10 +112,6 @@ class Normalize(AbstractExpr):
         return "vector"
 
     @property
-    def children(self):
-        return (self.operand,)
-
-    @property
     def key(self):
         return ("normalize", self.c, self.operand.key)
 
@@ -147,7 +119,7 @@ class Normalize(AbstractExpr):
         return f"normalize[{self.operand}; {self.c:g}]"
 
 
-class Clip(AbstractExpr):
+class Clip(_Unary):
     """`operand` clipped elementwise to `[low, high]` (shortcut models' magnitude
     clipping, FACM's clamp)."""
 
@@ -158,14 +130,6 @@ class Clip(AbstractExpr):
     def __check_init__(self):
         if not self.low < self.high:
             raise ValueError(f"Clip needs low < high; got [{self.low}, {self.high}].")
-
-    @property
-    def kind(self) -> Kind:
-        return self.operand.kind
-
-    @property
-    def children(self):
-        return (self.operand,)
 
     @property
     def key(self):
