@@ -73,22 +73,22 @@ for request in sys.stdin:
     namespace = {"__name__": "__main__"}
     found = None
     try:
-        for line, code in blocks:
+        for index, (line, code) in enumerate(blocks):
             exec(compile("\\n" * (line - 1) + code, page, "exec"), namespace)
-        if probe:
-            exec(probe, namespace)
-            found = namespace["probed"]
+            if probe and probe[0] == index:
+                exec(probe[1], namespace)
+                found = namespace["probed"]
         error = None
     except BaseException:
         error = traceback.format_exc()
     reply.write(json.dumps([error, found]) + "\\n")
     reply.flush()
 """
-# What a page's blocks left behind, read after they ran: the README quickstart's
-# samples must look like the data. On the checkerboard, the share of samples on the
-# dark squares: about 0.45 for the Gaussian noise they start from, 1 for the data.
-_PROBES = {
-    README: """
+# What a page's blocks left behind, read after they ran: the samples of the README
+# quickstart and of getting started must look like the data. On the checkerboard,
+# the share of samples on the dark squares: about 0.45 for the Gaussian noise they
+# start from, 1 for the data.
+_CHECKERBOARD = """
 import numpy as np
 
 def _on_dark_squares(x):
@@ -101,7 +101,21 @@ for steps in (1, 2):
     samples = jax.vmap(lambda e: fmcalc.sample(result.ema, e, steps=steps))(noise)
     probed[f"{steps} jump(s)"] = _on_dark_squares(samples)
 """
+# Each probe runs right after the page's first block that holds its marker.
+_PROBES = {
+    README: ("data.distance(samples)", _CHECKERBOARD),
+    DOCS / "getting-started.md": ("data.distance(samples)", _CHECKERBOARD),
 }
+
+
+def _probe(page: pathlib.Path) -> tuple[int, str] | None:
+    if page not in _PROBES:
+        return None
+    marker, code = _PROBES[page]
+    blocks = [code for _, code in _blocks(page)]
+    return next(i for i, block in enumerate(blocks) if marker in block), code
+
+
 _TIMEOUT = 900
 
 
@@ -130,7 +144,7 @@ class _Interpreter:
         process = self._process()
         stdin, stdout = process.stdin, process.stdout
         assert stdin is not None and stdout is not None
-        request = [str(page), str(folder), _blocks(page), _PROBES.get(page)]
+        request = [str(page), str(folder), _blocks(page), _probe(page)]
         stdin.write(json.dumps(request) + "\n")
         stdin.flush()
         ready, _, _ = select.select([stdout], [], [], _TIMEOUT)
@@ -173,7 +187,7 @@ def test_code_blocks_run_as_pasted(page, tmp_path, interpreter):
     an empty folder (so files a page writes do not land in the repository)."""
     error, found = interpreter.run(page, tmp_path)
     assert error is None, f"{_id(page)}:\n{error[-4000:]}"
-    if page == README:
+    if page in _PROBES:
         _assert_quickstart_samples_the_data(found)
 
 
