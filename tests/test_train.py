@@ -459,3 +459,15 @@ def test_checkpoint_keeps_as_many_saves_as_asked(tmp_path):
     with pytest.warns(RuntimeWarning, match="previous checkpoint"):
         resumed = _fit(steps=12, checkpoint=train.Checkpoint(path, every=4, keep=3))
     assert resumed.losses.shape == (8,)
+
+
+def test_classes_that_moved_within_fmcalc_are_the_same_classes():
+    from fmcalc.train._header import differences
+
+    old = {".": "fmcalc._train.TrainState()", ".model": "fmcalc.nn._mlp.MLP(dim=2)"}
+    new = {".": "fmcalc.train._state.TrainState()", ".model": "fmcalc.nn.MLP(dim=2)"}
+    assert differences(old, new) == []
+    other = {".": "fmcalc.train._state.TrainResult()", ".model": "fmcalc.nn.MLP(dim=3)"}
+    assert len(differences(old, other)) == 2
+    # Another package's class of the same name is another class.
+    assert differences(old, {**new, ".": "mylib.TrainState()"})
