@@ -65,7 +65,7 @@ class Indicator(_Unary):
         return f"[{self.low:g} <= {self.operand} <= {self.high:g}]"
 
 
-class TimeFunction(_Unary):
+class TimeFunction(AbstractExpr):
     """An elementwise function of a time expression: one of `sqrt`, `cos`, `sin`,
     `exp`, `log`, `sigmoid`."""
 
@@ -86,6 +86,10 @@ class TimeFunction(_Unary):
     @property
     def kind(self) -> Kind:
         return "time"
+
+    @property
+    def children(self):
+        return (self.operand,)
 
     @property
     def key(self):

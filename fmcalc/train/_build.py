@@ -155,7 +155,7 @@ class TrainStep:
         """The compiled program of one step (`.cost_analysis()`,
         `.memory_analysis()`)."""
         state, layout = self.state, self.problem.layout
-        lowered = train_step.lower(
+        lowered = train_step.lower(  # pyright: ignore[reportFunctionMemberAccess]
             state.model,
             state.ema,
             state.opt_state,
