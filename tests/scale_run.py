@@ -127,20 +127,24 @@ def stream(kind: str):
 
 def run(out: str, spec: str) -> None:
     """One run described by the JSON `spec` (method, kind, steps, devices, whether
-    to read a `stream`, whether to `report` each step, and `fit`'s options); its
-    parameters and losses."""
+    to read a `stream`, whether to `report` each step, a `checkpoint` path saved
+    `every` so many steps, and `fit`'s other options); its parameters and
+    losses."""
     options = json.loads(spec)
     method, kind = options.pop("method"), options.pop("kind")
     devices = options.pop("devices", None)
     if options.pop("stream", False):
         options["data"] = stream(kind)
+    every = options.pop("every", 1000)
+    if "checkpoint" in options:
+        options["checkpoint"] = train.Checkpoint(options["checkpoint"], every=every)
     if options.pop("report", False):
 
         def report(state):
             print(state.step, flush=True)
             return {}
 
-        options |= {"evaluate": report, "eval_every": 1}
+        options["evaluation"] = train.Evaluation(report, every=1)
     result = fit(method, kind, devices, **options)
     results = {
         "losses": result.losses,

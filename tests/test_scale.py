@@ -187,7 +187,7 @@ def test_two_processes_equal_one_and_exchange_checkpoints(tmp_path):
     """2 processes x 2 devices equal 1 process x 4 devices; a checkpoint directory
     written by the two resumes in one, and a file written by one resumes in two;
     streams give each process its rows."""
-    base = {"method": "meanflow", "kind": "mlp", "checkpoint_every": 5}
+    base = {"method": "meanflow", "kind": "mlp", "every": 5}
     one = {"devices": 4}
 
     def single(name: str, **spec):
@@ -364,10 +364,8 @@ def test_interrupted_stream_resumes_bit_for_bit(tmp_path, make):
     with pytest.raises(KeyboardInterrupt):
         _fit(
             data=make(),
-            checkpoint=path,
-            checkpoint_every=5,
-            evaluate=_interrupt_at(12),
-            eval_every=1,
+            checkpoint=train.Checkpoint(path, every=5),
+            evaluation=train.Evaluation(_interrupt_at(12), every=1),
         )
     position = json.loads(train.checkpoint_header(path)["stream"])
     assert position["drawn"] == 12
