@@ -331,49 +331,71 @@ def check_fixed_point(
     params = method.params(step)
     batch = method.batch(k_batch, x0, cond=cond)
 
-    def residuals(term: Term):
-        def one(example):
-            interpreter = _Interpreter(
-                term.residual, example, networks, teacher, params
-            )
-            residual = interpreter(term.residual)
-            scale = jnp.zeros((), residual.dtype)
-            for part in _parts(term.residual):
-                value = _Interpreter(part, example, networks, teacher, params)(part)
-                scale = jnp.maximum(scale, jnp.sum(value**2))
-            return residual, scale
+    def residuals(term: Term, example):
+        interpreter = _Interpreter(term.residual, example, networks, teacher, params)
+        residual = interpreter(term.residual)
+        scale = jnp.zeros((), residual.dtype)
+        for part in _parts(term.residual):
+            value = _Interpreter(part, example, networks, teacher, params)(part)
+            scale = jnp.maximum(scale, jnp.sum(value**2))
+        return residual, scale
 
-        return jax.jit(jax.vmap(one))
-
-    def updates(term: Term):
-        def loss(online, example):
+    def gradient(term: Term, example):
+        def loss(online):
             nets = {**networks, "online": online}
             return term_loss(term, example, nets, teacher, params)[0]
 
-        return jax.jit(jax.vmap(lambda ex: eqx.filter_grad(loss)(model, ex)))
+        return eqx.filter_grad(loss)(model)
+
+    def measure(term: Term, marginal: Term, exact: Term | None, conditional: bool):
+        """Everything the check reads of one term's rows, in one compiled program:
+        the marginal residual and its scale, the residual with exact derivatives,
+        and the marginal and conditional updates (which share the networks'
+        evaluations with the residuals)."""
+
+        def one(example):
+            residual, scale = residuals(marginal, example)
+            out = {
+                "residual": residual,
+                "scale": scale,
+                "marginal": gradient(marginal, example),
+            }
+            if exact is not None:
+                out["exact"] = residuals(exact, example)[0]
+            if conditional:
+                out["conditional"] = gradient(term, example)
+            return out
+
+        return jax.jit(jax.vmap(one))
 
     checks = []
     for term, rows in method.term_rows(batch):
         marginal = _marginal(term, flow)
-        residual, scale = residuals(marginal)(rows)
-        relative = _relative(residual, scale)
         steps = _finite_differences(term.residual)
         expected = max(
             (TRUNCATION_CONSTANT * fd.step**fd.order for fd in steps), default=0.0
         )
+        conditional = uses_conditional_velocity(term.residual)
+        exact = _exact_derivatives(marginal) if steps else None
+        try:
+            measured = measure(term, marginal, exact, conditional)(rows)
+        except TypeError:  # no forward mode through the model (custom_vjp)
+            measured = measure(term, marginal, None, conditional)(rows)
+            measured["exact"] = None
+        residual, scale = measured["residual"], measured["scale"]
+        relative = _relative(residual, scale)
         truncation = 0.0
         if steps:
-            try:
-                exact, _ = residuals(_exact_derivatives(marginal))(rows)
-            except TypeError:  # no forward mode through the model (custom_vjp)
-                truncation = float("nan")
-            else:
-                truncation = _relative(residual - exact, scale)
-        g_marg = np.asarray(_flat_grads(updates(marginal)(rows)), np.float64)
-        conditional = uses_conditional_velocity(term.residual)
+            exact_residual = measured["exact"]
+            truncation = (
+                float("nan")
+                if exact_residual is None
+                else _relative(residual - exact_residual, scale)
+            )
+        g_marg = np.asarray(_flat_grads(measured["marginal"]), np.float64)
         p_value, bias = 1.0, 0.0
         if conditional:
-            g_cond = np.asarray(_flat_grads(updates(term)(rows)), np.float64)
+            g_cond = np.asarray(_flat_grads(measured["conditional"]), np.float64)
             diff = g_cond - g_marg
             _, p_value, _ = hotelling(diff)
             size = np.mean(np.linalg.norm(g_cond, axis=1))
