@@ -165,12 +165,13 @@ def check_stability(
 
     size = theta0.shape[0]
     offsets = delta * jnp.eye(size, dtype=dtype)
-    updates = jax.jit(jax.vmap(update))
-    plus = np.asarray(updates(theta0[None, :] + offsets), np.float64)
-    minus = np.asarray(updates(theta0[None, :] - offsets), np.float64)
+    # Every point in one call: one compiled program.
+    base = theta0[None, :]
+    points = jnp.concatenate([base + offsets, base - offsets, base])
+    evaluated = np.asarray(jax.jit(jax.vmap(update))(points), np.float64)
+    plus, minus, at_map = evaluated[:size], evaluated[size:-1], evaluated[-1]
     # Column j of J is ∂G/∂θ_j.
     jacobian = ((plus - minus) / (2 * delta)).T
-    at_map = np.asarray(jax.jit(update)(theta0), np.float64)
 
     eigenvalues = np.linalg.eigvals(jacobian)
     largest = float(np.max(np.abs(eigenvalues)))
