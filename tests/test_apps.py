@@ -79,18 +79,21 @@ def test_likelihood_of_the_exact_map_is_the_gaussian_log_density(grid):
     assert jnp.max(jnp.abs(got - expected)) <= 1e-8
 
 
+@pytest.mark.slow
 def test_likelihood_of_the_exact_map_is_the_mixture_log_density():
     x = data(MIXTURE, 3)
     got = log_likelihoods(MIXTURE, x)
     assert jnp.max(jnp.abs(got - each(MIXTURE.log_prob)(x))) <= 1e-6
 
 
+@pytest.mark.slow
 def test_ode_likelihood_is_the_log_density():
     x = data(GAUSSIAN, 2)
     got = each(lambda x: apps.log_likelihood_ode(GAUSSIAN.velocity, x))(x)
     assert jnp.max(jnp.abs(got - each(GAUSSIAN.log_prob)(x))) <= 1e-8
 
 
+@pytest.mark.slow
 def test_hutchinson_is_exact_on_a_diagonal_jacobian_and_unbiased_otherwise():
     """Rademacher probes give `zᵀ D z = tr D` exactly for a diagonal `D`, so one
     probe is exact on an axis-aligned Gaussian; otherwise the mean over probes
@@ -114,6 +117,7 @@ def test_hutchinson_is_exact_on_a_diagonal_jacobian_and_unbiased_otherwise():
 # Inverse maps
 
 
+@pytest.mark.slow
 def test_round_trip_of_the_exact_map_is_the_identity():
     x = data(GAUSSIAN, 8)
     error = each(lambda x: apps.round_trip_error(GAUSSIAN, x, steps=3))(x)
@@ -141,6 +145,7 @@ def test_slerp_and_interpolation():
 # Exact targets
 
 
+@pytest.mark.slow
 def test_tilt_is_the_density_times_the_exponentiated_reward():
     """`log tilt(x) - log p(x) - λ r(x)` is the constant `-log Z`, and `λ = 0` is no
     tilt."""
@@ -177,6 +182,7 @@ def posterior(flow: Gaussian, x, t):
     return mean + gain @ (np.asarray(x) - (1 - t) * mean), cov - gain @ cross.T
 
 
+@pytest.mark.slow
 def test_expected_reward_and_lookaheads_against_the_posterior():
     reward = apps.QuadraticReward(
         jnp.asarray([[1.0, 0.5, 0.0], [0.0, 2.0, 1.0]]), jnp.ones(3)
@@ -250,6 +256,7 @@ def close_to(samples, weights, target: Gaussian, ess=None, sigmas=4.0) -> bool:
     )
 
 
+@pytest.mark.slow
 def test_steering_without_tilt_or_with_a_constant_reward():
     eps, key = noise(), jax.random.key(1)
     untilted = each(
@@ -282,6 +289,7 @@ def test_flow_map_steering_reaches_the_tilted_distribution():
     assert not close_to(blurred, uniform, target)
 
 
+@pytest.mark.slow
 def test_importance_sampling():
     eps = noise(seed=3)
     for reward, strength in ((REWARD, 0.0), (CONSTANT, 3.0)):

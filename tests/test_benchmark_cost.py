@@ -55,6 +55,7 @@ def test_flow_matching_and_meanflow(report, kind):
     assert methods["flow-matching"]["why"] is None
 
 
+@pytest.mark.slow
 def test_building_blocks(report):
     units = report["mlp"][0]["units"]
     # A forward pass with its JVP is two forward passes of work.
@@ -63,6 +64,7 @@ def test_building_blocks(report):
     assert report["transformer"][0]["units"] is None
 
 
+@pytest.mark.slow
 def test_split_is_cheaper_per_data_row(report):
     lsd = report["mlp"][0]["methods"]["lsd"]
     assert lsd["default_split"] == [0.75, 0.25]
@@ -127,6 +129,7 @@ def _full_report(report, **changes) -> dict:
     } | changes
 
 
+@pytest.mark.slow
 def test_report_files(report, tmp_path):
     cost.write_report(_full_report(report), tmp_path)
     assert json.loads((tmp_path / "cost.json").read_text())["networks"].keys() == {
@@ -139,6 +142,7 @@ def test_report_files(report, tmp_path):
     assert "noisy on a shared CPU" in text and "Note:" not in text
 
 
+@pytest.mark.slow
 def test_report_names_the_accelerator(report, tmp_path):
     """A run on a GPU names the device in the run line, prints the run's note and
     says why its wall ratios sit below the FPE ratios."""

@@ -24,7 +24,7 @@ DOCS = ROOT / "docs"
 README = ROOT / "README.md"
 # docs/kit.md runs in tests/test_docs_kit.py, which also checks its printout.
 OWN_TEST = {DOCS / "kit.md"}
-# Pages whose blocks train networks for a few hundred steps.
+# Pages whose blocks take more than a few seconds (training, ODE solves).
 SLOW_PAGES = {
     "README.md",
     "docs/index.md",
@@ -35,6 +35,12 @@ SLOW_PAGES = {
     "docs/concepts/cost.md",
     "docs/scaling.md",
     "docs/apps/likelihood.md",
+    "docs/apps/steering.md",
+    "docs/failure-behaviour.md",
+    "docs/concepts/rules.md",
+    "docs/concepts/conventions.md",
+    "docs/methods/index.md",
+    "docs/api/train.md",
 }
 FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # A block that only includes a file (`--8<-- "examples/lsd.py"`) shows an example,

@@ -463,6 +463,7 @@ def test_resume_refuses_another_method(tmp_path):
     assert "resume='weights-only'" in str(error.value)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_batch_size(tmp_path):
     path = tmp_path / "c.eqx"
     _fit(steps=2, checkpoint=path)

@@ -16,6 +16,7 @@ recorder = runpy.run_path(str(RECORD / "record.py"))
 recorded = np.load(RECORD / "losses.npz")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", fmcalc.methods.names())
 def test_loss_and_gradient_equal_the_recorded_values(name):
     now = recorder["values"](name)
@@ -32,6 +33,7 @@ def test_loss_and_gradient_equal_the_recorded_values(name):
         )
 
 
+@pytest.mark.slow
 def test_a_changed_loss_is_caught():
     now = recorder["values"]("lsd")
     moved = now["0/loss"] * (1 + 1e-9)

@@ -41,6 +41,7 @@ def test_cli_prints_the_reference_entry(name, capsys):
     assert "][]" not in out
 
 
+@pytest.mark.slow
 def test_listing_gives_full_names(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out

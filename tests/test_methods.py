@@ -279,6 +279,7 @@ def test_update_points_back_to_the_exact_map(name, gaussian):
         assert cosine > 0.05, (seed, cosine)
 
 
+@pytest.mark.slow
 def test_flipped_tangent_surrogate_points_away(gaussian):
     """AYF-LMD's tangent surrogate written `F - sg[F - ĝ]` has the same loss value
     and fixed point but pushes the map away from it for `s > t`."""

@@ -156,6 +156,7 @@ def test_identities_float64(dim, name):
     assert residuals[name] <= TOL[jnp.float64], residuals
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dim", [2, 8])
 def test_exact_identities_float64(dim):
     """`F(x, t, t) = x` exactly; `V(x, t, t) = v` and `F = x + (t - s) V` to

@@ -108,6 +108,7 @@ def test_shapes_per_example_and_vmap(name, dtype):
     assert _call(model, x, 0.3, 0.7).shape == (DIM,)  # Python-float times
 
 
+@pytest.mark.slow
 def test_transformer_is_zero_at_initialisation():
     model = _transformer(perturb=False)
     x, s, t = _inputs(jnp.float64)
@@ -147,6 +148,7 @@ def test_class_conditioning(name):
         model(x, s, t, cond=jnp.array([0, 1]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_bad_calls(name):
     model = MODELS[name]()
@@ -270,6 +272,7 @@ def test_float32_jvp_and_second_order(name):
         assert g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g)))
 
 
+@pytest.mark.slow
 def test_mlp_skip_gates_the_input_through():
     plain = MLP(DIM, width=8, depth=2, time_features=16, key=jr.key(0))
     gated = MLP(DIM, width=8, depth=2, time_features=16, skip=True, key=jr.key(0))

@@ -158,6 +158,7 @@ def test_moving_the_stop_gradient_changes_gradient_not_loss(setup, family, place
     ],
     ids=["lagrangian", "eulerian"],
 )
+@pytest.mark.slow
 def test_backprop_through_jvp_is_the_true_gradient(setup, expr):
     """With no stop-gradient the semigradient is the gradient of the loss: compare
     with a central difference of the loss value in parameter space (independent of
@@ -211,6 +212,7 @@ def test_backprop_through_jvp_matches_hand_written_jax(setup):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_marginal_from_conditional():
     flow = random_gaussian(jax.random.PRNGKey(6), 4)
     model = perturbed(flow, 4, key=jax.random.PRNGKey(7))

@@ -273,6 +273,7 @@ def test_euler_on_the_diagonal_is_euler_on_the_velocity(flow, noise):
 # Heun's flow map of a velocity ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_heun_map_is_second_order(flow, noise, exact):
     """Doubling the substeps quarters the error of the one-jump sample; on the
     diagonal the map is the velocity itself."""
@@ -302,6 +303,7 @@ def test_heun_map_passes_cond_on(noise):
 # The batched sampler ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["velocity", "from-noise", "to-data", "two-time"])
 def test_sample_batch_is_the_per_example_sampler(flow, noise, kind):
     """Each kind dispatches to its sampler, row by row, and the chunk size does not

@@ -85,6 +85,7 @@ def test_targets_move_with_the_parameters(gaussian):
     assert moving.smallest_real < -0.5  # ...the dynamics are not
 
 
+@pytest.mark.slow
 def test_neutral_directions_are_counted_not_judged(gaussian):
     """Consistency training maps to `t = 0` only: the perturbation's `e t` is never
     seen."""

@@ -178,6 +178,7 @@ def test_known_blind_spots(check, kind, replaced, problem):
     assert residual_with(check, kind, replaced, problem) <= TOL
 
 
+@pytest.mark.slow
 def test_all_residuals_agrees_with_single_checks(problem):
     flow, x, s, u, t = problem
     for model in (flow, Perturbed(flow)):

@@ -145,6 +145,7 @@ def test_equal_and_fixed_times():
     assert jnp.all(s == 0.5) and jnp.allclose(t, 0.5 * draw)
 
 
+@pytest.mark.slow
 def test_dyadic_steps_grid():
     levels = 4
     s, t, u = _draw(DyadicSteps(levels))

@@ -175,6 +175,7 @@ def test_resume_is_bit_for_bit(straight, tmp_path):
     assert done.losses.shape == (0,) and done.step == 20
 
 
+@pytest.mark.slow
 def test_interrupt_saves_and_resumes(straight, tmp_path):
     path = tmp_path / "run.eqx"
 
@@ -192,6 +193,7 @@ def test_interrupt_saves_and_resumes(straight, tmp_path):
     _assert_trees_equal(resumed.state, straight.state)
 
 
+@pytest.mark.slow
 def test_nonfinite_rows_are_skipped():
     data = _data().at[5].set(jnp.nan)
     snapshots = []

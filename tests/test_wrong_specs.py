@@ -27,7 +27,6 @@ QUICK = {
     "MeanFlow without its stop-gradient",
     "CTM compared through the EMA network's velocity only",
     "EMD on the EMA map, the online map only as its input",
-    "Lagrangian, teacher at the start point",
     "flow matching at the wrong time",
     "pseudo-Huber flow matching",
     "cosine flow matching",
