@@ -473,3 +473,16 @@ def test_classes_that_moved_within_fmcalc_are_the_same_classes():
     assert len(differences(old, other)) == 2
     # Another package's class of the same name is another class.
     assert differences(old, {**new, ".": "mylib.TrainState()"})
+
+
+def test_train_step_needs_the_run_length_for_an_ema_horizon():
+    with pytest.raises(ValueError, match="steps=..."):
+        train.TrainStep(
+            FLOW_MATCHING, _model(), _data(), key=jax.random.key(0), batch_size=16,
+            ema=train.EMA(horizon=0.1),
+        )  # fmt: skip
+    step = train.TrainStep(
+        FLOW_MATCHING, _model(), _data(), key=jax.random.key(0), batch_size=16,
+        ema=train.EMA(horizon=0.1), steps=200,
+    )  # fmt: skip
+    assert step.problem.ema_decay == pytest.approx(0.95)

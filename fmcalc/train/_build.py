@@ -107,8 +107,9 @@ class TrainStep:
     **Arguments:** as for `fit`: `method`, `model`, `data` (an array of rows or a
     function `data(key, n)`), `key`, `batch_size`, and optionally `optimizer`
     (default: Adam at 1e-3, chained after clipping the gradient to norm 1, as
-    `fit` clips), `labels`, `teacher`, `aux`, `ema` (default `EMA(decay=0.999)`)
-    and `devices` (a [`fmcalc.train.Devices`][]).
+    `fit` clips), `labels`, `teacher`, `aux`, `ema` (default `EMA(decay=0.999)`),
+    `devices` (a [`fmcalc.train.Devices`][]) and `steps`, the length of the run the
+    step belongs to, which an `EMA(horizon=...)` is a fraction of.
 
     **Attributes:** `state`, the [`fmcalc.train.TrainState`][] at step 0, laid out
     on the devices; `mesh`, the devices.
@@ -128,7 +129,13 @@ class TrainStep:
         aux: Any = None,
         ema: EMA | None = EMA(decay=0.999),
         devices: Devices = Devices(),
+        steps: int | None = None,
     ):
+        if ema is not None and ema.horizon is not None and steps is None:
+            raise ValueError(
+                f"`ema={ema!r}` is a fraction of the run: pass the run's length, "
+                "`steps=...`, or a fixed `EMA(decay=...)`."
+            )
         if optimizer is None:
             optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
         mesh = check_mesh(
@@ -144,7 +151,7 @@ class TrainStep:
             optimizer=optimizer,
             teacher=teacher,
             aux=aux,
-            ema_decay=None if ema is None else ema.decay_for(1),
+            ema_decay=None if ema is None else ema.decay_for(steps or 1),
             mesh=mesh,
             devices=devices,
             precision=None,

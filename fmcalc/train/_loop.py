@@ -134,6 +134,9 @@ class _Loop:
         self.history: list[dict[str, Any]] = []
         self.evaluations: list[tuple[int, dict[str, float]]] = []
         self.skipped = self.consecutive = 0
+        # The divergence monitor's state before the last kept step: what a save of
+        # the state that step started from records.
+        self.snapshot = monitor.snapshot()
         self.bar = tqdm(
             total=steps,
             initial=state.step,
