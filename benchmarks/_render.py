@@ -22,6 +22,37 @@ LABEL = {
 }
 HEADLINE_SEEDS = 3
 RANK_SEEDS = 2
+BASELINE = "flow-matching"
+# The paired ordering: B ranks behind A when, over the seeds they share (at least
+# RANK_SEEDS), the 95 % percentile bootstrap interval of the mean of B - A lies
+# wholly above 0. Resamples are drawn from a fixed generator, so a report
+# re-renders byte for byte.
+BOOTSTRAP = 10_000
+LEVEL = 0.95
+
+
+def nfe(column: str) -> int:
+    """The network evaluations (or jumps) of a column: `nfe8`, `heun-nfe8` -> 8."""
+    return int(column.rpartition("nfe")[2])
+
+
+def solver(column: str) -> str:
+    """The solver of a column: `heun-nfe8` -> `heun`; plain `nfe<k>` is Euler (flow
+    matching) or `k` jumps (a map)."""
+    head = column.rpartition("nfe")[0]
+    return head[:-1] if head else "euler"
+
+
+def label(method: str, column: str) -> str:
+    """The name a column's values are shown under: flow matching sampled with
+    another solver is its own line, `flow-matching (heun)`."""
+    found = solver(column)
+    return method if found == "euler" else f"{method} ({found})"
+
+
+def _steps(column: str) -> str:
+    k = nfe(column)
+    return f"{k} step{'s' if k != 1 else ''}"
 
 
 def primary_metric(rows: list[dict]) -> str:
@@ -65,34 +96,57 @@ def unpaired(row: dict, column: str, metric: str) -> bool:
     return metric == "rmse" and row.get("kind") == "to-data" and column != "nfe1"
 
 
-def cells(rows: list[dict], metric: str, *, rankable: bool = False) -> dict:
-    """`{(method, budget, column): [value per seed]}` over the scored rows; with
-    `rankable`, without the `unpaired` cells."""
-    out = collections.defaultdict(list)
+def seeded(rows: list[dict], metric: str, *, rankable: bool = False) -> dict:
+    """`{(method, budget, column): {seed: value}}` over the scored rows; flow
+    matching's other solvers under their own `label` and plain `nfe<k>` columns;
+    with `rankable`, without the `unpaired` cells."""
+    out = collections.defaultdict(dict)
     for row in rows:
         for column, scores in row.get("metrics", {}).items():
             if rankable and unpaired(row, column, metric):
                 continue
             if metric in scores:
-                out[row["method"], row["budget"], column].append(scores[metric])
+                key = (label(row["method"], column), row["budget"], f"nfe{nfe(column)}")
+                out[key][row["seed"]] = scores[metric]
     return out
 
 
-def separated_ranking(values: dict[str, list[float]]) -> list[list[str]]:
-    """Methods in groups, best (lowest) first: a new group starts where the next
-    method's whole seed range lies above every range in the groups so far, so two
-    methods in different groups are ordered by every seed."""
-    ordered = sorted(values, key=lambda name: statistics.median(values[name]))
+def cells(rows: list[dict], metric: str, *, rankable: bool = False) -> dict:
+    """`{(method, budget, column): [value per seed]}`, as `seeded` without seeds."""
+    return {
+        key: list(values.values())
+        for key, values in seeded(rows, metric, rankable=rankable).items()
+    }
+
+
+def behind(a: dict, b: dict) -> bool:
+    """Whether `b` ranks behind `a` (lower is better): over their common seeds, at
+    least `RANK_SEEDS` of them, the `LEVEL` percentile bootstrap interval of the
+    mean of `b - a` lies wholly above 0."""
+    common = sorted(a.keys() & b.keys())
+    if len(common) < RANK_SEEDS:
+        return False
+    differences = np.array([b[seed] - a[seed] for seed in common], np.float64)
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(common), size=(BOOTSTRAP, len(common)))
+    means = differences[picks].mean(axis=1)
+    low = np.quantile(means, (1 - LEVEL) / 2)
+    return bool(low > 0)
+
+
+def separated_ranking(values: dict[str, dict]) -> list[list[str]]:
+    """Methods in groups, best (lowest median) first: a new group starts where the
+    next method ranks `behind` every method of the group before it, so any two
+    methods in different groups are ordered by a paired comparison."""
+    ordered = sorted(values, key=lambda name: statistics.median(values[name].values()))
     groups: list[list[str]] = []
-    highest = -np.inf
     for name in ordered:
-        if groups and min(values[name]) > highest:
+        if groups and all(behind(values[m], values[name]) for m in groups[-1]):
             groups.append([name])
         elif groups:
             groups[-1].append(name)
         else:
             groups.append([name])
-        highest = max(highest, max(values[name]))
     return groups
 
 
@@ -115,8 +169,12 @@ def checks(rows: list[dict], headline: tuple[str, ...], plan: dict) -> list[tupl
     for row in rows:
         if "error" in row:
             continue
-        fm = row["settings"]["base_steps"] * _fm_step_flops(rows, row)
-        if fm and abs(row["total_flops"] / (row["budget"] * fm) - 1) > 0.01:
+        step = _fm_step_flops(rows, row)
+        fm = row["settings"]["base_steps"] * step
+        # The exact-teacher ablation trains the student for the learned row's
+        # steps: the teacher's share is counted though no teacher was trained.
+        spent = row["total_flops"] + row.get("ablated_teacher_steps", 0) * step
+        if fm and abs(spent / (row["budget"] * fm) - 1) > 0.01:
             mismatched.append(f"{row['dataset']} {row['method']} b{row['budget']:g}")
     out.append(
         (
@@ -168,16 +226,20 @@ def checks(rows: list[dict], headline: tuple[str, ...], plan: dict) -> list[tupl
 
 
 def outside_winners(rows: list[dict], headline: tuple[str, ...]) -> list[str]:
-    """`method (data set, budget, steps)` for every method outside `headline` whose
-    seed range lies wholly below that of every headline method with a cell there
-    (learned teachers, ranked cells, at least `RANK_SEEDS` seeds)."""
+    """`method (data set, budget, steps)` for every method outside `headline` that
+    every headline method with a cell there ranks `behind` (learned teachers,
+    ranked cells, at least `RANK_SEEDS` seeds)."""
     found = []
     learned = [r for r in rows if r["teacher_kind"] == "learned" and "error" not in r]
     for name in dict.fromkeys(r["dataset"] for r in learned):
         mine = [r for r in learned if r["dataset"] == name]
-        values = cells(mine, primary_metric(mine), rankable=True)
+        values = seeded(mine, primary_metric(mine), rankable=True)
         for (method, budget, column), v in values.items():
-            if method in headline or len(v) < RANK_SEEDS:
+            if (
+                method in headline
+                or len(v) < RANK_SEEDS
+                or method.startswith(f"{BASELINE} (")
+            ):
                 continue
             rivals = [
                 w
@@ -185,9 +247,8 @@ def outside_winners(rows: list[dict], headline: tuple[str, ...]) -> list[str]:
                 if m in headline and b == budget and c == column
                 and len(w) >= RANK_SEEDS
             ]  # fmt: skip
-            if rivals and all(max(v) < min(w) for w in rivals):
-                steps = f"{column[3:]} step{'s' if column != 'nfe1' else ''}"
-                found.append(f"{method} ({name}, budget {budget:g}, {steps})")
+            if rivals and all(behind(v, w) for w in rivals):
+                found.append(f"{method} ({name}, budget {budget:g}, {_steps(column)})")
     return found
 
 
@@ -202,6 +263,26 @@ def _fm_step_flops(rows: list[dict], row: dict) -> float:
     return 0.0
 
 
+PROTOCOLS = {
+    1: "the papers' curricula in absolute steps, an EMA of `min(0.999, 1 - 10 / "
+    "steps)`, one learning rate for every method, a teacher share of a half, the "
+    "exact-teacher ablation at twice the student steps, flow matching sampled with "
+    "Euler only",
+    2: "curricula sized for the run, an EMA horizon, tuned settings (nine trials "
+    "per method), the exact-teacher ablation at the learned row's student steps, "
+    "flow matching sampled with Euler, Heun and DPM-Solver++(2M)",
+}
+
+
+def protocols(rows: list[dict]) -> list[str]:
+    """One line per protocol the rows were run under, with its row count."""
+    counts = collections.Counter(row.get("protocol", 1) for row in rows)
+    return [
+        f"- Protocol {number} ({PROTOCOLS.get(number, '?')}): {count} rows."
+        for number, count in sorted(counts.items())
+    ]
+
+
 def _runs(rows: list[dict]) -> list[str]:
     """One line per chunk: command, commit, machine, rows and hours."""
     chunks = collections.OrderedDict()
@@ -214,8 +295,12 @@ def _runs(rows: list[dict]) -> list[str]:
         chunk["seconds"] += row.get("seconds", 0.0)
         chunk["cores"] = machine.get("cpu_count")
         chunk["backend"] = machine.get("jax_backend")
+        chunk["dirty"] = chunk.get("dirty", False) or bool(
+            machine.get("git", {}).get("dirty")
+        )
     return [
-        f"- `{command}` at `{commit}` on {platform} ({c['cores']} cores, "
+        f"- `{command}` at `{commit}`{' (uncommitted changes)' if c['dirty'] else ''}"
+        f" on {platform} ({c['cores']} cores, "
         f"{c['backend']}): {c['rows']} runs, {c['seconds'] / 3600:.1f} h"
         for (command, commit, platform), c in chunks.items()
     ]
@@ -256,22 +341,26 @@ def dataset_section(name: str, rows: list[dict], figure: str | None) -> list[str
     for teacher in teachers:
         subset = [r for r in rows if r["teacher_kind"] == teacher]
         shown = cells(subset, metric)
-        values = cells(subset, metric, rankable=True)
-        label = "" if teacher == "learned" else " — exact teacher (ablation)"
+        values = seeded(subset, metric, rankable=True)
+        ablation = "" if teacher == "learned" else " — exact teacher (ablation)"
         for budget in budgets:
             here = [r for r in subset if r["budget"] == budget]
             if not here:
                 continue
-            methods = list(dict.fromkeys(r["method"] for r in here))
+            methods = list(
+                dict.fromkeys(
+                    label(r["method"], c) for r in here for c in r.get("metrics", {})
+                )
+            )
             columns = sorted(
-                {c for r in here for c in r.get("metrics", {})},
-                key=lambda c: int(c[3:]),
+                {f"nfe{nfe(c)}" for r in here for c in r.get("metrics", {})}, key=nfe
             )
             lines += [
-                f"### Budget {budget:g}× flow matching's{label}",
+                f"### Budget {budget:g}× flow matching's{ablation}",
                 "",
                 f"{LABEL[metric]}, median [min–max] over seeds, by number of "
-                "sampling steps (Euler steps of flow matching, jumps of a map). "
+                "sampling steps (network evaluations of flow matching with each "
+                "solver, jumps of a map). "
                 "FPE: the method's measured cost of a training step, in forward "
                 "passes per data row; steps: its training steps within the "
                 "budget; teacher steps: those of the flow-matching teacher "
@@ -285,24 +374,19 @@ def dataset_section(name: str, rows: list[dict], figure: str | None) -> list[str
                 ),
                 "",
                 "| method | FPE | steps | teacher steps | "
-                + " | ".join(
-                    f"{c[3:]} step{'s' if c != 'nfe1' else ''}" for c in columns
-                )
+                + " | ".join(_steps(c) for c in columns)
                 + " |",
                 "|---|---|---|---|" + "---|" * len(columns),
             ]
             for method in methods:
-                mine = [r for r in here if r["method"] == method and "error" not in r]
+                base = method.partition(" (")[0]
+                mine = [r for r in here if r["method"] == base and "error" not in r]
                 steps = sorted({r["steps"] for r in mine}) or ["–"]
                 fpe = f"{mine[0]['fpe']:.2f}" if mine else "–"
                 teacher_steps = sorted({r["teacher_steps"] for r in mine}) or ["–"]
                 row_cells = [
                     _cell(shown.get((method, budget, c), []), floor)
-                    + (
-                        "‡"
-                        if (method, budget, c) in shown.keys() - values.keys()
-                        else ""
-                    )
+                    + ("‡" if (method, budget, c) in shown.keys() - set(values) else "")
                     for c in columns
                 ]
                 lines.append(
@@ -312,9 +396,9 @@ def dataset_section(name: str, rows: list[dict], figure: str | None) -> list[str
                     + " |"
                 )
             for column in ("nfe1", "nfe2", "nfe4"):
-                # A single seed gives no range to separate: such methods are
-                # left out of the ranking (flow matching at the same number of
-                # Euler steps is ranked with the maps).
+                # A single seed cannot be paired: such methods are left out of
+                # the ranking (flow matching with each solver at the same number
+                # of network evaluations is ranked with the maps).
                 scored = {
                     m: values[m, budget, column]
                     for m in methods
@@ -327,8 +411,8 @@ def dataset_section(name: str, rows: list[dict], figure: str | None) -> list[str
                     )
                     lines.append("")
                     lines.append(
-                        f"{column[3:]} step{'s' if column != 'nfe1' else ''}, ordered "
-                        f"only where every seed agrees: {text}"
+                        f"{_steps(column)}, ordered where a paired comparison over "
+                        f"seeds separates them: {text}"
                     )
             lines.append("")
     if floor is not None:
@@ -348,8 +432,7 @@ def below_floor(rows: list[dict], floor: float) -> str:
             if statistics.median(values) < floor:
                 label = "" if teacher == "learned" else ", exact teacher"
                 below.append(
-                    f"{method} at budget {budget:g} with {column[3:]} "
-                    f"step{'s' if column != 'nfe1' else ''}{label} "
+                    f"{method} at budget {budget:g} with {_steps(column)}{label} "
                     f"({statistics.median(values):.3g})"
                 )
     if not below:
@@ -377,7 +460,13 @@ def write_figure(name: str, rows: list[dict], path: pathlib.Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
     for ax, column in zip(axes, ("nfe1", "nfe2", "nfe4"), strict=True):
         lines = [(m, column) for m in dict.fromkeys(r["method"] for r in rows)]
-        lines.append(("flow-matching", "nfe128"))
+        lines += [
+            (BASELINE, c)
+            for c in dict.fromkeys(
+                c for r in rows if r["method"] == BASELINE for c in r["metrics"]
+            )
+            if nfe(c) == 128
+        ]
         for index, (method, col) in enumerate(lines):
             points = collections.defaultdict(list)
             for r in rows:
@@ -406,8 +495,9 @@ def write_figure(name: str, rows: list[dict], path: pathlib.Path) -> None:
             )
             label = method
             if method == "flow-matching":
-                style = dict(linestyle=":" if col == "nfe128" else "--", color="k")
-                label = f"flow matching, {col[3:]} Euler step(s)"
+                dashes = {"euler": ":", "heun": "-.", "dpm2m": "--"}
+                style = dict(linestyle=dashes.get(solver(col), "-"), color="k")
+                label = f"flow matching, {solver(col)}, {nfe(col)} NFE"
             shifted = [v * shift for v in x]
             ax.errorbar(shifted, y, yerr=[low, high], label=label, capsize=2, **style)
         floor = rows[0].get("floors", {}).get("fd_real") if rows else None
@@ -415,7 +505,7 @@ def write_figure(name: str, rows: list[dict], path: pathlib.Path) -> None:
             ax.axhline(floor, color="grey", lw=0.8, label="real vs real")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(f"{name}: {column[3:]} step{'s' if column != 'nfe1' else ''}")
+        ax.set_title(f"{name}: {_steps(column)}")
         ax.set_xlabel("training compute, × flow matching's budget (teacher included)")
     axes[0].set_ylabel(LABEL[metric])
     # One legend for the three panels, beside them: every method has a 1-step
@@ -432,32 +522,54 @@ def write_figure(name: str, rows: list[dict], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def unbeaten(values: dict[str, list[float]]) -> list[str]:
-    """The methods whose seed range no other method's lies wholly below, best
-    median first."""
+def unbeaten(values: dict[str, dict]) -> list[str]:
+    """The methods that no other method ranks ahead of (`behind`), best median
+    first."""
     out = [
         m
         for m, v in values.items()
-        if not any(max(w) < min(v) for n, w in values.items() if n != m)
+        if not any(behind(w, v) for n, w in values.items() if n != m)
     ]
-    return sorted(out, key=lambda m: statistics.median(values[m]))
+    return sorted(out, key=lambda m: statistics.median(values[m].values()))
+
+
+def best_solver(values: dict, budget: float) -> tuple[str, int, dict] | None:
+    """Flow matching at its most network evaluations with the solver of the lowest
+    median there: `(solver, nfe, {seed: value})`, or None without such cells."""
+    found = [
+        (m, c, v)
+        for (m, b, c), v in values.items()
+        if b == budget and m.partition(" (")[0] == BASELINE
+    ]
+    if not found:
+        return None
+    most = max(nfe(c) for _, c, _ in found)
+    m, c, v = min(
+        ((m, c, v) for m, c, v in found if nfe(c) == most),
+        key=lambda f: statistics.median(f[2].values()),
+    )
+    return (m.partition(" (")[2].rstrip(")") or "euler"), most, v
 
 
 def summary(rows: list[dict]) -> list[str]:
     """One table over the data sets: at each budget and number of sampling steps
     (learned teachers first, then any exact-teacher ablation), the methods that
-    no other method beats on every seed (`unbeaten`), with the best median; and
-    flow matching with its most Euler steps, the quality the maps aim at."""
+    no other method ranks ahead of (`unbeaten`), with the best median and its
+    ratio to flow matching's best solver at its most network evaluations, the
+    quality the maps aim at."""
     lines = [
         "## Summary",
         "",
-        "At each budget and number of sampling steps, the best methods: those "
-        "whose seed ranges no other method's lies wholly below (ties listed; "
-        f"methods with at least {RANK_SEEDS} seeds), with the best median. The last "
-        "column is flow matching with its most Euler steps.",
+        "At each budget and number of sampling steps, the best methods: those that "
+        "no other method ranks ahead of by a paired comparison over the seeds they "
+        f"share (the {LEVEL:.0%} percentile bootstrap interval of the mean "
+        f"difference, {BOOTSTRAP} resamples of seeds, lies wholly above zero; at "
+        f"least {RANK_SEEDS} seeds), with the best median and, in brackets, its "
+        "ratio to the last column: flow matching with the best of its solvers "
+        "(Euler, Heun, DPM-Solver++(2M)) at its most network evaluations (NFE).",
         "",
         "| data set | metric | budget | 1 step | 2 steps | 4 steps | "
-        "flow matching, most steps |",
+        "flow matching, best solver |",
         "|---|---|---|---|---|---|---|",
     ]
     groups = collections.OrderedDict()
@@ -465,10 +577,14 @@ def summary(rows: list[dict]) -> list[str]:
         if "error" not in row:
             groups.setdefault((row["dataset"], row["teacher_kind"]), []).append(row)
     for (name, teacher), mine in groups.items():
-        label = "" if teacher == "learned" else ", exact teacher"
+        suffix = "" if teacher == "learned" else ", exact teacher"
         metric = primary_metric(mine)
-        values = cells(mine, metric, rankable=True)
+        values = seeded(mine, metric, rankable=True)
         for budget in sorted({r["budget"] for r in mine}):
+            reference = best_solver(values, budget)
+            target = (
+                statistics.median(reference[2].values()) if reference else float("nan")
+            )
             row_cells = []
             for column in ("nfe1", "nfe2", "nfe4"):
                 scored = {
@@ -480,19 +596,15 @@ def summary(rows: list[dict]) -> list[str]:
                     row_cells.append("–")
                     continue
                 best = unbeaten(scored)
-                median = min(statistics.median(scored[m]) for m in best)
-                row_cells.append(f"{', '.join(best)} ({median:.3g})")
-            euler = [
-                (int(c[3:]), v)
-                for (m, b, c), v in values.items()
-                if m == "flow-matching" and b == budget
-            ]
+                median = min(statistics.median(scored[m].values()) for m in best)
+                ratio = f"; {median / target:.2f}×" if reference else ""
+                row_cells.append(f"{', '.join(best)} ({median:.3g}{ratio})")
             fm = "–"
-            if euler:
-                steps, v = max(euler, key=lambda e: e[0])
-                fm = f"{steps} steps: {_cell(v)}"
+            if reference:
+                found, most, v = reference
+                fm = f"{found}, {most} NFE: {_cell(list(v.values()))}"
             lines.append(
-                f"| {name} | {metric} | {budget:g}{label} | "
+                f"| {name} | {metric} | {budget:g}{suffix} | "
                 + " | ".join(row_cells)
                 + f" | {fm} |"
             )
@@ -513,6 +625,10 @@ def write_report(
         "(data set, method, seed, budget, teacher). Runs:",
         "",
         *_runs(rows),
+        "",
+        "Protocols:",
+        "",
+        *protocols(rows),
         "",
         *summary(rows),
     ]

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _machine import machine
+from _machine import ROOT, machine
 
 import fmcalc
 import fmcalc.nn
@@ -84,6 +84,14 @@ HEADLINE = (
 EULER_STEPS = (1, 2, 4, 8, 16, 32, 64, 128)
 JUMPS = (1, 2, 4)
 AUX_SUBSTEPS = {"ctm": 2, "pfmm": 4}
+# Rows of protocol 2 train with run-length curricula, an EMA horizon, tuned
+# settings and the exact-teacher ablation at the learned-teacher row's student
+# steps; rows without the field are protocol 1 (the papers' curricula, an EMA of
+# `min(0.999, 1 - 10 / steps)`, one learning rate, the ablation at double steps).
+PROTOCOL = 2
+# Flow matching's solvers, each at every count of network evaluations it can make
+# (Heun: two per step).
+SOLVERS = ("euler", "heun", "dpm2m")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +106,38 @@ class Settings:
     lr: float = 1e-3
     skip: bool = False
     held_out: float = 0.4
+    # The EMA's horizon as a fraction of each run (`fmcalc.train.EMA(horizon=...)`).
+    horizon: float = 0.1
 
-    def ema_decay(self, steps: int) -> float:
-        # An average over about a tenth of the run, at most 1000 steps.
-        return min(0.999, max(0.0, 1 - 10 / steps))
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One method's tunable settings, as multiples of the data set's: the learning
+    rate, the EMA horizon and, for a method with a learned teacher, the share of the
+    budget the teacher gets."""
+
+    lr: float = 1.0
+    horizon: float = 1.0
+    share: float = 0.5
+
+    def label(self) -> str:
+        return f"lr×{self.lr:g} horizon×{self.horizon:g} teacher share {self.share:g}"
+
+
+# The same number of trials for every method: learning rate × {0.5, 1, 2} by EMA
+# horizon × {0.5, 1, 2}, nine trials. A method with a learned teacher tunes its
+# share too, over {0.25, 0.5, 0.75}, in the same nine trials: a Latin square, in
+# which every share meets every learning rate and every horizon once.
+SCALES = (0.5, 1.0, 2.0)
+SHARES = (0.25, 0.5, 0.75)
+
+
+def trials(uses_teacher: bool) -> list[Trial]:
+    return [
+        Trial(lr, horizon, SHARES[(i + j) % 3] if uses_teacher else 0.5)
+        for i, lr in enumerate(SCALES)
+        for j, horizon in enumerate(SCALES)
+    ]
 
 
 FULL = {
@@ -318,11 +354,14 @@ def step_cost(name: str, ev: Evaluation, settings: Settings, teacher, aux) -> di
 
 
 def plan_steps(budget: float, fm_step_flops: float, own_step_flops: float,
-               settings: Settings, uses_teacher: bool) -> tuple[int, int]:  # fmt: skip
+               settings: Settings, uses_teacher: bool,
+               share: float = 0.5) -> tuple[int, int]:  # fmt: skip
     """`(own steps, teacher steps)` within `budget`: the teacher (flow matching)
-    gets half the budget when the method uses one, the method the rest."""
+    gets `share` of the budget when the method uses one, the method the rest."""
     total = budget * settings.base_steps * fm_step_flops
-    teacher_steps = int(round(budget / 2 * settings.base_steps)) if uses_teacher else 0
+    teacher_steps = (
+        int(round(budget * share * settings.base_steps)) if uses_teacher else 0
+    )
     own = total - teacher_steps * fm_step_flops
     return max(1, int(round(own / own_step_flops))), teacher_steps
 
@@ -331,10 +370,13 @@ def plan_steps(budget: float, fm_step_flops: float, own_step_flops: float,
 
 
 def fit(name: str, model, ev: Evaluation, settings: Settings, steps: int, *, seed,
-        teacher=None, aux=None):  # fmt: skip
+        trial: Trial = Trial(), teacher=None, aux=None):  # fmt: skip
+    """Train `name` for `steps` steps as a user would: curricula sized for the run
+    (`fit`'s default), an EMA over a fraction of the run, Adam with a cosine decay
+    of the trial's learning rate."""
     m = method(name)
     used = m.networks
-    schedule = optax.cosine_decay_schedule(settings.lr, steps, alpha=0.01)
+    schedule = optax.cosine_decay_schedule(settings.lr * trial.lr, steps, alpha=0.01)
     if ev.train is not None:
         data, labels = jnp.asarray(ev.train), jnp.asarray(ev.train_labels)
     else:
@@ -351,46 +393,59 @@ def fit(name: str, model, ev: Evaluation, settings: Settings, steps: int, *, see
         labels=labels,
         teacher=teacher if "teacher" in used else None,
         aux=aux if "aux" in used else None,
-        ema=fmcalc.train.EMA(decay=settings.ema_decay(steps)),
-        # The committed rows were trained with the papers' absolute curricula.
-        options=fmcalc.train.Options(progress=False, schedules="paper"),
+        ema=fmcalc.train.EMA(horizon=min(1.0, settings.horizon * trial.horizon)),
+        options=fmcalc.train.Options(progress=False),
     )
     jax.block_until_ready(eqx.filter(result.ema, eqx.is_array))
     return result, time.perf_counter() - start
 
 
 class Teachers:
-    """Flow-matching networks by (seed, steps), trained once and reused as the
-    teacher of every distillation method at that budget."""
+    """Flow-matching networks by (seed, steps), trained once (with flow matching's
+    own trial) and reused as the teacher of every distillation method at that
+    budget."""
 
-    def __init__(self, ev: Evaluation, settings: Settings):
-        self.ev, self.settings = ev, settings
+    def __init__(self, ev: Evaluation, settings: Settings, trial: Trial = Trial()):
+        self.ev, self.settings, self.trial = ev, settings, trial
         self.trained: dict[tuple[int, int], tuple[object, float]] = {}
 
     def get(self, seed: int, steps: int):
         if (seed, steps) not in self.trained:
             model = network(self.ev.dataset, self.settings, seed)
             result, seconds = fit(
-                BASELINE, model, self.ev, self.settings, steps, seed=seed
+                BASELINE,
+                model,
+                self.ev,
+                self.settings,
+                steps,
+                seed=seed,
+                trial=self.trial,
             )
             self.trained[seed, steps] = (result.ema, seconds)
         return self.trained[seed, steps]
 
 
 def run_row(name: str, budget: float, seed: int, teacher_kind: str, ev: Evaluation,
-            settings: Settings, teachers: Teachers, costs: dict) -> dict:  # fmt: skip
-    """Train one method at one budget and seed, sample it and score it."""
+            settings: Settings, teachers: Teachers, costs: dict,
+            trial: Trial = Trial()) -> dict:  # fmt: skip
+    """Train one method at one budget and seed, sample it and score it. With the
+    exact teacher (an ablation), the method trains for the same steps as with a
+    learned one, so the two rows differ in the teacher alone."""
     m = method(name)
     used = m.networks
     exact = teacher_kind == "exact" and ev.dataset.flow is not None
-    uses_teacher = bool(used & {"teacher", "aux"}) and not exact
+    distils = bool(used & {"teacher", "aux"})
     own_steps, teacher_steps = plan_steps(
         budget,
         costs[BASELINE]["flops"],
         costs[name]["flops"],
         settings,
-        uses_teacher,
+        distils,
+        trial.share,
     )
+    ablated = 0
+    if exact:  # the learned teacher's share is not trained, and not charged
+        ablated, teacher_steps = teacher_steps, 0
     row = {
         "steps": own_steps,
         "teacher_steps": teacher_steps,
@@ -399,23 +454,35 @@ def run_row(name: str, budget: float, seed: int, teacher_kind: str, ev: Evaluati
         "own_flops": own_steps * costs[name]["flops"],
         "teacher_flops": teacher_steps * costs[BASELINE]["flops"],
         "kind": m.sampling,
+        "ablated_teacher_steps": ablated,
+        "trial": dataclasses.asdict(trial),
+        "protocol": PROTOCOL,
     }
     row["total_flops"] = row["own_flops"] + row["teacher_flops"]
     teacher = aux = None
     if exact:
         teacher = ev.dataset.flow.velocity  # pyright: ignore[reportOptionalMemberAccess]
         aux = ev.dataset.flow
-        row["teacher"] = "exact velocity (ablation)"
-    elif uses_teacher:
+        row["teacher"] = "exact velocity (ablation, same student steps)"
+    elif distils:
         fm, row["teacher_s"] = teachers.get(seed, teacher_steps)
         teacher = fmcalc.model_velocity(fm)
         aux = fmcalc.HeunMap(teacher, AUX_SUBSTEPS.get(name, 4))
         row["teacher"] = f"flow matching, {teacher_steps} steps (charged)"
     model = network(ev.dataset, settings, seed)
     result, row["train_s"] = fit(
-        name, model, ev, settings, own_steps, seed=seed, teacher=teacher, aux=aux
+        name,
+        model,
+        ev,
+        settings,
+        own_steps,
+        seed=seed,
+        trial=trial,
+        teacher=teacher,
+        aux=aux,
     )
-    if name == BASELINE:  # the same run as the teacher of twice this budget
+    if name == BASELINE and trial == teachers.trial:
+        # The same run as the teacher of a method that gives it this many steps.
         teachers.trained.setdefault((seed, own_steps), (result.ema, row["train_s"]))
     row["skipped"] = int(result.skipped)
     row["final_loss"] = float(np.nanmean(np.asarray(result.losses)[-100:]))
@@ -431,23 +498,38 @@ def run_row(name: str, budget: float, seed: int, teacher_kind: str, ev: Evaluati
 
 
 def draw_samples(kind: str, model, ev: Evaluation, key) -> dict[str, np.ndarray]:
-    """The samples of one trained model from `ev.noise`, keyed `nfe<k>`: Euler on
-    flow matching's velocity at every count of `EULER_STEPS`; `k` jumps of a flow
-    map for `k` in `JUMPS`, with consistency re-noising between the jumps of a map
-    trained only to data, and one jump only of a map trained only from noise. The
-    same sampler as `fmcalc sample`."""
-    counts = {"velocity": EULER_STEPS, "from-noise": (1,)}.get(kind, JUMPS)
+    """The samples of one trained model from `ev.noise`, keyed by column: for flow
+    matching's velocity, `nfe<k>` (Euler), `heun-nfe<k>` and `dpm2m-nfe<k>` at `k`
+    network evaluations for every `k` of `EULER_STEPS` the solver can make;
+    `nfe<k>` for `k` jumps of a flow map, `k` in `JUMPS`, with consistency
+    re-noising between the jumps of a map trained only to data, and one jump only
+    of a map trained only from noise. The samplers of `fmcalc sample`."""
+    if kind == "velocity":
+        plan = [
+            (solver, k)
+            for solver in SOLVERS
+            for k in EULER_STEPS
+            if solver != "heun" or k % 2 == 0
+        ]
+    else:
+        plan = [("euler", k) for k in {"from-noise": (1,)}.get(kind, JUMPS)]
     out = {}
-    for k in counts:
-        out[f"nfe{k}"] = fmcalc.sample_batch(
+    for solver, k in plan:
+        options = {} if solver == "euler" else {"solver": solver}
+        out[column_name(solver, k)] = fmcalc.sample_batch(
             model,
             ev.noise,
             steps=k,
             kind=kind,
             key=jax.random.fold_in(key, k),
             cond=ev.cond,
+            **options,
         )
     return out
+
+
+def column_name(solver: str, nfe: int) -> str:
+    return f"nfe{nfe}" if solver == "euler" else f"{solver}-nfe{nfe}"
 
 
 # ------------------------------------------------------------------------ main
@@ -460,6 +542,7 @@ def key_of(row: dict) -> tuple:
         row["seed"],
         row["budget"],
         row["teacher_kind"],
+        json.dumps(row.get("trial"), sort_keys=True),
     )
 
 
@@ -479,6 +562,56 @@ def append(path: pathlib.Path, row: dict) -> None:
             file.flush()
         finally:
             fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def relative(path: pathlib.Path) -> str:
+    """`path` relative to the repository when it lies inside it, so rows and
+    reports do not carry one machine's checkout path."""
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def command_line(program: str, argv: list[str]) -> str:
+    """The command as run, with paths inside the repository made relative to it."""
+    words = []
+    for word in argv:
+        candidate = pathlib.Path(word)
+        inside = candidate.is_absolute() or candidate.exists()
+        words.append(relative(candidate) if inside else word)
+    return " ".join(["python", program, *words])
+
+
+def choose(rows: list[dict]) -> dict[str, dict]:
+    """Each method's best trial in the tuning rows: the lowest mean, over the
+    trial's scored columns that the method is judged on (1 and 2 jumps of a map,
+    or one for a map trained from noise; flow matching's best solver at its most
+    network evaluations), of the data set's primary metric. A trial that failed or
+    left non-finite samples is never chosen."""
+    import _render
+
+    metric = _render.primary_metric(rows)
+    scores: dict[str, list[tuple[float, dict]]] = {}
+    for row in rows:
+        if "error" in row:
+            continue
+        columns = row["metrics"]
+        if row["method"] == BASELINE:
+            most = max(_render.nfe(c) for c in columns)
+            judged = [c for c in columns if _render.nfe(c) == most]
+            values = [min(columns[c].get(metric, np.inf) for c in judged)]
+        else:
+            judged = [c for c in ("nfe1", "nfe2") if c in columns]
+            values = [columns[c].get(metric, np.inf) for c in judged]
+        value = float(np.mean(values)) if values else np.inf
+        if np.isfinite(value):
+            scores.setdefault(row["method"], []).append((value, row["trial"]))
+    return {name: min(found, key=lambda f: f[0])[1] for name, found in scores.items()}
+
+
+TUNING_SEED = 100
 
 
 def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
@@ -503,7 +636,25 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
         "--quick", action="store_true", help="tiny networks and budgets (a few minutes)"
     )
     parser.add_argument(
+        "--tune",
+        action="store_true",
+        help=f"run every method's {len(SCALES) ** 2} trials at budget 1 on seed "
+        f"{TUNING_SEED} into OUT/tuning.jsonl, and write the chosen trials to "
+        "OUT/tuned.json",
+    )
+    parser.add_argument(
+        "--tuned",
+        type=pathlib.Path,
+        help="the chosen trials (default OUT/tuned.json when it exists, else the "
+        "data sets' settings for every method)",
+    )
+    parser.add_argument(
         "--resume", action="store_true", help="skip rows already in rows.jsonl"
+    )
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="run from a working tree with uncommitted changes (recorded in rows)",
     )
     parser.add_argument("--render", action="store_true", help="only render the report")
     parser.add_argument(
@@ -515,24 +666,37 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
     import _render
 
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "rows.jsonl"
+    path = args.out / ("tuning.jsonl" if args.tune else "rows.jsonl")
     plan = {name: tuple(args.budgets or PLAN[name]) for name in (args.datasets or PLAN)}
     headline = tuple(dict.fromkeys((BASELINE, *(args.methods or HEADLINE))))
     report = dict(plan=plan, headline=headline)
     if args.render:
         _render.write_report(read_rows(path), args.out, **report)
         return 0
+    record = machine()
+    if record["git"]["dirty"] and not args.allow_dirty:
+        raise SystemExit(
+            "The working tree has uncommitted changes, so the rows could not be "
+            "traced to a commit: commit them, or pass --allow-dirty (recorded as "
+            "dirty in every row and in the report)."
+        )
     if not args.resume and path.exists():
         raise SystemExit(
             f"{path} exists: pass --resume to add to it, or choose another --out."
         )
+    tuned_path = args.tuned or args.out / "tuned.json"
+    tuned = (
+        {}
+        if args.tune or not tuned_path.exists()
+        else json.loads(tuned_path.read_text())
+    )
     done = {key_of(row) for row in read_rows(path)}
     table = QUICK if args.quick else CPU if args.size == "cpu" else FULL
     names = args.datasets or list(QUICK if args.quick else PLAN)
     methods = [BASELINE, *(args.methods or HEADLINE)]
     methods = list(dict.fromkeys(methods))
-    command = f"python {program} " + " ".join(sys.argv[1:] if argv is None else argv)
-    record = machine()
+    argv = sys.argv[1:] if argv is None else argv
+    command = command_line(program, argv)
     for name in names:
         settings = table[name]
         earlier = {
@@ -551,7 +715,8 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
         samples_dir = args.out / "samples" / name
         samples_dir.mkdir(parents=True, exist_ok=True)
         save_evaluation(ev, samples_dir)
-        teachers = Teachers(ev, settings)
+        fm_trial = Trial(**tuned.get(BASELINE, {}))
+        teachers = Teachers(ev, settings, fm_trial)
         # Costs are measured on an untrained network of the same shape.
         teacher = fmcalc.model_velocity(network(dataset, settings, 0))
         costs = {
@@ -564,51 +729,73 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
             )
             for n in methods
         }
-        budgets = args.budgets or PLAN.get(name, (1.0,))
-        for seed in args.seeds:
+        if args.tune:
+            seeds, budgets = [TUNING_SEED], [1.0]
+        else:
+            seeds, budgets = args.seeds, args.budgets or PLAN.get(name, (1.0,))
+        for seed in seeds:
             for budget in budgets:
                 for method_name in methods:
-                    identity = {
-                        "dataset": name,
-                        "method": method_name,
-                        "seed": seed,
-                        "budget": budget,
-                        "teacher_kind": args.teacher,
-                    }
-                    if key_of(identity) in done:
-                        continue
-                    start = time.perf_counter()
-                    try:
-                        row = run_row(method_name, budget, seed, args.teacher, ev,
-                                      settings, teachers, costs)  # fmt: skip
-                    except Exception as error:  # noqa: BLE001 - recorded in the row
-                        row = {
-                            "error": f"{type(error).__name__}: {error}".splitlines()[0]
+                    distils = bool(method(method_name).networks & {"teacher", "aux"})
+                    planned = (
+                        trials(distils)
+                        if args.tune
+                        else [Trial(**tuned.get(method_name, {}))]
+                    )
+                    for trial in planned:
+                        identity = {
+                            "dataset": name,
+                            "method": method_name,
+                            "seed": seed,
+                            "budget": budget,
+                            "teacher_kind": args.teacher,
+                            "trial": dataclasses.asdict(trial),
                         }
-                        traceback.print_exc()
-                    drawn = row.pop("samples", {})
-                    for column, samples in drawn.items():
-                        stem = f"{method_name}-b{budget:g}-s{seed}-{args.teacher}"
-                        np.save(samples_dir / f"{stem}-{column}.npy", samples)
-                    row = {
-                        **identity,
-                        **row,
-                        "floors": ev.floors,
-                        "settings": dataclasses.asdict(settings),
-                        "seconds": time.perf_counter() - start,
-                        "finished": datetime.datetime.now().isoformat(
-                            timespec="seconds"
-                        ),
-                        "command": command,
-                        "machine": record,
-                    }
-                    append(path, row)
-                    # Every row compiles its own training step and samplers: drop
-                    # them, or a process that runs hundreds of rows runs out of
-                    # memory for compiled code.
-                    jax.clear_caches()
-                    print(f"[{name}] seed {seed} budget {budget:g} {method_name}: "
-                          f"{_render.headline_value(row)}", flush=True)  # fmt: skip
+                        if key_of(identity) in done:
+                            continue
+                        if args.tune:  # each trial trains its own teacher
+                            teachers = Teachers(ev, settings, trial)
+                        start = time.perf_counter()
+                        try:
+                            row = run_row(method_name, budget, seed, args.teacher, ev,
+                                          settings, teachers, costs, trial)  # fmt: skip
+                        except Exception as error:  # noqa: BLE001 - kept in the row
+                            message = f"{type(error).__name__}: {error}"
+                            row = {"error": message.splitlines()[0]}
+                            traceback.print_exc()
+                        drawn = row.pop("samples", {})
+                        stem = (
+                            f"{method_name}-b{budget:g}-s{seed}-{args.teacher}"
+                            + (f"-{trial.lr:g}-{trial.horizon:g}-{trial.share:g}"
+                               if args.tune else "")
+                        )  # fmt: skip
+                        for column, samples in drawn.items():
+                            np.save(samples_dir / f"{stem}-{column}.npy", samples)
+                        row = {
+                            **identity,
+                            **row,
+                            "floors": ev.floors,
+                            "settings": dataclasses.asdict(settings),
+                            "seconds": time.perf_counter() - start,
+                            "finished": datetime.datetime.now().isoformat(
+                                timespec="seconds"
+                            ),
+                            "command": command,
+                            "machine": record,
+                        }
+                        append(path, row)
+                        # Every row compiles its own training step and samplers:
+                        # drop them, or a process that runs hundreds of rows runs
+                        # out of memory for compiled code.
+                        jax.clear_caches()
+                        print(f"[{name}] seed {seed} budget {budget:g} "
+                              f"{method_name} ({trial.label()}): "
+                              f"{_render.headline_value(row)}", flush=True)  # fmt: skip
+    if args.tune:
+        chosen = choose(read_rows(path))
+        (args.out / "tuned.json").write_text(json.dumps(chosen, indent=1) + "\n")
+        print(f"wrote {args.out / 'tuned.json'}")
+        return 0
     if args.quick:
         report = dict(plan={n: (1.0,) for n in names}, headline=tuple(methods))
     _render.write_report(read_rows(path), args.out, **report)

@@ -62,42 +62,133 @@ def _row(method="lsd", seed=0, budget=1.0, value=0.5, **changes) -> dict:
     return {**row, **changes}
 
 
-def test_ranking_is_stated_only_where_every_seed_agrees():
+def _seeds(*values: float) -> dict[int, float]:
+    return dict(enumerate(values))
+
+
+def test_ranking_is_stated_only_where_a_paired_comparison_separates():
+    # Seed-by-seed, b is worse than a on every seed; c's range overlaps b's but c
+    # is worse than b on every seed it shares: pairing separates what ranges
+    # cannot.
     groups = render.separated_ranking(
-        {"a": [1.0, 1.1], "b": [2.0, 2.1], "c": [2.05, 3.0], "d": [3.5, 3.6]}
+        {
+            "a": _seeds(1.0, 1.1, 1.2),
+            "b": _seeds(2.0, 2.1, 3.0),
+            "c": _seeds(2.05, 2.2, 3.1),
+        }
     )
-    assert groups == [["a"], ["b", "c"], ["d"]]
-    assert render.separated_ranking({"x": [1.0, 2.0], "y": [1.5, 1.6]}) == [["x", "y"]]
+    assert groups == [["a"], ["b"], ["c"]]
+    # Failing input: seeds that disagree in sign never separate.
+    assert render.separated_ranking(
+        {"x": _seeds(1.0, 2.0, 1.0), "y": _seeds(1.5, 1.5, 1.5)}
+    ) == [["x", "y"]]
+    # A shift that is the same on every seed separates, however wide the ranges.
+    assert render.separated_ranking(
+        {"x": _seeds(1.0, 5.0, 9.0), "y": _seeds(1.1, 5.1, 9.1)}
+    ) == [["x"], ["y"]]
+
+
+def test_behind_needs_enough_shared_seeds_and_an_interval_above_zero():
+    assert render.behind(_seeds(1.0, 1.0, 1.0), _seeds(2.0, 2.0, 2.0))
+    assert not render.behind(_seeds(2.0, 2.0, 2.0), _seeds(1.0, 1.0, 1.0))
+    # One seed is not a comparison; seeds not shared are not compared.
+    assert not render.behind({0: 1.0}, {0: 2.0})
+    assert not render.behind({0: 1.0, 1: 1.0}, {2: 2.0, 3: 2.0})
+    # Four small wins and one large loss: the interval straddles zero.
+    a, b = _seeds(1, 1, 1, 1, 5), _seeds(1.1, 1.1, 1.1, 1.1, 1.0)
+    assert not render.behind(a, b) and not render.behind(b, a)
 
 
 def test_a_single_seed_is_not_ranked(tmp_path):
-    """One seed has no range to separate: the report ranks only methods with
-    several, flow matching at the same step count among them."""
+    """One seed cannot be paired: the report ranks only methods with several,
+    flow matching at the same number of evaluations among them."""
     rows = [_row(m, s, value=v) for m, v in (("flow-matching", 2.0), ("lsd", 0.5))
             for s in range(2)] + [_row("pfmm", 0, value=0.1)]  # fmt: skip
     render.write_report(rows, tmp_path)
     text = (tmp_path / "frontier.md").read_text()
-    assert "1 step, ordered only where every seed agrees: lsd < flow-matching" in text
+    assert (
+        "1 step, ordered where a paired comparison over seeds separates them: "
+        "lsd < flow-matching" in text
+    )
     assert "pfmm" in text and "< pfmm" not in text and "pfmm <" not in text
-    # The summary names the best method with several seeds, not the lone one.
-    assert "| ring | rmse | 1 | lsd (0.5) | – | – | 128 steps: 0.5 [0.5–0.5] |" in text
+    # The summary names the best method with several seeds, not the lone one,
+    # and its ratio to flow matching's best solver at its most evaluations.
+    assert (
+        "| ring | rmse | 1 | lsd (0.5; 1.00×) | – | – | euler, 128 NFE: 0.5 "
+        "[0.5–0.5] |" in text
+    )
 
 
-def test_unbeaten_methods_are_those_no_range_lies_wholly_below():
-    # c overlaps b, which overlaps a, but a beats c on every seed: c is out,
-    # although a chain of overlaps joins it to a.
-    values = {"a": [1.0, 2.0], "b": [1.9, 3.0], "c": [2.5, 3.5], "d": [0.5, 5.0]}
-    assert render.unbeaten(values) == ["a", "b", "d"]
-    assert render.separated_ranking(values)[0] == ["a", "b", "d", "c"]
+def test_unbeaten_methods_are_those_no_method_ranks_ahead_of():
+    # a beats c on every seed; b ties both (its seeds disagree in sign with each).
+    values = {
+        "a": _seeds(1.0, 2.0, 1.5),
+        "b": _seeds(2.5, 1.0, 1.6),
+        "c": _seeds(2.5, 3.0, 2.0),
+    }
+    assert render.unbeaten(values) == ["a", "b"]
+    assert render.separated_ranking(values)[0][:2] == ["a", "b"]
 
 
-def test_budgets_charge_the_teacher_half():
+def test_flow_matching_is_compared_at_its_best_solver(tmp_path):
+    """Each solver is its own line in the tables, and the summary's reference is
+    the solver with the lowest median at the most evaluations."""
+    rows = []
+    for seed in range(2):
+        fm = _row("flow-matching", seed, value=2.0)
+        fm["metrics"]["heun-nfe128"] = {"rmse": 0.3, "energy": 0.001}
+        fm["metrics"]["dpm2m-nfe128"] = {"rmse": 0.4, "energy": 0.001}
+        rows += [fm, _row("lsd", seed, value=0.6)]
+    render.write_report(rows, tmp_path)
+    text = (tmp_path / "frontier.md").read_text()
+    assert "| flow-matching (heun) |" in text and "| flow-matching (dpm2m) |" in text
+    assert "lsd (0.6; 2.00×) | – | – | heun, 128 NFE: 0.3 [0.3–0.3] |" in text
+
+
+def test_budgets_charge_the_teacher_its_share():
     settings = frontier.Settings(8, 1, 1000, 16, 10)
     own, teacher = frontier.plan_steps(2.0, 3.0, 6.0, settings, uses_teacher=True)
     assert teacher == 1000  # half of 2× flow matching's 1000 steps
     assert own * 6.0 + teacher * 3.0 == pytest.approx(2.0 * 1000 * 3.0)
+    own, teacher = frontier.plan_steps(2.0, 3.0, 6.0, settings, True, share=0.25)
+    assert teacher == 500
+    assert own * 6.0 + teacher * 3.0 == pytest.approx(2.0 * 1000 * 3.0)
     own, teacher = frontier.plan_steps(1.0, 3.0, 12.0, settings, uses_teacher=False)
     assert (own, teacher) == (250, 0)  # four times the cost: a quarter of the steps
+
+
+def test_every_method_gets_nine_trials_and_a_teacher_share_meets_each_setting():
+    plain, distilled = frontier.trials(False), frontier.trials(True)
+    assert len(plain) == len(distilled) == 9
+    assert {t.share for t in plain} == {0.5}
+    for field in ("lr", "horizon"):
+        for value in frontier.SCALES:
+            shares = {t.share for t in distilled if getattr(t, field) == value}
+            assert shares == set(frontier.SHARES), (field, value)
+
+
+def test_tuning_chooses_the_trial_with_the_lowest_mean_of_one_and_two_jumps():
+    def tuned(method, lr, one, two):
+        row = _row(method, 100, value=one, trial={"lr": lr, "horizon": 1.0,
+                                                   "share": 0.5})  # fmt: skip
+        row["metrics"]["nfe2"] = {"rmse": two, "energy": 0.01}
+        return row
+
+    nan = float("nan")
+    rows = [tuned("lsd", 0.5, 0.5, 0.5), tuned("lsd", 2.0, 0.3, 0.9),
+            tuned("lsd", 1.0, 0.4, 0.4), tuned("lsd", 4.0, nan, 0.1)]  # fmt: skip
+    rows.append({**tuned("lsd", 8.0, 0.0, 0.0), "error": "diverged"})
+    assert frontier.choose(rows)["lsd"]["lr"] == 1.0
+
+
+def test_commands_and_paths_are_relative_to_the_repository(tmp_path):
+    out = frontier.ROOT / "benchmarks" / "results" / "frontier"
+    line = frontier.command_line("benchmarks/frontier.py", ["--out", str(out)])
+    assert line == "python benchmarks/frontier.py --out benchmarks/results/frontier"
+    assert str(frontier.ROOT) not in line
+    # Outside the repository a path stays as given.
+    line = frontier.command_line("benchmarks/frontier.py", ["--out", str(tmp_path)])
+    assert str(tmp_path) in line
 
 
 def _plan():
@@ -193,7 +284,8 @@ def test_a_tiny_run_writes_rows_and_resumes(tmp_path, monkeypatch):
     tiny = frontier.Settings(16, 1, 20, 32, 64)
     monkeypatch.setitem(frontier.QUICK, "ring", tiny)
     argv = ["--quick", "--datasets", "ring", "--seeds", "0", "--methods", "lsd",
-            "pfmm", "--budgets", "1", "--out", str(tmp_path)]  # fmt: skip
+            "pfmm", "--budgets", "1", "--out", str(tmp_path),
+            "--allow-dirty"]  # fmt: skip
     assert frontier.main(argv) == 0
     rows = frontier.read_rows(tmp_path / "rows.jsonl")
     assert [r["method"] for r in rows] == ["flow-matching", "lsd", "pfmm"]
@@ -232,8 +324,14 @@ def test_renoised_samples_are_shown_but_not_ranked_by_paired_error(tmp_path):
     render.write_report(rows, tmp_path)
     text = (tmp_path / "frontier.md").read_text()
     assert "0.1 [0.1–0.1]‡" in text
-    assert "2 steps, ordered only where every seed agrees" not in text
-    assert "1 step, ordered only where every seed agrees: lsd < ect" in text
+    assert (
+        "2 steps, ordered where a paired comparison over seeds separates them"
+        not in text
+    )
+    assert (
+        "1 step, ordered where a paired comparison over seeds separates them: lsd < ect"
+        in text
+    )
     assert "| ring | rmse | 1 | lsd (0.5) | lsd (0.4) |" in text
     assert render.unpaired(rows[0], "nfe2", "rmse")
     assert not render.unpaired(rows[0], "nfe2", "energy")
@@ -258,10 +356,32 @@ def test_resume_refuses_rows_of_other_settings(tmp_path, monkeypatch):
     monkeypatch.setitem(frontier.QUICK, "ring", frontier.Settings(16, 1, 20, 32, 64))
     other = _row("flow-matching", settings={"width": 99})
     frontier.append(tmp_path / "rows.jsonl", other)
-    argv = ["--quick", "--datasets", "ring", "--out", str(tmp_path), "--resume"]
+    argv = ["--quick", "--datasets", "ring", "--out", str(tmp_path), "--resume",
+            "--allow-dirty"]  # fmt: skip
     with pytest.raises(SystemExit, match="other settings"):
         frontier.main(argv)
     assert frontier.read_rows(tmp_path / "rows.jsonl") == [other]
+
+
+def test_a_run_from_a_dirty_tree_is_refused_unless_allowed(tmp_path, monkeypatch):
+    real = frontier.machine
+
+    def machine(dirty):
+        return lambda: real() | {"git": {"commit": "abc1234", "dirty": dirty}}
+
+    monkeypatch.setattr(frontier, "machine", machine(True))
+    argv = ["--quick", "--datasets", "ring", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="uncommitted changes"):
+        frontier.main(argv)
+    assert not (tmp_path / "rows.jsonl").exists()
+    # The report marks rows that were allowed to run from a dirty tree.
+    rows = [_row("lsd", s, machine={"git": {"commit": "abc1234", "dirty": True},
+                                    "platform": "test", "cpu_count": 2})
+            for s in range(2)]  # fmt: skip
+    render.write_report(rows, tmp_path)
+    assert (
+        "at `abc1234` (uncommitted changes)" in (tmp_path / "frontier.md").read_text()
+    )
 
 
 def test_meanflow_ablation_rows():
@@ -287,10 +407,12 @@ def test_meanflow_ablation_rows():
 
 
 def _orderings(path: pathlib.Path) -> dict[int, list[set[str]]]:
-    """The groups of each "ordered only where every seed agrees" line."""
+    """The groups of each "ordered where a paired comparison ..." line."""
     out = {}
     for line in path.read_text().splitlines():
-        head, sep, tail = line.partition(", ordered only where every seed agrees: ")
+        head, sep, tail = line.partition(
+            ", ordered where a paired comparison over seeds separates them: "
+        )
         if sep:
             groups = [g.strip("{} ") for g in tail.split(" < ")]
             out[int(head.split()[0])] = [set(g.split(", ")) for g in groups]
@@ -307,10 +429,12 @@ def test_the_meanflow_paragraph_holds_in_the_committed_report():
     def group(steps, name):
         return next(i for i, g in enumerate(orderings[steps]) if name in g)
 
-    for steps in (1, 2, 4):
+    for steps in (1, 4):
         assert group(steps, "meanflow-cond-sg-mf") == group(
             steps, "meanflow-exact-sg-mf"
         )
+    assert group(2, "meanflow-cond-sg-mf") < group(2, "meanflow-exact-sg-mf")
+    for steps in (1, 2, 4):
         assert group(steps, "meanflow-exact-full-tri") == 0
     for steps in (2, 4):
         full = group(steps, "meanflow-exact-full-mf")
