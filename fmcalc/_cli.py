@@ -103,7 +103,22 @@ def _add_run_commands(sub) -> None:
         "distils a teacher first trains a flow-matching reference as its teacher "
         "(the ring's exact velocity is used instead).",
     )
-    train.add_argument("--method", required=True, help="a registry name")
+    train.add_argument(
+        "--method",
+        required=True,
+        help="a registry name (`fmcalc methods` lists them), or NAME[KEY=VALUE,...]",
+    )
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set one of the method's options (repeatable), e.g. --set loss=squared "
+        "or --set split=0.5,0.5; `fmcalc methods NAME` lists them with their "
+        "defaults. Named values: loss squared|adaptive|pseudo-huber, derivative "
+        "jvp|fd|central (fd:STEP, central:STEP), velocity teacher|conditional; "
+        "also numbers, true/false, None",
+    )
     train.add_argument(
         "--data",
         required=True,
@@ -117,7 +132,9 @@ def _add_run_commands(sub) -> None:
         "--batch-size", type=int, help="default 1024 for points, 256 for images"
     )
     train.add_argument(
-        "--out", help="the run folder (default runs/METHOD-DATA; reused to resume)"
+        "--out",
+        help="the run folder (default runs/METHOD-DATA, or runs/METHOD-KEY=VALUE-DATA "
+        "with --set; reused to resume)",
     )
     train.add_argument(
         "--width", type=int, help="MLP width (default 256; 512 for MNIST)"
@@ -182,6 +199,7 @@ def _run_command(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 reference=args.reference,
                 schedules=args.schedules,
+                sets=args.set,
             )
         else:
             _run.sample_run(

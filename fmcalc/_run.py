@@ -3,7 +3,8 @@ from a trained run to samples and a picture.
 
 A run is a folder:
 
-- `run.json`: what was trained (method, data, network, budget), read by `sample`;
+- `run.json`: what was trained (method and its settings, data, network, budget),
+  read by `sample`;
 - `train.eqx` (and `train.eqx.prev`): the training state of `fmcalc.train.fit`,
   from which the same command resumes;
 - `model.eqx`: the trained map (the EMA of the parameters), for sampling;
@@ -26,6 +27,7 @@ import optax
 
 from . import datasets, methods
 from ._sampling import HeunMap, model_velocity, sample_batch
+from .methods._registry import _variant
 from .nn import MLP
 from .train import (
     EMA,
@@ -118,17 +120,23 @@ def train(
     seed: int = 0,
     reference: bool | None = None,
     schedules: Literal["run", "paper"] = "run",
+    sets: Sequence[str] = (),
 ) -> pathlib.Path:
     """Train `method_name` on `data` into the run folder `out`; **returns** it.
     The method's curricula follow the run (`schedules="run"`, see
     [`fmcalc.Method.for_run`][]) or keep the paper's step counts (`"paper"`).
+    `method_name` is a registry name or `NAME[KEY=VALUE,...]`, and `sets` sets
+    more of its options (`["loss=squared"]`, see [`fmcalc.methods.parse`][]); the
+    settings are recorded in `run.json`.
 
     Running the same command again resumes from `train.eqx` (after Ctrl-C or a
     crash); a finished run is left as it is."""
-    method = methods.get(method_name)
+    method_name, sets, method = _variant(method_name, sets, cli=True)
+    shown = method.name  # the registry name, or `name[key=value,...]`
     dataset = datasets.load(data, labels=labels)
+    folder = "-".join([method_name, *sets])
     out = pathlib.Path(
-        out if out is not None else f"runs/{method_name}-{pathlib.Path(data).stem}"
+        out if out is not None else f"runs/{folder}-{pathlib.Path(data).stem}"
     )
     default_width, default_depth, default_lr = defaults(dataset)
     lr = lr or default_lr
@@ -147,11 +155,14 @@ def train(
         reference = needs_teacher
     elif not reference and needs_teacher:
         raise ValueError(
-            f"{method_name} distils a teacher, and {data} has no exact flow: the "
+            f"{shown} distils a teacher, and {data} has no exact flow: the "
             "flow-matching reference is its teacher, so it cannot be left out."
         )
     record = {
         "method": method_name,
+        # The `KEY=VALUE` settings of the method's options (absent in runs made
+        # before they could be set: none).
+        "settings": sets,
         "data": os.fspath(data),
         "labels": None if labels is None else os.fspath(labels),
         "steps": steps,
@@ -170,18 +181,19 @@ def train(
     if previous is not None:
         # The learning-rate schedule and the EMA's horizon follow `steps`, so a
         # run resumes only under the same budget.
-        same = ("method", "data", "labels", "steps", "batch_size", "lr", "seed")
-        same += ("network", "schedules")
+        same = ("method", "settings", "data", "labels", "steps", "batch_size")
+        same += ("lr", "seed", "network", "schedules")
+        previous.setdefault("settings", [])
         changed = [k for k in same if previous.get(k) != record[k]]
         if changed:
             raise ValueError(
-                f"{out} holds a run of {previous['method']} on {previous['data']} "
+                f"{out} holds a run of {_shown(previous)} on {previous['data']} "
                 f"that differs in {changed}; choose another --out to start a new run."
             )
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
     _say(
-        f"fmcalc train: {method_name} ({methods.info(method_name).full_name}) on "
+        f"fmcalc train: {shown} ({methods.info(method_name).full_name}) on "
         f"{dataset.description}; MLP {network.depth}×{network.width}, {steps} steps "
         f"of {batch_size} rows -> {out}/"
     )
@@ -201,7 +213,7 @@ def train(
         save_checkpoint(out / "reference.eqx", ref.ema, record=record)
         if needs_teacher:
             teacher = model_velocity(ref.ema)
-        _say(f"[2/2] {method_name}")
+        _say(f"[2/2] {shown}")
     aux = None
     if "aux" in used:
         # CTM's teacher solver covers a tenth of s - t, PFMM's partial map half.
@@ -237,6 +249,12 @@ def train(
     return out
 
 
+def _shown(record: dict) -> str:
+    """The method of a run's record as `parse` names it: `meanflow[loss=squared]`."""
+    sets = record.get("settings") or []
+    return record["method"] + (f"[{','.join(sets)}]" if sets else "")
+
+
 def sample_run(
     run: str | os.PathLike,
     *,
@@ -269,6 +287,7 @@ def sample_run(
     if network.num_classes is not None:
         cond = jnp.arange(n, dtype=jnp.int32) % network.num_classes
     kind = record["sampling"]
+    shown = _shown(record)
     mean, scale = np.asarray(record["mean"], np.float32), record["scale"]
 
     def to_units(x):
@@ -278,13 +297,13 @@ def sample_run(
     for k in steps:
         if kind == "from-noise" and k > 1:
             _say(
-                f"{record['method']} learns maps from noise only (s = 1), so it "
+                f"{shown} learns maps from noise only (s = 1), so it "
                 f"samples in one jump; {k} steps skipped."
             )
             continue
-        label = f"{record['method']}, {k} step{'s' * (k > 1)}"
+        label = f"{shown}, {k} step{'s' * (k > 1)}"
         if kind == "velocity":
-            label = f"{record['method']}, {k} Euler step{'s' * (k > 1)}"
+            label = f"{shown}, {k} Euler step{'s' * (k > 1)}"
         drawn = sample_batch(model, noise, steps=k, kind=kind, key=k_renoise, cond=cond)
         panels[label] = to_units(drawn)
     if not panels:
@@ -304,7 +323,7 @@ def sample_run(
         data = datasets.load(
             record["data"], labels=record["labels"]
         )  # the training data, beside the samples
-        draw(panels, data, pathlib.Path(plot), title=record["method"])
+        draw(panels, data, pathlib.Path(plot), title=shown)
         _say(f"picture: {plot}")
     return panels
 

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+import fmcalc
 from fmcalc import _run
 from fmcalc._cli import main
 
@@ -134,3 +135,99 @@ def test_schedules_switch_refuses_other_values(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--method", "ect", "--data", "ring", "--schedules", "papers"])
     assert "'papers'" in capsys.readouterr().err
+
+
+def test_set_reaches_the_run(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(_run, "train", lambda *a, **k: seen.update(k))
+    assert main(["train", "--method", "lsd", "--data", "ring"]) == 0
+    assert seen["sets"] == []
+    assert main(["train", "--method", "lsd", "--data", "ring", "--set",
+                 "loss=squared", "--set", "split=0.5,0.5"]) == 0  # fmt: skip
+    assert seen["sets"] == ["loss=squared", "split=0.5,0.5"]
+
+
+def _stop_before_training(monkeypatch, seen=None):
+    """`fmcalc train` up to its first fit (run.json written), without building a
+    network: the fit raises KeyboardInterrupt, as Ctrl-C would."""
+
+    def stop(method, *args, **kwargs):
+        if seen is not None:
+            seen["method"] = method
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_run, "_fit", stop)
+    monkeypatch.setattr(_run.RunNetwork, "build", lambda self, seed: None)
+
+
+def test_set_builds_the_variant_and_records_it(tmp_path, capsys, monkeypatch):
+    seen = {}
+    _stop_before_training(monkeypatch, seen)
+    args = ("--method", "meanflow", "--data", "ring", "--set", "loss=squared")
+    assert _train(tmp_path, *args) == 130
+    method = seen["method"]
+    assert method.name == "meanflow[loss=squared]"
+    assert all(term.loss == fmcalc.SquaredError() for term in method.terms)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["method"] == "meanflow" and record["settings"] == ["loss=squared"]
+    assert "meanflow[loss=squared]" in capsys.readouterr().out
+    # Another setting, or none, is another run: the folder refuses it.
+    assert _train(tmp_path, *args[:4], "--set", "loss=pseudo-huber") == 2
+    assert "differs in ['settings']" in capsys.readouterr().err
+    assert _train(tmp_path, *args[:4]) == 2
+    # A variant named in brackets is the same run.
+    assert _train(tmp_path, "--method", "meanflow[loss=squared]", "--data",
+                  "ring") == 130  # fmt: skip
+
+
+def test_run_folders_without_settings_still_resume(tmp_path, monkeypatch):
+    _stop_before_training(monkeypatch)
+    lsd = ("--method", "lsd", "--data", "ring")
+    assert _train(tmp_path, *lsd) == 130
+    path = tmp_path / "run" / "run.json"
+    record = json.loads(path.read_text())
+    del record["settings"]  # as written before `--set` existed
+    path.write_text(json.dumps(record))
+    assert _train(tmp_path, *lsd) == 130
+    assert _train(tmp_path, *lsd, "--set", "loss=squared") == 2
+
+
+def test_default_folder_names_the_settings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _stop_before_training(monkeypatch)
+    assert main(["train", "--method", "lsd", "--data", "ring", "--set",
+                 "split=0.5,0.5"]) == 130  # fmt: skip
+    assert (tmp_path / "runs" / "lsd-split=0.5,0.5-ring" / "run.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--method", "meanflow-mse"], ["'meanflow-mse'",
+                                         "--method meanflow --set loss=squared"]),
+        (["--method", "lsd-central"], ["--method lsd --set derivative=central"]),
+        (["--method", "meanflow-big"], ["--method meanflow --set OPTION=VALUE",
+                                         "label_dropout"]),
+        (["--method", "nope"], ["'nope'", "registered ones are flow-matching, "]),
+        (["--method", "meanflow", "--set", "loss=mse"], ["'mse'", "squared"]),
+        (["--method", "meanflow", "--set", "lossy=squared"], ["'lossy'", "derivative"]),
+        (["--method", "meanflow", "--set", "loss"], ["'loss'", "KEY=VALUE"]),
+    ],
+)  # fmt: skip
+def test_bad_variants_are_refused_with_their_spelling(tmp_path, capsys, args, words):
+    assert _train(tmp_path, *args, "--data", "ring") == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (word, err)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_train_a_variant_then_sample(tmp_path, capsys):
+    args = ("--method", "meanflow", "--set", "loss=squared", "--data", "ring")
+    assert _train(tmp_path, *args, "--steps", "5") == 0
+    run = tmp_path / "run"
+    assert json.loads((run / "run.json").read_text())["settings"] == ["loss=squared"]
+    assert main(["sample", "--run", str(run), "--steps", "1", "--n", "10"]) == 0
+    assert "meanflow[loss=squared], 1 step" in capsys.readouterr().out
+    assert np.load(run / "samples.npy").shape == (1, 10, 2)

@@ -20,5 +20,7 @@ from ._registry import (
     info as info,
     names as names,
     options as options,
+    parse as parse,
     register as register,
+    settings as settings,
 )

@@ -1,9 +1,15 @@
 import inspect
+import math
 import re
 import textwrap
-from collections.abc import Callable
-from typing import Literal, NamedTuple
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
 
+from .._derivative import JVP, AbstractDerivative, FiniteDifference
+from .._expr import AbstractVelocity, ConditionalVelocity, Teacher
+from .._losses import AbstractLoss, Adaptive, PseudoHuber, SquaredError
 from .._method import Method
 
 
@@ -117,7 +123,7 @@ def names() -> list[str]:
 
 def _known(name: str) -> None:
     if name not in _BUILDERS:
-        raise ValueError(f"Unknown method {name!r}; the registered ones are {names()}.")
+        raise ValueError(_unknown(name, cli=False))
 
 
 def get(name: str, **overrides) -> Method:
@@ -162,6 +168,381 @@ def options(name: str) -> dict[str, inspect.Parameter]:
     (`parameter.default`) and types (`parameter.annotation`)."""
     _known(name)
     return dict(inspect.signature(_BUILDERS[name]).parameters)
+
+
+# ------------------------------------------------------------ variants by name
+
+# The finite-difference steps of the named derivatives `fd` and `central`: PID's and
+# SoFlow's forward step, FreeFlow's central one.
+FD_STEP = 1e-3
+CENTRAL_STEP = 5e-3
+
+# Values of object-typed options that can be named in text, by the option's type.
+_NAMED: dict[type, dict[str, Callable[[], Any]]] = {
+    AbstractLoss: {
+        "squared": SquaredError,
+        "adaptive": Adaptive,
+        "pseudo-huber": PseudoHuber,
+    },
+    AbstractDerivative: {
+        "jvp": JVP,
+        "fd": lambda: FiniteDifference(FD_STEP),
+        "central": lambda: FiniteDifference(CENTRAL_STEP, "central"),
+    },
+    AbstractVelocity: {"teacher": Teacher, "conditional": ConditionalVelocity},
+}
+# Named finite differences that also take their step: `fd:2e-3`, `central:1e-2`.
+_SCHEMES = {"fd": "forward", "central": "central"}
+_NONE = ("none", "null")
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+# The last word of a variant's made-up name (`meanflow-mse`) and the setting it
+# usually means, for the message that refuses the name.
+_WORDS = {
+    "mse": "loss=squared",
+    "l2": "loss=squared",
+    "squared": "loss=squared",
+    "adaptive": "loss=adaptive",
+    "huber": "loss=pseudo-huber",
+    "pseudo-huber": "loss=pseudo-huber",
+    "jvp": "derivative=jvp",
+    "fd": "derivative=fd",
+    "central": "derivative=central",
+    "central-fd": "derivative=central",
+    "fd-central": "derivative=central",
+}
+_SPEC = re.compile(r"\s*([^\[\]]*?)\s*(?:\[([^\[\]]*)\])?\s*", re.DOTALL)
+
+
+class _Unreadable(Exception):
+    """A value's text does not fit its type; `expected` says what would."""
+
+    def __init__(self, expected: str):
+        super().__init__(expected)
+        self.expected = expected
+
+
+def _suggestion(name: str) -> tuple[str, str | None] | None:
+    """For a name `<registry name>-<word>`: the registry name, and the setting the
+    word usually means when that method has the option (else `None`)."""
+    bases = [n for n in _BUILDERS if name.startswith(n + "-")]
+    if not bases:
+        return None
+    base = max(bases, key=len)
+    setting = _WORDS.get(name[len(base) + 1 :].lower())
+    if setting is not None and setting.partition("=")[0] not in options(base):
+        setting = None
+    return base, setting
+
+
+def _unknown(name: str, *, cli: bool) -> str:
+    """Why `name` is refused; for `<registry name>-<word>`, how to name the variant
+    (as `fmcalc train` options when `cli`, else as a `parse` string)."""
+    hint = _suggestion(name) if isinstance(name, str) else None
+    if hint is None and not cli and isinstance(name, str) and "[" in name:
+        return (
+            f"Unknown method {name!r}; a variant with settings in brackets is read "
+            f"by fmcalc.methods.parse({name!r})."
+        )
+    if hint is None:
+        known = ", ".join(names()) if cli else str(names())
+        return f"Unknown method {name!r}; the registered ones are {known}."
+    base, setting = hint
+    shown = setting or "OPTION=VALUE"
+    how = (
+        f"--method {base} --set {shown}"
+        if cli
+        else f"fmcalc.methods.parse({f'{base}[{shown}]'!r})"
+    )
+    return (
+        f"Unknown method {name!r}: it is not a registry name. A variant of {base!r} "
+        f"is named by its settings: {how} (the options of {base}: "
+        f"{', '.join(options(base))}; `fmcalc methods {base}` gives their defaults)."
+    )
+
+
+def _type_text(annotation) -> str:
+    return _type_name(annotation) or "text"
+
+
+def _named(text: str, kind: type) -> Any:
+    table = {
+        word: build
+        for base, words in _NAMED.items()
+        if issubclass(kind, base)
+        for word, build in words.items()
+        if isinstance(build(), kind)
+    }
+    if not table:
+        raise _Unreadable(
+            f"an instance of {kind.__name__}, which has no text form (build it in "
+            "Python and pass it to fmcalc.methods.get)"
+        )
+    word = text.lower()
+    if word in table:
+        return table[word]()
+    head, colon, step = word.partition(":")
+    stepped = [w for w in table if w in _SCHEMES]
+    expected = f"one of {', '.join(table)}" + (
+        f" ({' and '.join(stepped)} also take a step: {stepped[0]}:0.002)"
+        if stepped
+        else ""
+    )
+    if colon and head in stepped:
+        try:
+            return FiniteDifference(float(step), _SCHEMES[head])
+        except (TypeError, ValueError):
+            raise _Unreadable(
+                f"{head}:STEP with a step in (0, 0.25], e.g. {head}:0.002"
+            ) from None
+    raise _Unreadable(expected)
+
+
+def _read(text: str, kind: Any) -> Any:
+    """The value of type `kind` that `text` writes, or `_Unreadable`."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        members = typing.get_args(kind)
+        if type(None) in members and text.lower() in _NONE:
+            return None
+        expected = []
+        for member in members:
+            if member is type(None):
+                expected.append("None")
+                continue
+            try:
+                return _read(text, member)
+            except _Unreadable as error:
+                expected.append(error.expected)
+        raise _Unreadable(" or ".join(expected))
+    if kind is type(None):
+        if text.lower() in _NONE:
+            return None
+        raise _Unreadable("None")
+    if origin is Literal:
+        for choice in typing.get_args(kind):
+            if str(choice) == text:
+                return choice
+        raise _Unreadable(f"one of {', '.join(map(str, typing.get_args(kind)))}")
+    if origin is tuple:
+        items = [item.strip() for item in text.split(",")]
+        args = typing.get_args(kind)
+        if len(args) == 2 and args[1] is Ellipsis:
+            kinds = [args[0]] * len(items)
+            expected = f"comma-separated values of type {_type_text(args[0])}"
+        else:
+            kinds = list(args)
+            example = ",".join(["0.5"] * len(args)) if float in args else "..."
+            expected = (
+                f"{len(args)} comma-separated values of types "
+                f"({', '.join(map(_type_text, args))}), e.g. {example}"
+            )
+            if len(items) != len(args):
+                raise _Unreadable(expected)
+        try:
+            return tuple(_read(i, k) for i, k in zip(items, kinds, strict=True))
+        except _Unreadable:
+            raise _Unreadable(expected) from None
+    if kind is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise _Unreadable("true or false")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise _Unreadable("an integer") from None
+    if kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise _Unreadable("a finite number, e.g. 0.1 or 1e-3")
+        return value
+    if kind is str:
+        return text
+    if isinstance(kind, type):
+        return _named(text, kind)
+    raise _Unreadable(
+        f"a value of type {_type_text(kind)}, which has no text form (build it in "
+        "Python and pass it to fmcalc.methods.get)"
+    )
+
+
+def _assignment(item: Any) -> tuple[str, str]:
+    """`(key, value)` of one `KEY=VALUE` setting, tidied: `-` in the key read as
+    `_`, spaces around the value and its commas dropped."""
+    if not isinstance(item, str):
+        raise TypeError(f"A setting is a 'KEY=VALUE' string; got {item!r}.")
+    key, equals, value = item.partition("=")
+    key = key.strip().replace("-", "_")
+    value = ",".join(part.strip() for part in value.split(","))
+    if not (equals and key and value):
+        raise ValueError(
+            f"A setting is written KEY=VALUE (e.g. loss=squared); got {item!r}."
+        )
+    return key, value
+
+
+def settings(name: str, sets: Sequence[str]) -> dict[str, Any]:
+    """The options of the method `name` that `KEY=VALUE` strings set (what
+    `fmcalc train --set` takes), read against each option's declared type, as
+    keyword arguments for [`fmcalc.methods.get`][].
+
+    **Arguments:**
+
+    - `name`: a registry name (see [`fmcalc.methods.names`][]).
+    - `sets`: strings such as `"loss=squared"`, `"split=0.5,0.5"`, `"c=None"`.
+      A `-` in a key is read as `_` (`label-dropout=0.1`).
+
+    A value is read by the option's type ([`fmcalc.methods.options`][]):
+
+    - a number (`float`, `int`): `0.1`, `1e-3`, `4`;
+    - `bool`: `true` or `false` (also `yes`/`no`, `on`/`off`, `1`/`0`);
+    - a tuple: its numbers separated by commas, `0.5,0.5`;
+    - `None` (`none`, `null`), where the option accepts it;
+    - `str`: the text itself;
+    - a loss: `squared` ([`fmcalc.SquaredError`][]), `adaptive`
+      ([`fmcalc.Adaptive`][] with its defaults), `pseudo-huber`
+      ([`fmcalc.PseudoHuber`][]);
+    - a derivative: `jvp` ([`fmcalc.JVP`][]), `fd` (forward
+      [`fmcalc.FiniteDifference`][] with step `1e-3`), `central` (central, step
+      `5e-3`); `fd:STEP` and `central:STEP` choose the step;
+    - a velocity: `teacher` ([`fmcalc.Teacher`][]) or `conditional`
+      ([`fmcalc.ConditionalVelocity`][]).
+
+    Other objects (time samplers, schedules, guidance) have no text form: pass them
+    to [`fmcalc.methods.get`][] in Python.
+
+    **Returns:** a dict from option name to value.
+
+    **Raises:** `ValueError` naming the method, the option and the text: for an
+    unknown option (with the method's options), a value that its type does not
+    read (with what would be right), or an option set twice.
+
+    !!! Example
+
+        ```python
+        import fmcalc
+
+        overrides = fmcalc.methods.settings("lsd", ["split=0.5,0.5", "loss=squared"])
+        method = fmcalc.methods.get("lsd", **overrides)
+        ```
+    """
+    _known(name)
+    if isinstance(sets, str):
+        raise TypeError(
+            f"`sets` is a list of 'KEY=VALUE' strings; got the string {sets!r} "
+            f"(write [{sets!r}])."
+        )
+    opts = options(name)
+    found: dict[str, Any] = {}
+    for item in sets:
+        key, text = _assignment(item)
+        if key not in opts:
+            raise ValueError(
+                f"Method {name!r} has no option {key!r} (in {item!r}); its options "
+                f"are {', '.join(opts)}."
+            )
+        if key in found:
+            raise ValueError(f"Method {name!r}: the option {key!r} is set twice.")
+        param = opts[key]
+        kind = param.annotation
+        if kind is inspect.Parameter.empty or isinstance(kind, str):
+            default = param.default
+            unset = default is inspect.Parameter.empty or default is None
+            kind = str if unset else type(default)
+        try:
+            found[key] = _read(text, kind)
+        except _Unreadable as error:
+            raise ValueError(
+                f"Method {name!r}: the option {key!r} cannot be {text!r}; expected "
+                f"{error.expected} (default {key}={param.default!r})."
+            ) from None
+    return found
+
+
+def _split(spec: str) -> tuple[str, list[str]]:
+    """`"lsd[split=0.5,0.5,loss=squared]"` -> `("lsd", ["split=0.5,0.5",
+    "loss=squared"])`: a comma starts a new setting only before a `KEY=`."""
+    if not isinstance(spec, str):
+        raise TypeError(f"A method is named by a string; got {spec!r}.")
+    match = _SPEC.fullmatch(spec)
+    if match is None or not match.group(1):
+        raise ValueError(
+            f"Cannot read the method {spec!r}: write NAME or NAME[KEY=VALUE,...], "
+            "e.g. 'meanflow[loss=squared]'."
+        )
+    name, body = match.group(1), match.group(2)
+    items: list[str] = []
+    for piece in (body or "").split(","):
+        if items and "=" not in piece:
+            items[-1] += "," + piece
+        elif piece.strip():
+            items.append(piece)
+    return name, items
+
+
+def _variant(
+    spec: str, sets: Sequence[str] = (), *, cli: bool = False
+) -> tuple[str, list[str], Method]:
+    """The registry name, the tidied settings and the method of `spec` with `sets`."""
+    name, inline = _split(spec)
+    if name not in _BUILDERS:
+        raise ValueError(_unknown(name, cli=cli))
+    if isinstance(sets, str):
+        raise TypeError(
+            f"`sets` is a list of 'KEY=VALUE' strings; got the string {sets!r}."
+        )
+    items = [*inline, *sets]
+    method = get(name, **settings(name, items))
+    tidy = ["=".join(_assignment(item)) for item in items]
+    if tidy:
+        method = method.replace(name=f"{name}[{','.join(tidy)}]")
+    return name, tidy, method
+
+
+def parse(spec: str, sets: Sequence[str] = ()) -> Method:
+    """The method that a string names: a registry name, optionally with settings
+    of its options, `"meanflow[loss=squared]"` or
+    `"lsd[split=0.5,0.5,loss=squared]"`.
+
+    **Arguments:**
+
+    - `spec`: `NAME` or `NAME[KEY=VALUE,...]`; a comma separates settings only
+      before a `KEY=`, so a tuple's commas need no quoting.
+    - `sets`: more `KEY=VALUE` settings, after those in brackets (what
+      `fmcalc train --method NAME --set KEY=VALUE` passes).
+
+    Values are read by each option's type as [`fmcalc.methods.settings`][] says:
+    numbers, booleans, tuples, `None`, and names for losses (`squared`,
+    `adaptive`, `pseudo-huber`), derivatives (`jvp`, `fd`, `central`) and
+    velocities (`teacher`, `conditional`).
+
+    **Returns:** the [`fmcalc.Method`][], equal to
+    `fmcalc.methods.get(NAME, KEY=value, ...)` except that a variant's `name`
+    says what was set: `"meanflow[loss=squared]"` (a plain name keeps its name).
+
+    **Raises:** `ValueError` for an unknown method (a made-up name such as
+    `"meanflow-mse"` is answered with the setting that names it), an unknown
+    option (with the method's options) or a value its option does not read (with
+    what would be right).
+
+    !!! Example
+
+        ```python
+        import fmcalc
+
+        method = fmcalc.methods.parse("meanflow[loss=squared]")
+        print(method.name)  # meanflow[loss=squared]
+        same = fmcalc.methods.get("meanflow", loss=fmcalc.SquaredError())
+        assert method.terms == same.terms
+        ```
+    """
+    return _variant(spec, sets)[2]
 
 
 def _notes(name: str) -> str:
