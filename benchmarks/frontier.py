@@ -76,7 +76,7 @@ HEADLINE = (
     "pfmm",
     "psd",
     "shortcut",
-    "meanflow-mse",
+    "meanflow[loss=squared]",
     "ect",
     "pid",
     "freeflow",
@@ -173,16 +173,19 @@ SEEDS = (0, 1, 2)
 
 
 # Methods outside the registry, by name. Another benchmark adds its own before it
-# calls `main` (`benchmarks/meanflow_ablation.py`).
-EXTRA: dict[str, Callable[[], fmcalc.Method]] = {
-    "meanflow-mse": lambda: fmcalc.methods.get("meanflow", loss=fmcalc.SquaredError())
-}
+# calls `main` (`benchmarks/meanflow_ablation.py`). Protocol 1 named MeanFlow with
+# plain squared error `meanflow-mse`; it is `meanflow[loss=squared]` now, the name
+# `fmcalc.methods.parse` and `fmcalc train --method meanflow --set loss=squared`
+# build.
+EXTRA: dict[str, Callable[[], fmcalc.Method]] = {}
 
 
 def method(name: str) -> fmcalc.Method:
+    """A registry method, a variant `name[option=value,...]`
+    ([`fmcalc.methods.parse`][]), or one of `EXTRA`."""
     if name in EXTRA:
         return EXTRA[name]()
-    return fmcalc.methods.get(name)
+    return fmcalc.methods.parse(name)
 
 
 # ------------------------------------------------------------------ evaluation
@@ -586,26 +589,16 @@ def command_line(program: str, argv: list[str]) -> str:
 
 def choose(rows: list[dict]) -> dict[str, dict]:
     """Each method's best trial in the tuning rows: the lowest mean, over the
-    trial's scored columns that the method is judged on (1 and 2 jumps of a map,
-    or one for a map trained from noise; flow matching's best solver at its most
-    network evaluations), of the data set's primary metric. A trial that failed or
-    left non-finite samples is never chosen."""
+    columns the method is judged on (1 and 2 jumps of a map, or one for a map
+    trained from noise; flow matching's best solver at its most network
+    evaluations), of the data set's primary metric (`_render._trial_score`). A
+    trial that failed or left non-finite samples is never chosen."""
     import _render
 
     metric = _render.primary_metric(rows)
     scores: dict[str, list[tuple[float, dict]]] = {}
     for row in rows:
-        if "error" in row:
-            continue
-        columns = row["metrics"]
-        if row["method"] == BASELINE:
-            most = max(_render.nfe(c) for c in columns)
-            judged = [c for c in columns if _render.nfe(c) == most]
-            values = [min(columns[c].get(metric, np.inf) for c in judged)]
-        else:
-            judged = [c for c in ("nfe1", "nfe2") if c in columns]
-            values = [columns[c].get(metric, np.inf) for c in judged]
-        value = float(np.mean(values)) if values else np.inf
+        value = _render._trial_score(row, metric)
         if np.isfinite(value):
             scores.setdefault(row["method"], []).append((value, row["trial"]))
     return {name: min(found, key=lambda f: f[0])[1] for name, found in scores.items()}
@@ -670,6 +663,10 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
     plan = {name: tuple(args.budgets or PLAN[name]) for name in (args.datasets or PLAN)}
     headline = tuple(dict.fromkeys((BASELINE, *(args.methods or HEADLINE))))
     report = dict(plan=plan, headline=headline)
+    if args.render and args.tune:
+        rows = read_rows(path)
+        _render.write_tuning(rows, choose(rows), args.out)
+        return 0
     if args.render:
         _render.write_report(read_rows(path), args.out, **report)
         return 0
@@ -792,9 +789,11 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
                               f"{method_name} ({trial.label()}): "
                               f"{_render.headline_value(row)}", flush=True)  # fmt: skip
     if args.tune:
-        chosen = choose(read_rows(path))
+        rows = read_rows(path)
+        chosen = choose(rows)
         (args.out / "tuned.json").write_text(json.dumps(chosen, indent=1) + "\n")
-        print(f"wrote {args.out / 'tuned.json'}")
+        _render.write_tuning(rows, chosen, args.out)
+        print(f"wrote {args.out / 'tuned.json'} and {args.out / 'tuning.md'}")
         return 0
     if args.quick:
         report = dict(plan={n: (1.0,) for n in names}, headline=tuple(methods))

@@ -440,3 +440,23 @@ def test_the_meanflow_paragraph_holds_in_the_committed_report():
         full = group(steps, "meanflow-exact-full-mf")
         assert full < group(steps, "meanflow-cond-sg-mf")
         assert full < group(steps, "meanflow-exact-sg-mf")
+
+
+def test_the_tuning_report_names_the_chosen_trial_and_its_cost(tmp_path):
+    def trial(lr, value, **changes):
+        return _row(
+            "lsd", 100, value=value, trial={"lr": lr, "horizon": 1.0, "share": 0.5},
+            **changes,
+        )  # fmt: skip
+
+    rows = [trial(0.5, 0.4), trial(1.0, 0.3), trial(2.0, 0.9)]
+    rows.append({**trial(4.0, 0.0), "error": "NonFiniteError: diverged"})
+    broken = {**_row("pfmm", 100), "error": "NonFiniteError: diverged"}
+    rows.append(broken)
+    chosen = frontier.choose(rows)
+    assert chosen == {"lsd": {"lr": 1.0, "horizon": 1.0, "share": 0.5}}
+    render.write_tuning(rows, chosen, tmp_path)
+    text = (tmp_path / "tuning.md").read_text()
+    assert "| lsd | 4 (1 failed) | **1** | **1** | **0.5** | 0.3 | 0.9 |" in text
+    assert "| pfmm | 1 | – | – | – | – | – |" in text
+    assert "Tuning cost: 5 runs" in text
