@@ -101,7 +101,9 @@ from ._sampling import (
     sample as sample,
     sample_batch as sample_batch,
     sample_consistency as sample_consistency,
+    sample_dpm2m as sample_dpm2m,
     sample_euler as sample_euler,
+    sample_heun as sample_heun,
     sample_ode as sample_ode,
 )
 from ._times import (
