@@ -5,7 +5,13 @@ python benchmarks/frontier.py [--datasets ...] [--methods ...] [--seeds 0 1 2]
                               [--budgets 0.5 1 2] [--teacher learned|exact]
                               [--size full|cpu] [--out DIR] [--resume] [--quick]
 python benchmarks/frontier.py --out DIR --render   # the report from DIR/rows.jsonl
+python benchmarks/frontier.py --tune --datasets aniso2d --size cpu --out DIR
+                              # nine trials per method -> DIR/tuned.json, tuning.md
 ```
+
+Runs are refused from a working tree with uncommitted changes unless
+`--allow-dirty` is given (then every row records it). With `DIR/tuned.json`
+present, every method trains with its chosen trial (`--tuned` names another file).
 
 Every run is one row of `rows.jsonl`, keyed by data set, method, seed, budget and
 teacher. A budget is training compute in units of flow matching's: budget 1 is what
@@ -692,6 +698,9 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
     names = args.datasets or list(QUICK if args.quick else PLAN)
     methods = [BASELINE, *(args.methods or HEADLINE)]
     methods = list(dict.fromkeys(methods))
+    # Tuning trains only what is named (several processes can share the methods
+    # without repeating flow matching's trials); budgets still need its cost.
+    trained = args.methods if args.tune and args.methods else methods
     argv = sys.argv[1:] if argv is None else argv
     command = command_line(program, argv)
     for name in names:
@@ -732,7 +741,7 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
             seeds, budgets = args.seeds, args.budgets or PLAN.get(name, (1.0,))
         for seed in seeds:
             for budget in budgets:
-                for method_name in methods:
+                for method_name in trained:
                     distils = bool(method(method_name).networks & {"teacher", "aux"})
                     planned = (
                         trials(distils)
