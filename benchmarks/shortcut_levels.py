@@ -1,0 +1,199 @@
+"""Why shortcut models' 1-jump quality does not grow with the budget: the error of
+each level of the dyadic ladder, measured against the exact map.
+
+```
+python benchmarks/shortcut_levels.py [--budgets 0.5 1 2] [--seeds 0 1]
+                                     [--out DIR] [--render]
+```
+
+A shortcut model learns jumps of size `d = 2^-k` on the grid `s ∈ {d, 2d, …, 1}`;
+the target of level `k` is two jumps of level `k + 1` by the EMA network, and the
+finest level is anchored by flow matching. On the ring the exact map is known, so
+each level can be scored on its own, from points on the exact marginal:
+
+- **local error** `e_k = E ‖F(x_s, s, s - d) - F*(x_s, s, s - d)‖`, `x_s` the exact
+  flow of noise from 1 to `s`, over the grid points `s` of level `k`;
+- **self-consistency defect** `c_k = E ‖F(x_s, s, s - d) - F(F(x_s, s, u), u, s - d)‖`
+  with `u = s - d/2`: the residual the method drives to zero, with the online
+  network on both sides.
+
+A ladder whose defects are small and whose errors grow with `d` propagates the
+errors of its finer levels upwards; a level whose defect stays large is not
+trained to its own target. Every run trains as the frontier's protocol 2 does
+(`fmcalc.train.fit` defaults: curricula for the run, an EMA horizon of 0.1, Adam
+with a cosine decay), on the frontier's `--size cpu` ring network and budgets.
+Rows go to `DIR/rows.jsonl`; the report `DIR/shortcut-levels.md` is rendered from
+them alone.
+"""
+
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+import time
+
+import _datasets as datasets
+import frontier
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _machine import machine
+
+import fmcalc
+
+
+LEVELS = 7
+OUT = pathlib.Path(__file__).resolve().parent / "results" / "shortcut"
+
+
+def ladder(model, flow, noise: np.ndarray) -> dict[str, list[float]]:
+    """`e_k` and `c_k` of `model` for `k = 0, …, LEVELS - 1` (`d = 1` first), from
+    `noise` carried along the exact flow (`flow`, float64) to each grid point; the
+    paired error of `2^k` jumps of size `d` from the noise is `chained`."""
+    errors, defects, chained = [], [], []
+    n = noise.shape[0]
+    call = jax.jit(jax.vmap(lambda x, s, t: model(x, s, t)))
+
+    def jump(x, s, t):
+        v = call(x, jnp.full(n, s, x.dtype), jnp.full(n, t, x.dtype))
+        return x + (t - s) * v
+
+    with jax.enable_x64(True):
+        exact = jax.jit(jax.vmap(flow.flow_map))
+        eps = jnp.asarray(noise, jnp.float64)
+        end = np.asarray(exact(eps, jnp.ones(n), jnp.zeros(n)))
+        for k in range(LEVELS):
+            d = 2.0**-k
+            grid = [d * j for j in range(1, 2**k + 1)]
+            e, c = [], []
+            for s in grid:
+                t, u = s - d, s - d / 2
+                x_s = exact(eps, jnp.ones(n), jnp.full(n, s))
+                truth = np.asarray(exact(x_s, jnp.full(n, s), jnp.full(n, t)))
+                x32 = jnp.asarray(x_s, jnp.float32)
+                direct = np.asarray(jump(x32, s, t))
+                halves = np.asarray(jump(jump(x32, s, u), u, t))
+                e.append(np.mean(np.linalg.norm(direct - truth, axis=1)))
+                c.append(np.mean(np.linalg.norm(direct - halves, axis=1)))
+            x = jnp.asarray(noise, jnp.float32)
+            for s in reversed(grid):
+                x = jump(x, s, s - d)
+            errors.append(float(np.mean(e)))
+            defects.append(float(np.mean(c)))
+            chained.append(float(np.mean(np.linalg.norm(np.asarray(x) - end, axis=1))))
+    return {"error": errors, "defect": defects, "chained": chained}
+
+
+def run(budget: float, seed: int) -> dict:
+    dataset = datasets.DATASETS["ring"]()
+    settings = frontier.CPU["ring"]
+    ev = frontier.prepare(dataset, settings, OUT / "_cache")
+    teacher = fmcalc.model_velocity(frontier.network(dataset, settings, 0))
+    aux = fmcalc.HeunMap(teacher, 4)
+    costs = {
+        name: frontier.step_cost(name, ev, settings, teacher, aux)
+        for name in (frontier.BASELINE, "shortcut")
+    }
+    steps, _ = frontier.plan_steps(
+        budget, costs[frontier.BASELINE]["flops"], costs["shortcut"]["flops"],
+        settings, uses_teacher=False,
+    )  # fmt: skip
+    model = frontier.network(dataset, settings, seed)
+    result, seconds = frontier.fit("shortcut", model, ev, settings, steps, seed=seed)
+    assert dataset.reference is not None
+    with jax.enable_x64(True):
+        flow = dataset.reference()
+    found = ladder(result.ema, flow, ev.noise[:500])
+    return {"budget": budget, "seed": seed, "steps": steps, "train_s": seconds,
+            **found}  # fmt: skip
+
+
+def render(rows: list[dict], out: pathlib.Path) -> None:
+    """`shortcut-levels.md`: per budget, the seed median of each level's local
+    error, self-consistency defect and chained error."""
+    budgets = sorted({r["budget"] for r in rows})
+    lines = [
+        "# Shortcut models, level by level",
+        "",
+        "Generated by `benchmarks/shortcut_levels.py` from `rows.jsonl`. Ring, "
+        "`--size cpu` network, frontier protocol 2 settings; 500 noise rows. "
+        "Level `k` jumps `d = 2^-k`. Medians over seeds "
+        f"({', '.join(str(s) for s in sorted({r['seed'] for r in rows}))}).",
+        "",
+        "Runs:",
+        "",
+        *sorted(
+            {
+                f"- `{r['command']}` at `{r['machine']['git']['commit'][:7]}`"
+                + (" (uncommitted changes)" if r["machine"]["git"]["dirty"] else "")
+                for r in rows
+            }
+        ),
+        "",
+    ]
+    for field, title in (
+        ("error", "Local error `e_k` (one jump from the exact marginal)"),
+        ("defect", "Self-consistency defect `c_k` (one jump against two halves)"),
+        ("chained", "Paired error of `2^k` jumps of size `d` from the noise"),
+    ):
+        lines += [
+            f"## {title}",
+            "",
+            "| budget | steps | " + " | ".join(f"d = 1/{2**k}" for k in range(LEVELS))
+            + " |",
+            "|---|---|" + "---|" * LEVELS,
+        ]  # fmt: skip
+        for budget in budgets:
+            mine = [r for r in rows if r["budget"] == budget]
+            values = np.median(np.array([r[field] for r in mine]), axis=0)
+            steps = ", ".join(str(s) for s in sorted({r["steps"] for r in mine}))
+            lines.append(
+                f"| {budget:g} | {steps} | "
+                + " | ".join(f"{v:.3g}" for v in values)
+                + " |"
+            )
+        lines.append("")
+    (out / "shortcut-levels.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 1.0, 2.0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--out", type=pathlib.Path, default=OUT)
+    parser.add_argument("--render", action="store_true")
+    parser.add_argument("--allow-dirty", action="store_true")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "rows.jsonl"
+    if not args.render:
+        record = machine()
+        if record["git"]["dirty"] and not args.allow_dirty:
+            raise SystemExit(
+                "The working tree has uncommitted changes: commit them, or pass "
+                "--allow-dirty (recorded in every row)."
+            )
+        argv = sys.argv[1:] if argv is None else argv
+        command = frontier.command_line("benchmarks/shortcut_levels.py", argv)
+        done = {(r["budget"], r["seed"]) for r in frontier.read_rows(path)}
+        for budget in args.budgets:
+            for seed in args.seeds:
+                if (budget, seed) in done:
+                    continue
+                start = time.perf_counter()
+                row = run(budget, seed)
+                row |= {
+                    "seconds": time.perf_counter() - start,
+                    "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "command": command,
+                    "machine": record,
+                }
+                frontier.append(path, row)
+                print(json.dumps({k: row[k] for k in ("budget", "seed", "error")}))
+    render(frontier.read_rows(path), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
