@@ -551,6 +551,108 @@ def best_solver(values: dict, budget: float) -> tuple[str, int, dict] | None:
     return (m.partition(" (")[2].rstrip(")") or "euler"), most, v
 
 
+# What the frontier aims at: the best map's ratio to flow matching's best solver
+# at its most evaluations, at budget 1 (data set, jumps, target).
+TARGETS = (("ring", 1, 2.5), ("mnist", 1, 1.2), ("mnist", 2, 1.05))
+
+
+def best_map(values: dict, budget: float, column: str) -> tuple[list[str], float]:
+    """The `unbeaten` maps of one cell (flow matching's lines left out) and the
+    best median among them."""
+    scored = {
+        m: v
+        for (m, b, c), v in values.items()
+        if b == budget and c == column and len(v) >= RANK_SEEDS
+        and m.partition(" (")[0] != BASELINE
+    }  # fmt: skip
+    if not scored:
+        return [], float("nan")
+    best = unbeaten(scored)
+    return best, min(statistics.median(scored[m].values()) for m in best)
+
+
+def answer(rows: list[dict]) -> list[str]:
+    """The report's opening: for each data set at budget 1 and each number of
+    jumps, the map to train and what it gives up against flow matching's best
+    solver at its most evaluations; then the headline figures against their
+    targets."""
+    lines = [
+        "## Which method to train",
+        "",
+        "At budget 1 (flow matching's training compute), the maps no other map "
+        "ranks ahead of, their median and its ratio to flow matching's best solver "
+        "at its most network evaluations (below 1: the map is better).",
+        "",
+        "| data set | metric | seeds | 1 jump | 2 jumps | 4 jumps | "
+        "flow matching, best solver |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    learned = [r for r in rows if r["teacher_kind"] == "learned" and "error" not in r]
+    figures = {}
+    for name in dict.fromkeys(r["dataset"] for r in learned):
+        mine = [r for r in learned if r["dataset"] == name and r["budget"] == 1.0]
+        if not mine:
+            continue
+        metric = primary_metric(mine)
+        values = seeded(mine, metric, rankable=True)
+        reference = best_solver(values, 1.0)
+        if reference is None:
+            continue
+        found, most, v = reference
+        target = statistics.median(v.values())
+        seeds = len({r["seed"] for r in mine})
+        row_cells = []
+        for jumps in (1, 2, 4):
+            best, median = best_map(values, 1.0, f"nfe{jumps}")
+            figures[name, jumps] = (median / target, best, seeds)
+            row_cells.append(
+                f"{', '.join(best)} ({median:.3g}; {median / target:.2f}×)"
+                if best
+                else "–"
+            )
+        lines.append(
+            f"| {name} | {metric} | {seeds} | " + " | ".join(row_cells)
+            + f" | {found}, {most} NFE: {target:.3g} |"
+        )  # fmt: skip
+    lines += [
+        "",
+        "Headline figures: the best map's ratio at budget 1.",
+        "",
+        "| figure | ratio | target | met | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for name, jumps, goal in TARGETS:
+        ratio, best, seeds = figures.get((name, jumps), (float("nan"), [], 0))
+        met = "yes" if ratio <= goal else "no"
+        who = f" ({', '.join(best)})" if best else ""
+        lines.append(
+            f"| best {jumps}-jump ratio, {name}{who} | {ratio:.2f}× | ≤ {goal:g}× | "
+            f"{met} | {seeds} |"
+        )
+    return [*lines, ""]
+
+
+# The headline subset is chosen on these sets and reported on the others.
+SELECTION = ("aniso2d", "checkerboard", "digits")
+
+
+def select_headline(rows: list[dict], datasets=SELECTION) -> list[str]:
+    """The maps that no other map ranks ahead of in at least one cell (budget 1,
+    1, 2 or 4 jumps, learned teachers) of the selection data sets, in order of
+    first appearance: the subset the other data sets train."""
+    chosen: list[str] = []
+    learned = [r for r in rows if r["teacher_kind"] == "learned" and "error" not in r]
+    for name in datasets:
+        mine = [r for r in learned if r["dataset"] == name and r["budget"] == 1.0]
+        if not mine:
+            continue
+        values = seeded(mine, primary_metric(mine), rankable=True)
+        for jumps in (1, 2, 4):
+            best, _ = best_map(values, 1.0, f"nfe{jumps}")
+            chosen += [m for m in best if m not in chosen]
+    return chosen
+
+
 def summary(rows: list[dict]) -> list[str]:
     """One table over the data sets: at each budget and number of sampling steps
     (learned teachers first, then any exact-teacher ablation), the methods that
@@ -629,6 +731,12 @@ def write_report(
         "Protocols:",
         "",
         *protocols(rows),
+        "",
+        *answer(rows),
+        "The maps that no other map ranks ahead of in some budget-1 cell of "
+        f"{', '.join(SELECTION)}, the sets the headline subset is chosen on: "
+        + (", ".join(select_headline(rows)) or "none yet")
+        + ".",
         "",
         *summary(rows),
     ]

@@ -460,3 +460,31 @@ def test_the_tuning_report_names_the_chosen_trial_and_its_cost(tmp_path):
     assert "| lsd | 4 (1 failed) | **1** | **1** | **0.5** | 0.3 | 0.9 |" in text
     assert "| pfmm | 1 | – | – | – | – | – |" in text
     assert "Tuning cost: 5 runs" in text
+
+
+def test_the_answer_states_each_headline_figure_against_its_target(tmp_path):
+    rows = []
+    for dataset in ("ring", "mnist"):
+        for seed in range(3):
+            fm = _row("flow-matching", seed, value=4.0, dataset=dataset)
+            fm["metrics"]["nfe128"] = {"rmse": 0.2, "energy": 0.01}
+            good = _row("lsd", seed, value=0.4 + 0.01 * seed, dataset=dataset)
+            good["metrics"]["nfe2"] = {"rmse": 0.3, "energy": 0.01}
+            rows += [fm, good, _row("psd", seed, value=0.9, dataset=dataset)]
+    lines = render.answer(rows)
+    text = "\n".join(lines)
+    # ring: 0.41 / 0.2 = 2.05x, within 2.5x; mnist's 1 jump is not within 1.2x.
+    assert "| best 1-jump ratio, ring (lsd) | 2.05× | ≤ 2.5× | yes | 3 |" in text
+    assert "| best 1-jump ratio, mnist (lsd) | 2.05× | ≤ 1.2× | no | 3 |" in text
+    assert "| best 2-jump ratio, mnist (lsd) | 1.50× | ≤ 1.05× | no | 3 |" in text
+    assert "| ring | rmse | 3 | lsd (0.41; 2.05×) |" in text
+
+
+def test_the_headline_subset_is_chosen_on_the_selection_sets_only():
+    rows = []
+    for seed in range(3):
+        for dataset, winner in (("aniso2d", "pid"), ("digits", "ect"),
+                                ("ring", "facm")):  # fmt: skip
+            rows.append(_row(winner, seed, value=0.1, dataset=dataset))
+            rows.append(_row("lsd", seed, value=0.5 + seed, dataset=dataset))
+    assert render.select_headline(rows) == ["pid", "ect"]
