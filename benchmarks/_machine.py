@@ -36,7 +36,19 @@ def git() -> dict[str, Any]:
         except (OSError, subprocess.CalledProcessError):
             return None
 
-    return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "-s"))}
+    return {"commit": run("rev-parse", "HEAD"), "dirty": dirty(run("status", "-s"))}
+
+
+def dirty(status: str | None) -> bool:
+    """Whether `git status -s` shows a change that could alter a result: any
+    tracked change, or an untracked file outside `benchmarks/results/`, where runs
+    write their own rows while other chunks start."""
+    for line in (status or "").splitlines():
+        code, path = line[:2], line[3:]
+        if code == "??" and path.startswith("benchmarks/results/"):
+            continue
+        return True
+    return False
 
 
 def device_label(machine: dict[str, Any]) -> str:

@@ -488,3 +488,13 @@ def test_the_headline_subset_is_chosen_on_the_selection_sets_only():
             rows.append(_row(winner, seed, value=0.1, dataset=dataset))
             rows.append(_row("lsd", seed, value=0.5 + seed, dataset=dataset))
     assert render.select_headline(rows) == ["pid", "ect"]
+
+
+def test_a_tree_is_dirty_unless_only_run_outputs_are_new():
+    import _machine
+
+    assert not _machine.dirty("")
+    assert not _machine.dirty("?? benchmarks/results/frontier-rerun/\n")
+    assert _machine.dirty(" M fmcalc/_method.py\n")
+    assert _machine.dirty("?? benchmarks/results/x.jsonl\n?? fmcalc/new.py\n")
+    assert _machine.dirty("M  benchmarks/results/frontier/rows.jsonl\n")
