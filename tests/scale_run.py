@@ -1,10 +1,11 @@
 """Training runs on several simulated devices or processes, for tests/test_scale.py.
 
 `python scale_run.py SCENARIO OUT [ARGS...]` runs one scenario and writes its
-results to the `.npz` file OUT. The device count comes from XLA_FLAGS in the
-environment (`--xla_force_host_platform_device_count=N`), set by the test before
-JAX starts; in a multi-process scenario, the environment variables
-`COORDINATOR`, `PROCESS_ID` and `PROCESSES` start `jax.distributed`.
+results to the `.npz` file OUT (`runs PLAN` runs several, each to its own file).
+The device count comes from XLA_FLAGS in the environment
+(`--xla_force_host_platform_device_count=N`), set by the test before JAX starts;
+in a multi-process scenario, the environment variables `COORDINATOR`,
+`PROCESS_ID` and `PROCESSES` start `jax.distributed`.
 """
 
 import json
@@ -37,6 +38,8 @@ from fmcalc.nn import MLP, Transformer  # noqa: E402
 
 
 OPTIMIZER = optax.adam(1e-3)
+# Each method and each model once: (method, model kind).
+PAIRS = (("meanflow", "mlp"), ("lsd", "transformer"))
 
 
 def model(kind: str):
@@ -90,25 +93,25 @@ def save(out: str, results: dict) -> None:
 
 
 def equal_to_one_device(out: str, steps: str) -> None:
-    """MeanFlow and LSD, MLP and transformer: every device vs one device."""
+    """MeanFlow on the MLP and LSD (which reads the EMA) on the transformer:
+    every device vs one device."""
     results = {}
-    for method in ("meanflow", "lsd"):
-        for kind in ("mlp", "transformer"):
-            for name, devices in (("all", None), ("one", 1)):
-                result = fit(method, kind, devices, steps=int(steps))
-                prefix = f"{method}/{kind}/{name}"
-                results[f"{prefix}/losses"] = result.losses
-                for i, leaf in enumerate(leaves(result.model)):
-                    results[f"{prefix}/param{i}"] = leaf
-                if name == "all":
-                    results[f"{prefix}/devices"] = np.asarray(
-                        [d.id for d in result.mesh.devices.flat]
-                    )
-                    on_mesh = all(
-                        x.sharding.mesh == result.mesh
-                        for x in jax.tree.leaves(eqx.filter(result.model, eqx.is_array))
-                    )
-                    results[f"{prefix}/on_mesh"] = np.asarray(on_mesh)
+    for method, kind in PAIRS:
+        for name, devices in (("all", None), ("one", 1)):
+            result = fit(method, kind, devices, steps=int(steps))
+            prefix = f"{method}/{kind}/{name}"
+            results[f"{prefix}/losses"] = result.losses
+            for i, leaf in enumerate(leaves(result.model)):
+                results[f"{prefix}/param{i}"] = leaf
+            if name == "all":
+                results[f"{prefix}/devices"] = np.asarray(
+                    [d.id for d in result.mesh.devices.flat]
+                )
+                on_mesh = all(
+                    x.sharding.mesh == result.mesh
+                    for x in jax.tree.leaves(eqx.filter(result.model, eqx.is_array))
+                )
+                results[f"{prefix}/on_mesh"] = np.asarray(on_mesh)
     save(out, results)
 
 
@@ -156,6 +159,14 @@ def run(out: str, spec: str) -> None:
     save(out, results)
 
 
+def runs(plan: str) -> None:
+    """Several runs in one process, one after another: the JSON `plan` is a list
+    of `[out, spec]` pairs, each as `run` takes them. Runs with the same shapes
+    share their compiled programs."""
+    for out, spec in json.loads(plan):
+        run(out, json.dumps(spec))
+
+
 def sharded(out: str) -> None:
     """On every device: the compiled memory of the state, replicated and split;
     a split run against a replicated one; and a batch the mesh cannot split."""
@@ -186,4 +197,10 @@ def sharded(out: str) -> None:
 
 if __name__ == "__main__":
     scenario, *args = sys.argv[1:]
-    {"equal": equal_to_one_device, "run": run, "sharded": sharded}[scenario](*args)
+    scenarios = {
+        "equal": equal_to_one_device,
+        "run": run,
+        "runs": runs,
+        "sharded": sharded,
+    }
+    scenarios[scenario](*args)

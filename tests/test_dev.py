@@ -23,7 +23,8 @@ def test_fast_runs_the_fast_tier(dev):
     fast = dev.COMMANDS["test"](["--fast", "-x"])
     assert fast[-3:] == ["-m", "not slow", "-x"] and "--fast" not in fast
     full = dev.COMMANDS["test"]([])
-    assert "not slow" not in full and full[-2:] == ["-n", "2"]
+    assert "not slow" not in full
+    assert full[-4:] == ["-n", "2", "--dist", "loadgroup"]
 
 
 def test_an_install_says_what_it_installs(dev, tmp_path, monkeypatch, capsys):

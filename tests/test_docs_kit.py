@@ -8,6 +8,9 @@ import pytest
 
 
 PAGE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "kit.md"
+# The page's `check_training` trains flow matching's baseline with the defaults of
+# tests/test_training_check.py: one worker runs both, and trains it once.
+pytestmark = pytest.mark.xdist_group("check_training")
 
 
 def _blocks(language: str) -> list[str]:

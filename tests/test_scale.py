@@ -77,10 +77,14 @@ def _free_port() -> int:
 
 def _start_two(spec: dict, out: Path, **extra: str) -> list[subprocess.Popen]:
     """Two processes of 2 devices each, one job."""
+    return _start_two_with(["run", str(out), json.dumps(spec)], **extra)
+
+
+def _start_two_with(args: list[str], **extra: str) -> list[subprocess.Popen]:
     port = _free_port()
     return [
         subprocess.Popen(
-            [sys.executable, str(CHILD), "run", str(out), json.dumps(spec)],
+            [sys.executable, str(CHILD), *args],
             env=_environment(
                 2,
                 COORDINATOR=f"localhost:{port}",
@@ -96,12 +100,31 @@ def _start_two(spec: dict, out: Path, **extra: str) -> list[subprocess.Popen]:
     ]
 
 
-def _two_processes(spec: dict, out: Path):
-    processes = _start_two(spec, out)
-    for process in processes:
+def _plan(runs: dict[str, dict], folder: Path) -> str:
+    return json.dumps(
+        [[str(folder / f"{name}.npz"), spec] for name, spec in runs.items()]
+    )
+
+
+def _runs(runs: dict[str, dict], folder: Path, devices: int) -> dict:
+    """Several runs in one process, in order; their results by name."""
+    process = subprocess.run(
+        [sys.executable, str(CHILD), "runs", _plan(runs, folder)],
+        env=_environment(devices),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    return {name: np.load(folder / f"{name}.npz") for name in runs}
+
+
+def _two_process_runs(runs: dict[str, dict], folder: Path) -> dict:
+    """Several runs in order, each by two processes of 2 devices."""
+    for process in _start_two_with(["runs", _plan(runs, folder)]):
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err[-3000:]
-    return np.load(out)
+    return {name: np.load(folder / f"{name}.npz") for name in runs}
 
 
 # 8 simulated devices ------------------------------------------------------------
@@ -109,19 +132,19 @@ def _two_processes(spec: dict, out: Path):
 
 @pytest.mark.slow
 def test_eight_devices_equal_one(tmp_path):
-    """50 steps of MeanFlow and LSD, MLP and transformer: the same parameters
-    and losses on 8 devices as on 1, and the arrays stay on the 8-device mesh."""
+    """50 steps of MeanFlow on the MLP and LSD on the transformer: the same
+    parameters and losses on 8 devices as on 1, and the arrays stay on the
+    8-device mesh."""
     results = _one_process("equal", tmp_path / "equal.npz", "50")
-    for method in ("meanflow", "lsd"):
-        for kind in ("mlp", "transformer"):
-            run = f"{method}/{kind}"
-            assert results[f"{run}/all/devices"].tolist() == list(range(8))
-            assert results[f"{run}/all/on_mesh"]
-            every, one = (_params(results, f"{run}/{name}/") for name in ("all", "one"))
-            assert _relative(every, one) <= RELATIVE, run
-            losses = results[f"{run}/all/losses"], results[f"{run}/one/losses"]
-            assert losses[0].shape == (50,)
-            np.testing.assert_allclose(*losses, rtol=RELATIVE, err_msg=run)
+    for method, kind in (("meanflow", "mlp"), ("lsd", "transformer")):
+        run = f"{method}/{kind}"
+        assert results[f"{run}/all/devices"].tolist() == list(range(8))
+        assert results[f"{run}/all/on_mesh"]
+        every, one = (_params(results, f"{run}/{name}/") for name in ("all", "one"))
+        assert _relative(every, one) <= RELATIVE, run
+        losses = results[f"{run}/all/losses"], results[f"{run}/one/losses"]
+        assert losses[0].shape == (50,)
+        np.testing.assert_allclose(*losses, rtol=RELATIVE, err_msg=run)
 
 
 @pytest.mark.slow
@@ -188,39 +211,42 @@ def test_two_processes_equal_one_and_exchange_checkpoints(tmp_path):
     written by the two resumes in one, and a file written by one resumes in two;
     streams give each process its rows."""
     base = {"method": "meanflow", "kind": "mlp", "every": 5}
-    one = {"devices": 4}
-
-    def single(name: str, **spec):
-        return _one_process(
-            "run", tmp_path / f"{name}.npz", json.dumps(base | one | spec), devices=4
-        )
-
-    straight = single("straight", steps=30)
-    # One process writes a file for 20 steps; two processes resume it to 30.
-    file = tmp_path / "one.eqx"
-    first = single("first", steps=20, checkpoint=str(file))
-    again = _two_processes(
-        base | {"steps": 30, "checkpoint": str(file)}, tmp_path / "again.npz"
+    one = base | {"devices": 4}
+    file, directory = tmp_path / "one.eqx", tmp_path / "two"
+    # One process: a straight run, a file written for 20 steps, a stream.
+    single = _runs(
+        {
+            "straight": one | {"steps": 30},
+            "first": one | {"steps": 20, "checkpoint": str(file)},
+            "whole": one | {"steps": 10, "stream": True},
+        },
+        tmp_path,
+        devices=4,
     )
+    straight, first = single["straight"], single["first"]
+    # Two processes: resume the file to 30; write a directory for 20 steps; a
+    # stream of which each process yields its half of every batch.
+    two = _two_process_runs(
+        {
+            "again": base | {"steps": 30, "checkpoint": str(file)},
+            "two": base | {"steps": 20, "checkpoint": str(directory)},
+            "halves": base | {"steps": 10, "stream": True},
+        },
+        tmp_path,
+    )
+    again = two["again"]
     assert again["devices"] == 4 and again["losses"].shape == (10,)
     assert train.checkpoint_header(file)["step"] == 30
     assert _relative(_params(again), _params(straight)) <= RELATIVE
-    # Two processes write a directory for 20 steps; one process resumes it to 30.
-    directory = tmp_path / "two"
-    two = _two_processes(
-        base | {"steps": 20, "checkpoint": str(directory)}, tmp_path / "two.npz"
-    )
     assert directory.is_dir() and train.checkpoint_header(directory)["step"] == 20
-    assert _relative(_params(two), _params(first)) <= RELATIVE
-    np.testing.assert_allclose(two["losses"], first["losses"], rtol=RELATIVE)
-    resumed = single("resumed", steps=30, checkpoint=str(directory))
+    assert _relative(_params(two["two"]), _params(first)) <= RELATIVE
+    np.testing.assert_allclose(two["two"]["losses"], first["losses"], rtol=RELATIVE)
+    assert _relative(_params(two["halves"]), _params(single["whole"])) <= RELATIVE
+    # One process resumes the two processes' directory to 30.
+    resumed = _runs({"resumed": one | {"steps": 30, "checkpoint": str(directory)}},
+                    tmp_path, devices=4)["resumed"]  # fmt: skip
     assert resumed["losses"].shape == (10,)
     assert _relative(_params(resumed), _params(straight)) <= RELATIVE
-    # Streams: each process yields its half of every batch.
-    streamed = base | {"steps": 10, "stream": True}
-    halves = _two_processes(streamed, tmp_path / "halves.npz")
-    whole = single("whole", steps=10, stream=True)
-    assert _relative(_params(halves), _params(whole)) <= RELATIVE
 
 
 @pytest.mark.slow

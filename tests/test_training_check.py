@@ -14,6 +14,9 @@ from fmcalc.testing import check_training
 
 # A few training runs of 10 to 40 s each.
 slow = pytest.mark.slow
+# Flow matching's baseline is cached per process: one worker runs every check with
+# the default budget (docs/kit.md's too, tests/test_docs_kit.py), and trains it once.
+pytestmark = pytest.mark.xdist_group("check_training")
 F = FlowMap(Network())
 FD = FiniteDifference(1e-3, "central")
 
