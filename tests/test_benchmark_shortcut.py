@@ -56,5 +56,6 @@ def test_the_report_has_one_line_per_budget(tmp_path):
     ]  # fmt: skip
     levels.render(rows, tmp_path)
     text = (tmp_path / "shortcut-levels.md").read_text()
-    assert "| 1 | 100 | 0.1 |" in text and "| 2 | 200 | 0.2 |" in text
+    assert "| shortcut | 1 | 100 | 0.1 |" in text
+    assert "| shortcut | 2 | 200 | 0.2 |" in text
     assert "(uncommitted changes)" in text
