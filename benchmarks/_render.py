@@ -809,8 +809,8 @@ def _trial_score(row: dict, metric: str) -> float:
         most = max(nfe(c) for c in columns)
         values = [min(columns[c].get(metric, np.inf) for c in columns
                       if nfe(c) == most)]  # fmt: skip
-    else:
+    else:  # a re-noised jump's paired error means nothing (`unpaired`)
         values = [columns[c].get(metric, np.inf) for c in ("nfe1", "nfe2")
-                  if c in columns]  # fmt: skip
+                  if c in columns and not unpaired(row, c, metric)]  # fmt: skip
     value = float(np.mean(values)) if values else float("nan")
     return value if np.isfinite(value) else float("nan")

@@ -596,9 +596,10 @@ def command_line(program: str, argv: list[str]) -> str:
 def choose(rows: list[dict]) -> dict[str, dict]:
     """Each method's best trial in the tuning rows: the lowest mean, over the
     columns the method is judged on (1 and 2 jumps of a map, or one for a map
-    trained from noise; flow matching's best solver at its most network
-    evaluations), of the data set's primary metric (`_render._trial_score`). A
-    trial that failed or left non-finite samples is never chosen."""
+    trained from noise, or whose second jump re-noises; flow matching's best
+    solver at its most network evaluations), of the data set's primary metric
+    (`_render._trial_score`). A trial that failed or left non-finite samples is
+    never chosen."""
     import _render
 
     metric = _render.primary_metric(rows)
@@ -671,7 +672,9 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
     report = dict(plan=plan, headline=headline)
     if args.render and args.tune:
         rows = read_rows(path)
-        _render.write_tuning(rows, choose(rows), args.out)
+        chosen = choose(rows)
+        (args.out / "tuned.json").write_text(json.dumps(chosen, indent=1) + "\n")
+        _render.write_tuning(rows, chosen, args.out)
         return 0
     if args.render:
         _render.write_report(read_rows(path), args.out, **report)

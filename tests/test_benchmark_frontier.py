@@ -498,3 +498,15 @@ def test_a_tree_is_dirty_unless_only_run_outputs_are_new():
     assert _machine.dirty(" M fmcalc/_method.py\n")
     assert _machine.dirty("?? benchmarks/results/x.jsonl\n?? fmcalc/new.py\n")
     assert _machine.dirty("M  benchmarks/results/frontier/rows.jsonl\n")
+
+
+def test_tuning_does_not_judge_a_renoised_jump_by_its_paired_error():
+    def trial(lr, one, two):
+        row = _row("ect", 100, kind="to-data", trial={"lr": lr, "horizon": 1.0,
+                                                        "share": 0.5})  # fmt: skip
+        row["metrics"] = {"nfe1": {"rmse": one}, "nfe2": {"rmse": two}}
+        return row
+
+    # The second jump re-noises: only the first is paired with the exact end point.
+    rows = [trial(1.0, 0.5, 0.1), trial(2.0, 0.4, 3.0)]
+    assert frontier.choose(rows)["ect"]["lr"] == 2.0
