@@ -652,6 +652,12 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
         "--resume", action="store_true", help="skip rows already in rows.jsonl"
     )
     parser.add_argument(
+        "--without-baseline",
+        action="store_true",
+        help="train only the --methods named, not flow matching (whose rows another "
+        "process writes)",
+    )
+    parser.add_argument(
         "--allow-dirty",
         action="store_true",
         help="run from a working tree with uncommitted changes (recorded in rows)",
@@ -701,9 +707,11 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
     names = args.datasets or list(QUICK if args.quick else PLAN)
     methods = [BASELINE, *(args.methods or HEADLINE)]
     methods = list(dict.fromkeys(methods))
-    # Tuning trains only what is named (several processes can share the methods
-    # without repeating flow matching's trials); budgets still need its cost.
-    trained = args.methods if args.tune and args.methods else methods
+    # Tuning, or a run told so, trains only what is named: several processes can
+    # share the methods without repeating flow matching's rows. Budgets still
+    # need its cost.
+    named = args.tune or args.without_baseline
+    trained = args.methods if named and args.methods else methods
     argv = sys.argv[1:] if argv is None else argv
     command = command_line(program, argv)
     for name in names:
