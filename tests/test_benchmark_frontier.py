@@ -510,3 +510,19 @@ def test_tuning_does_not_judge_a_renoised_jump_by_its_paired_error():
     # The second jump re-noises: only the first is paired with the exact end point.
     rows = [trial(1.0, 0.5, 0.1), trial(2.0, 0.4, 3.0)]
     assert frontier.choose(rows)["ect"]["lr"] == 2.0
+
+
+def test_the_reference_is_the_better_of_tuned_and_untuned_flow_matching():
+    rows = []
+    for seed in range(3):
+        tuned = _row("flow-matching", seed, value=4.0)
+        tuned["metrics"]["nfe128"] = {"rmse": 0.4, "energy": 0.01}
+        control = _row("flow-matching-untuned", seed, value=4.0)
+        control["metrics"] = {"nfe128": {"rmse": 0.2, "energy": 0.01}}
+        rows += [tuned, control, _row("lsd", seed, value=0.5)]
+    text = "\n".join(render.answer(rows))
+    # The map is compared with the untuned control, the better reference here.
+    assert "| ring | rmse | 3 | lsd (0.5; 2.50×) |" in text
+    assert "euler, untuned, 128 NFE: 0.2 |" in text
+    # Neither flow-matching line is a map.
+    assert "flow-matching-untuned (" not in text.split("Headline")[0].split("|")[4]
