@@ -226,8 +226,8 @@ def checks(rows: list[dict], headline: tuple[str, ...], plan: dict) -> list[tupl
         (
             "headline subset",
             not beaten,
-            "no method outside the headline subset beats every headline method on "
-            "every seed, at any data set, budget and number of steps"
+            "no method outside the headline subset ranks ahead of every headline "
+            "method (paired), at any data set, budget and number of steps"
             if not beaten
             else "beaten by a method outside the subset: " + ", ".join(beaten),
         )
