@@ -41,13 +41,11 @@ def git() -> dict[str, Any]:
 
 def dirty(status: str | None) -> bool:
     """Whether `git status -s` shows a change that could alter a result: any
-    tracked change, or an untracked file outside `benchmarks/results/`, where runs
-    write their own rows while other chunks start."""
+    change outside `benchmarks/results/`, where runs write their own rows while
+    other chunks start (every row records the trial it read from there)."""
     for line in (status or "").splitlines():
-        code, path = line[:2], line[3:]
-        if code == "??" and path.startswith("benchmarks/results/"):
-            continue
-        return True
+        if not line[3:].startswith("benchmarks/results/"):
+            return True
     return False
 
 

@@ -497,7 +497,8 @@ def test_a_tree_is_dirty_unless_only_run_outputs_are_new():
     assert not _machine.dirty("?? benchmarks/results/frontier-rerun/\n")
     assert _machine.dirty(" M fmcalc/_method.py\n")
     assert _machine.dirty("?? benchmarks/results/x.jsonl\n?? fmcalc/new.py\n")
-    assert _machine.dirty("M  benchmarks/results/frontier/rows.jsonl\n")
+    assert not _machine.dirty(" M benchmarks/results/frontier/rows.jsonl\n")
+    assert _machine.dirty(" M benchmarks/frontier.py\n")
 
 
 def test_tuning_does_not_judge_a_renoised_jump_by_its_paired_error():
