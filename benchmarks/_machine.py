@@ -44,7 +44,9 @@ def dirty(status: str | None) -> bool:
     change outside `benchmarks/results/`, where runs write their own rows while
     other chunks start (every row records the trial it read from there)."""
     for line in (status or "").splitlines():
-        if not line[3:].startswith("benchmarks/results/"):
+        # `XY PATH`; the first line may have lost its leading blank to a strip.
+        path = line.split(None, 1)[-1]
+        if not path.startswith("benchmarks/results/"):
             return True
     return False
 

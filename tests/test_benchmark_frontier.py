@@ -498,6 +498,7 @@ def test_a_tree_is_dirty_unless_only_run_outputs_are_new():
     assert _machine.dirty(" M fmcalc/_method.py\n")
     assert _machine.dirty("?? benchmarks/results/x.jsonl\n?? fmcalc/new.py\n")
     assert not _machine.dirty(" M benchmarks/results/frontier/rows.jsonl\n")
+    assert not _machine.dirty("M benchmarks/results/frontier/rows.jsonl")
     assert _machine.dirty(" M benchmarks/frontier.py\n")
 
 
