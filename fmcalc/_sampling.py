@@ -385,12 +385,17 @@ def sample_heun(
 
     def step(x, times):
         s, t = times
-        k1 = _call(velocity, x, s, cond=cond)
-        k2 = _call(velocity, x + (t - s) * k1, t, cond=cond)
-        return x + (t - s) * (k1 + k2) / 2, None
+        return x + (t - s) * _heun_increment(velocity, x, s, t, cond), None
 
     x, _ = jax.lax.scan(step, noise, (times[:-1], times[1:]))
     return x
+
+
+def _heun_increment(velocity, x, s, t, cond):
+    """The mean slope `(k1 + k2) / 2` of one Heun step from `s` to `t`."""
+    k1 = _call(velocity, x, s, cond=cond)
+    k2 = _call(velocity, x + (t - s) * k1, t, cond=cond)
+    return (k1 + k2) / 2
 
 
 def _log_snr(t):
@@ -430,10 +435,10 @@ def sample_dpm2m(
     corrections start at the third step. **One, two and three steps are therefore
     Euler's method** (up to round-off). With more steps the error falls at second
     order, but on the uniform grid it gets there slowly: the steps next to `t = 0` and
-    `t = 1` stay long in `λ`, which adds a factor of about `log K` (on a 4-d Gaussian,
-    doubling the steps divides the error by 2.0 from 16 to 32 steps, by 3.3 from 128
-    to 256). At equal NFE [`fmcalc.sample_heun`][] was more accurate there (RMS error
-    0.0077 against 0.011 at 16 NFE, 0.0019 against 0.0055 at 32; Euler's 0.14, 0.071).
+    `t = 1` stay long in `λ`, which adds a factor of about `log K`
+    (`tests/test_sampling.py` checks the order where it has set in). At equal NFE on
+    a uniform grid, [`fmcalc.sample_heun`][] can be the more accurate of the two;
+    `benchmarks/frontier.py` samples flow matching with both.
 
     **Arguments:**
 
@@ -524,9 +529,7 @@ class HeunMap(eqx.Module):
         for k in range(self.substeps):
             a = s + k * dr * (t - s)
             b = s + (k + 1) * dr * (t - s)
-            k1 = _call(self.velocity, x, a, cond=cond)
-            k2 = _call(self.velocity, x + (b - a) * k1, b, cond=cond)
-            increment = (k1 + k2) / 2
+            increment = _heun_increment(self.velocity, x, a, b, cond)
             x = x + (b - a) * increment
             average = average + dr * increment
         return average

@@ -1,5 +1,8 @@
 import contextlib
 import dataclasses
+import importlib.util
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -68,3 +71,20 @@ def fit(method, model, data, **kwargs):
     elif fields:
         raise TypeError(f"pass {sorted(fields)} in `options`, not beside it")
     return fmcalc.train.fit(method, model, data, options=options, **kwargs)
+
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """The module `benchmarks/NAME.py`, with its folder importable (the scripts
+    import their siblings, `_render`, `_datasets`, ...)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(
+        f"fmcalc_benchmark_{name}", BENCHMARKS / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,32 +1,17 @@
 """`benchmarks/frontier.py` and its renderer: budgets are matched, rankings are
-stated only where seeds agree, and every check of the report fails on failing
-input."""
+stated only where a paired comparison over seeds separates methods, and every
+check of the report fails on failing input."""
 
-import importlib.util
 import json
 import pathlib
-import sys
 
 import numpy as np
 import pytest
+from helpers import BENCHMARKS, load_benchmark
 
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"fmcalc_benchmark_{name}", BENCHMARKS / f"{name}.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-render = _load("_render")
-frontier = _load("frontier")
+render = load_benchmark("_render")
+frontier = load_benchmark("frontier")
 
 
 def _row(method="lsd", seed=0, budget=1.0, value=0.5, **changes) -> dict:

@@ -1,31 +1,14 @@
 """`benchmarks/shortcut_levels.py`: the per-level errors it reports are zero for
 the exact map and not for a wrong one."""
 
-import importlib.util
-import pathlib
-import sys
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import load_benchmark
 
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"fmcalc_benchmark_{name}", BENCHMARKS / f"{name}.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-levels = _load("shortcut_levels")
-datasets = _load("_datasets")
+levels = load_benchmark("shortcut_levels")
+datasets = load_benchmark("_datasets")
 
 
 @pytest.mark.slow
