@@ -166,10 +166,7 @@ def tilt(
         jnp.asarray(np.stack(new_means), dtype),
         jnp.asarray(np.stack(new_covs), dtype),
         labels=flow.labels,
-        rtol=solver.rtol,
-        atol=solver.atol,
-        max_steps=solver.max_steps,
-        adjoint=solver.adjoint,
+        **solver.options,
     )
 
 

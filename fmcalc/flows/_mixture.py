@@ -40,41 +40,85 @@ def _rescaled_field(r, state, args):
 
 
 class _RescaledSolve(eqx.Module):
-    """One adaptive Dopri8 solve giving both `F(x, s, t)` and `V(x, s, t)`.
+    """One ODE solve giving both `F(x, s, t)` and `V(x, s, t)`.
 
     The ODE runs on the rescaled time `r ∈ [0, 1]`, `τ = s + r (t - s)`, with state
     `(x, W)`, `dx/dr = (t - s) v(x, τ)`, `dW/dr = v(x, τ)`, `W(0) = 0`. Then
     `F = x(1)` and `V = W(1)` with no division by `t - s`, so `V(x, t, t) = v(x, t)`
     holds to round-off and `V` is as accurate near `t = s` as anywhere else.
+
+    With `steps=None` the solve is adaptive Dopri8 (diffrax); with `steps=n` it is
+    `n` classical Runge-Kutta (RK4) steps in a `lax.scan`, a smooth function of
+    `(x, s, t)` whose derivatives of every order are those of the scheme.
     """
 
     rtol: float | None = eqx.field(static=True)
     atol: float | None = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
-    adjoint: diffrax.AbstractAdjoint
+    steps: int | None = eqx.field(static=True)
+    adjoint: diffrax.AbstractAdjoint | None
 
-    def __init__(self, rtol, atol, max_steps, adjoint):
+    def __init__(self, rtol, atol, max_steps, adjoint, steps=None):
         for name, tol in (("rtol", rtol), ("atol", atol)):
             if tol is not None and not tol > 0:
                 raise ValueError(f"`{name}` must be positive or None; got {tol!r}.")
         if not (isinstance(max_steps, int) and max_steps > 0):
             raise ValueError(f"`max_steps` must be a positive int; got {max_steps!r}.")
-        if adjoint is None:
+        if steps is not None:
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ValueError(
+                    f"`steps` must be a positive int (fixed RK4 steps) or None "
+                    f"(adaptive Dopri8); got {steps!r}."
+                )
+            given = [
+                name
+                for name, value in (
+                    ("rtol", rtol),
+                    ("atol", atol),
+                    ("adjoint", adjoint),
+                )
+                if value is not None
+            ]
+            if given:
+                raise ValueError(
+                    f"`steps={steps}` asks for a fixed-step solve, which has no "
+                    f"{', '.join(f'`{g}`' for g in given)}; pass either `steps` or "
+                    "the adaptive solve's options."
+                )
+        elif adjoint is None:
             # Both modes: the identities need `jax.jvp` (Lagrangian, Eulerian) and
             # losses that backpropagate through a flow need `jax.grad`. On CPU it
             # costs about what the jvp-only `ForwardMode` does.
             adjoint = diffrax.DirectAdjoint()
-        if not isinstance(adjoint, diffrax.AbstractAdjoint):
+        if adjoint is not None and not isinstance(adjoint, diffrax.AbstractAdjoint):
             raise TypeError(
                 f"`adjoint` must be a `diffrax.AbstractAdjoint`; got {adjoint!r}."
             )
         self.rtol = None if rtol is None else float(rtol)
         self.atol = None if atol is None else float(atol)
         self.max_steps = max_steps
+        self.steps = steps
         self.adjoint = adjoint
+
+    @property
+    def options(self) -> dict:
+        """The keyword arguments that build this solve again."""
+        if self.steps is not None:
+            return {"steps": self.steps}
+        return {
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "max_steps": self.max_steps,
+            "adjoint": self.adjoint,
+        }
 
     def __call__(self, velocity, x, s, t) -> tuple[Array, Array]:
         dtype = x.dtype
+        args = (velocity, jnp.asarray(s, dtype), jnp.asarray(t, dtype))
+        y0 = (x, jnp.zeros_like(x))
+        if self.steps is not None:
+            return _rk4(args, y0, self.steps)
+        assert self.adjoint is not None  # set with the adaptive solve's options
         # Reference accuracy in float64; float32 cannot resolve much below 1e-6.
         default = 1e-10 if dtype == jnp.float64 else 1e-6
         controller = diffrax.PIDController(
@@ -87,8 +131,8 @@ class _RescaledSolve(eqx.Module):
             t0=jnp.zeros((), dtype),
             t1=jnp.ones((), dtype),
             dt0=None,
-            y0=(x, jnp.zeros_like(x)),
-            args=(velocity, jnp.asarray(s, dtype), jnp.asarray(t, dtype)),
+            y0=y0,
+            args=args,
             stepsize_controller=controller,
             adjoint=self.adjoint,
             max_steps=self.max_steps,
@@ -96,6 +140,34 @@ class _RescaledSolve(eqx.Module):
         assert solution.ys is not None  # SaveAt(t1=True), the default
         flow, average = solution.ys
         return flow[0], average[0]
+
+
+def _rk4(args, y0, steps: int) -> tuple[Array, Array]:
+    """`steps` classical Runge-Kutta steps of `_rescaled_field` over `r ∈ [0, 1]`."""
+    h = 1.0 / steps
+
+    def axpy(y, k, c):
+        return jax.tree.map(lambda a, b: a + c * b, y, k)
+
+    def step(y, r):
+        k1 = _rescaled_field(r, y, args)
+        k2 = _rescaled_field(r + h / 2, axpy(y, k1, h / 2), args)
+        k3 = _rescaled_field(r + h / 2, axpy(y, k2, h / 2), args)
+        k4 = _rescaled_field(r + h, axpy(y, k3, h), args)
+        y = jax.tree.map(
+            lambda a, b1, b2, b3, b4: a + h / 6 * (b1 + 2 * b2 + 2 * b3 + b4),
+            y,
+            k1,
+            k2,
+            k3,
+            k4,
+        )
+        return y, None
+
+    dtype = y0[0].dtype
+    grid = jnp.arange(steps, dtype=dtype) * jnp.asarray(h, dtype)
+    (flow, average), _ = jax.lax.scan(step, y0, grid)
+    return flow, average
 
 
 class GaussianMixture(AbstractFlow):
@@ -115,7 +187,8 @@ class GaussianMixture(AbstractFlow):
     far in the tails).
 
     The flow map `F(x, s, t)` and average velocity `V(x, s, t)` come from one
-    adaptive ODE solve (Dopri8) in rescaled time, which integrates `V` directly, so
+    adaptive ODE solve (Dopri8; fixed RK4 steps with `steps=`) in rescaled time,
+    which integrates `V` directly, so
     `F = x + (t - s) V` holds by construction and `V(x, t, t) = v(x, t)` to round-off.
 
     **Class-conditional mixtures.** With `labels` (the class of each component),
@@ -159,6 +232,7 @@ class GaussianMixture(AbstractFlow):
         atol: float | None = None,
         max_steps: int = 4096,
         adjoint: diffrax.AbstractAdjoint | None = None,
+        steps: int | None = None,
     ):
         """**Arguments:**
 
@@ -177,6 +251,13 @@ class GaussianMixture(AbstractFlow):
           `diffrax.ForwardMode()` (jvp only) and
           `diffrax.RecursiveCheckpointAdjoint()` (grad only) are the single-mode
           alternatives.
+        - `steps`: `None` (default) for the adaptive solve above; an int `n` for `n`
+          fixed classical Runge-Kutta (RK4) steps instead (then pass no `rtol`,
+          `atol` or `adjoint`). Its error falls as `n⁻⁴` (about `1e-10` at
+          `n = 256` on the kit's mixtures, measured in `tests/test_mixture.py`),
+          and it is a smooth function of `(x, s, t)`: finite differences of it
+          converge at their own order, and its derivatives of every order compile
+          in about half the time of the adaptive solve's.
         """
         weights = jnp.asarray(weights)
         means = jnp.asarray(means)
@@ -247,7 +328,7 @@ class GaussianMixture(AbstractFlow):
         self.means = means
         self.eigvals = jnp.asarray(lam, dtype=dtype)
         self.eigvecs = jnp.asarray(q, dtype=dtype)
-        self.solver = _RescaledSolve(rtol, atol, max_steps, adjoint)
+        self.solver = _RescaledSolve(rtol, atol, max_steps, adjoint, steps)
 
     @property
     def dim(self) -> int:
@@ -468,6 +549,7 @@ class PointCloud(AbstractFlow):
         atol: float | None = None,
         max_steps: int = 4096,
         adjoint: diffrax.AbstractAdjoint | None = None,
+        steps: int | None = None,
     ):
         """**Arguments:**
 
@@ -483,6 +565,13 @@ class PointCloud(AbstractFlow):
           `diffrax.ForwardMode()` (jvp only) and
           `diffrax.RecursiveCheckpointAdjoint()` (grad only) are the single-mode
           alternatives.
+        - `steps`: `None` (default) for the adaptive solve above; an int `n` for `n`
+          fixed classical Runge-Kutta (RK4) steps instead (then pass no `rtol`,
+          `atol` or `adjoint`). Its error falls as `n⁻⁴` (about `1e-10` at
+          `n = 256` on the kit's mixtures, measured in `tests/test_mixture.py`),
+          and it is a smooth function of `(x, s, t)`: finite differences of it
+          converge at their own order, and its derivatives of every order compile
+          in about half the time of the adaptive solve's.
         """
         points = jnp.asarray(points)
         if points.ndim != 2 or points.shape[0] == 0:
@@ -495,7 +584,7 @@ class PointCloud(AbstractFlow):
             raise ValueError(f"`t_min` must lie in (0, 1); got {t_min!r}.")
         self.points = points
         self.t_min = float(t_min)
-        self.solver = _RescaledSolve(rtol, atol, max_steps, adjoint)
+        self.solver = _RescaledSolve(rtol, atol, max_steps, adjoint, steps)
 
     @property
     def dim(self) -> int:
