@@ -10,6 +10,7 @@ weight of the times alone does not.
 
 import abc
 from collections.abc import Callable
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -27,8 +28,29 @@ def _check_loss(owner: str, value) -> None:
         )
 
 
-def _squared_norm(x: Array) -> Array:
-    return jnp.sum(x**2)
+Reduction = Literal["sum", "mean"]
+
+
+def _check_reduction(owner: str, reduction) -> None:
+    if reduction not in ("sum", "mean"):
+        raise ValueError(
+            f"`{owner}(reduction=...)` must be 'sum' (over dimensions, the default) "
+            f"or 'mean' (the sum divided by the dimension); got {reduction!r}."
+        )
+
+
+def _squared_norm(x: Array, reduction: Reduction = "sum") -> Array:
+    total = jnp.sum(x**2)
+    return total / x.size if reduction == "mean" else total
+
+
+def _norm(reduction: Reduction) -> str:
+    """`‖R‖²` as the formulas print it under `reduction`."""
+    return "‖R‖²" if reduction == "sum" else "‖R‖²/dim"
+
+
+def _per_dim(reduction: Reduction) -> str:
+    return "" if reduction == "sum" else "/dim"
 
 
 def _safe_norm(x: Array) -> Array:
@@ -94,8 +116,19 @@ class SquaredError(AbstractLoss):
     [`fmcalc.PseudoHuber`][] act. Its minimiser in expectation is the conditional
     mean, so marginal-from-conditional learning is unbiased.
 
-    **Arguments:** none.
+    **Arguments:**
+
+    - `reduction`: `"sum"` over dimensions (default) or `"mean"`, `‖R‖²/dim`, as
+      code that averages over every element of the residual computes it. The mean
+      divides the loss and its gradient by `dim`, so a learning rate tuned for one
+      does not carry over to the other (Adam's updates are unchanged by it, up to
+      its `eps`).
     """
+
+    reduction: Reduction = eqx.field(static=True, default="sum")
+
+    def __check_init__(self):
+        _check_reduction("SquaredError", self.reduction)
 
     @property
     def depends_on_residual(self) -> bool:
@@ -103,11 +136,11 @@ class SquaredError(AbstractLoss):
 
     @property
     def formula(self) -> str:
-        return "‖R‖²"
+        return _norm(self.reduction)
 
     @property
     def gradient_weight(self) -> str | None:
-        return "2"
+        return "2" + _per_dim(self.reduction)
 
     def __call__(
         self,
@@ -118,7 +151,7 @@ class SquaredError(AbstractLoss):
         t: Time,
         aux: Callable | None = None,
     ) -> Float[Array, ""]:
-        return _squared_norm(residual)
+        return _squared_norm(residual, self.reduction)
 
 
 class PseudoHuber(AbstractLoss):
@@ -140,9 +173,12 @@ class PseudoHuber(AbstractLoss):
     **Arguments:**
 
     - `c`: the transition scale, positive; `None` (default) for `0.00054 √dim`.
+    - `reduction`: `"sum"` (default) for `‖R‖²` summed over dimensions, `"mean"`
+      for `‖R‖²/dim` in its place (`c` unchanged).
     """
 
     c: float | None = eqx.field(static=True, default=None, converter=_as_float)
+    reduction: Reduction = eqx.field(static=True, default="sum")
 
     @property
     def depends_on_residual(self) -> bool:
@@ -151,15 +187,16 @@ class PseudoHuber(AbstractLoss):
     def __check_init__(self):
         if self.c is not None:
             _check_positive("PseudoHuber", "c", self.c)
+        _check_reduction("PseudoHuber", self.reduction)
 
     @property
     def formula(self) -> str:
         c = "0.00054√dim" if self.c is None else f"{self.c:g}"
-        return f"√(‖R‖² + c²) - c, c = {c}"
+        return f"√({_norm(self.reduction)} + c²) - c, c = {c}"
 
     @property
     def gradient_weight(self) -> str | None:
-        return "1/√(‖R‖² + c²)"
+        return f"1{_per_dim(self.reduction)}/√({_norm(self.reduction)} + c²)"
 
     def __call__(
         self,
@@ -171,7 +208,7 @@ class PseudoHuber(AbstractLoss):
         aux: Callable | None = None,
     ) -> Float[Array, ""]:
         c = 0.00054 * residual.shape[0] ** 0.5 if self.c is None else self.c
-        return jnp.sqrt(_squared_norm(residual) + c**2) - c
+        return jnp.sqrt(_squared_norm(residual, self.reduction) + c**2) - c
 
 
 class Adaptive(AbstractLoss):
@@ -182,7 +219,7 @@ class Adaptive(AbstractLoss):
     `log(L + c)` for `p = 1` and of `(L + c)^{1-p} / (1 - p)` otherwise. `p = 0` is
     plain squared error. Settings of Geng et al. (2025): ImageNet `c = 0.01, p = 1`;
     CIFAR-10 `c = 1e-3, p = 0.75`. FACM's consistency term uses `p = 0.5`; AlphaFlow
-    and iMF use `p = 1` (with the mean over dimensions, which rescales `c` by `dim`).
+    and iMF use `p = 1` with the mean over dimensions (`reduction="mean"`).
 
     **This weighting moves the fixed point of marginal-from-conditional learning.**
     With a target built from the conditional velocity `eps - x0`, plain squared
@@ -204,10 +241,14 @@ class Adaptive(AbstractLoss):
 
     - `p`: the exponent, `≥ 0` (default 1).
     - `c`: the constant, positive (default 1e-3).
+    - `reduction`: `"sum"` (default) for `L = ‖R‖²` summed over dimensions,
+      `"mean"` for `L = ‖R‖²/dim` (the convention of code that averages over
+      elements, where `c` is on the scale of one element's squared error).
     """
 
     p: float = eqx.field(static=True, default=1.0, converter=_as_float)
     c: float = eqx.field(static=True, default=1e-3, converter=_as_float)
+    reduction: Reduction = eqx.field(static=True, default="sum")
 
     @property
     def depends_on_residual(self) -> bool:
@@ -217,14 +258,17 @@ class Adaptive(AbstractLoss):
         if not 0 <= _check_real("Adaptive", "p", self.p):
             raise ValueError(f"`Adaptive(p=...)` must be ≥ 0; got {self.p!r}.")
         _check_positive("Adaptive", "c", self.c)
+        _check_reduction("Adaptive", self.reduction)
 
     @property
     def formula(self) -> str:
-        return f"‖R‖² / sg[(‖R‖² + {self.c:g})^{self.p:g}]"
+        norm = _norm(self.reduction)
+        return f"{norm} / sg[({norm} + {self.c:g})^{self.p:g}]"
 
     @property
     def gradient_weight(self) -> str | None:
-        return f"2/sg[(‖R‖² + {self.c:g})^{self.p:g}]"
+        norm = _norm(self.reduction)
+        return f"2{_per_dim(self.reduction)}/sg[({norm} + {self.c:g})^{self.p:g}]"
 
     def __call__(
         self,
@@ -235,7 +279,7 @@ class Adaptive(AbstractLoss):
         t: Time,
         aux: Callable | None = None,
     ) -> Float[Array, ""]:
-        squared = _squared_norm(residual)
+        squared = _squared_norm(residual, self.reduction)
         weight = jax.lax.stop_gradient((squared + self.c) ** self.p)
         return squared / weight
 
@@ -252,8 +296,18 @@ class LogVariance(AbstractLoss):
     times, it does not move the fixed point of marginal-from-conditional learning
     (`depends_on_residual = False`).
 
-    **Arguments:** none. Pass the learned function as `aux=` when calling.
+    **Arguments:**
+
+    - `reduction`: `"sum"` (default) for `‖R‖²` summed over dimensions, `"mean"`
+      for `‖R‖²/dim` in its place.
+
+    Pass the learned function as `aux=` when calling.
     """
+
+    reduction: Reduction = eqx.field(static=True, default="sum")
+
+    def __check_init__(self):
+        _check_reduction("LogVariance", self.reduction)
 
     @property
     def depends_on_residual(self) -> bool:
@@ -261,11 +315,11 @@ class LogVariance(AbstractLoss):
 
     @property
     def formula(self) -> str:
-        return "e^(-w(s, t)) ‖R‖² + w(s, t)"
+        return f"e^(-w(s, t)) {_norm(self.reduction)} + w(s, t)"
 
     @property
     def gradient_weight(self) -> str | None:
-        return "2 e^(-w(s, t))"
+        return f"2 e^(-w(s, t)){_per_dim(self.reduction)}"
 
     def __call__(
         self,
@@ -287,7 +341,7 @@ class LogVariance(AbstractLoss):
                 f"`LogVariance`: `aux(s, t)` must return a scalar; got shape "
                 f"{jnp.shape(w)}."
             )
-        return jnp.exp(-w) * _squared_norm(residual) + w
+        return jnp.exp(-w) * _squared_norm(residual, self.reduction) + w
 
 
 class Cosine(AbstractLoss):

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import without_runtime_typechecks
 
 from fmcalc._losses import (
     Adaptive,
@@ -271,6 +272,52 @@ def test_symmetric_conditional_law_has_no_shift():
     # robust and the mean fixed points coincide.
     for loss in (SquaredError(), Adaptive(p=0.5, c=1e-3), PseudoHuber(c=0.5)):
         assert stable_points(loss, x_s=0.0)[0] == pytest.approx(0.0, abs=1e-3)
+
+
+# The reduction over dimensions ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [SquaredError, lambda **kw: PseudoHuber(c=0.3, **kw), Adaptive,
+     lambda **kw: Adaptive(p=0.5, c=0.1, **kw), LogVariance],
+)  # fmt: skip
+def test_mean_reduction_is_the_loss_of_the_residual_over_root_dim(make):
+    """`reduction="mean"` puts `‖R‖²/dim` where the sum puts `‖R‖²`: the loss of
+    `R` under the mean equals the loss of `R/√dim` under the sum, value and
+    gradient, with every constant unchanged; the default is the sum."""
+    residual = jax.random.normal(jax.random.key(0), (7,))
+    aux = lambda s, t: 0.3 * s - t  # noqa: E731
+    kw = dict(prediction=residual, s=S, t=T, aux=aux)
+    mean, total = make(reduction="mean"), make()
+    assert total == make(reduction="sum")
+    scaled = residual / math.sqrt(7)
+    np.testing.assert_allclose(mean(residual, **kw), total(scaled, **kw), rtol=1e-12)
+    grad_mean = jax.grad(lambda r: mean(r, **kw))(residual)
+    grad_total = jax.grad(lambda r: total(r / math.sqrt(7), **kw))(residual)
+    np.testing.assert_allclose(grad_mean, grad_total, rtol=1e-12)
+    assert "‖R‖²/dim" in mean.formula and "/dim" not in total.formula
+    assert mean.gradient_weight != total.gradient_weight
+
+
+@pytest.mark.parametrize("make", [SquaredError, PseudoHuber, Adaptive, LogVariance])
+def test_an_unknown_reduction_is_refused_by_name(make):
+    name = make.__name__
+    with (
+        without_runtime_typechecks(),
+        pytest.raises(
+            ValueError, match=rf"`{name}\(reduction=...\)` must be 'sum'.*'mean'.*'avg'"
+        ),
+    ):
+        make(reduction="avg")
+
+
+def test_mean_squared_error_is_the_sum_over_dim():
+    residual = jnp.arange(1.0, 7.0)
+    kw = dict(prediction=residual, s=S, t=T)
+    mean = SquaredError(reduction="mean")(residual, **kw)
+    assert float(mean) == pytest.approx(float(jnp.sum(residual**2)) / 6, rel=1e-15)
+    assert SquaredError(reduction="mean").gradient_weight == "2/dim"
 
 
 # Errors ----------------------------------------------------------------------------
