@@ -527,9 +527,18 @@ def drop_labels(
     labels: Int[Array, " n"],
     probability: float,
     null: int = -1,
+    *,
+    rows: Literal["independent", "leading"] = "independent",
 ) -> Int[Array, " n"]:
     """Label dropout for classifier-free guidance: each label becomes `null` with
-    probability `probability`, independently.
+    probability `probability`, independently (`rows="independent"`, the default).
+
+    `rows="leading"` draws the same binomial count of dropped rows but drops the
+    *first* that many rows, as MeanFlow's code does (`cond_drop`, Gsunshine/meanflow
+    at d70cb55). With a sampler that puts its `t = s` rows first
+    ([`fmcalc.SortedPair`][]), the dropped rows then all lie on the diagonal
+    whenever the count is at most the diagonal's, so the unconditional model is
+    trained on the diagonal only.
 
     The default is [`fmcalc.NULL_LABEL`][] (`-1`), the one "no label" value that
     batches, methods and the `fmcalc.nn` models understand (the models map it to
@@ -542,6 +551,7 @@ def drop_labels(
     - `labels`: integer labels, shape `(n,)`.
     - `probability`: the dropout probability, in `[0, 1]`.
     - `null`: the label of a dropped row (default `NULL_LABEL`, -1).
+    - `rows`: `"independent"` or `"leading"` (above).
 
     **Returns:** the labels with dropped rows set to `null`.
     """
@@ -554,5 +564,11 @@ def drop_labels(
         raise ValueError(
             f"`drop_labels(probability=...)` must lie in [0, 1]; got {probability!r}."
         )
+    if rows not in ("independent", "leading"):
+        raise ValueError(
+            f"`drop_labels(rows=...)` must be 'independent' or 'leading'; got {rows!r}."
+        )
     drop = jax.random.bernoulli(key, probability, labels.shape)
+    if rows == "leading":
+        drop = jnp.arange(labels.shape[0]) < jnp.sum(drop)
     return jnp.where(drop, jnp.asarray(null, labels.dtype), labels)

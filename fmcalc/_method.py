@@ -188,6 +188,8 @@ class Method(eqx.Module):
     - `schedules`: values of the [`fmcalc.Param`][] leaves as functions of the
       training step (curricula).
     - `label_dropout`: the probability that `batch` drops an example's label.
+    - `label_dropout_rows`: which rows it drops: `"independent"` (default) or
+      `"leading"`, a block of leading rows (see [`fmcalc.drop_labels`][]).
     - `biased`: why the method's fixed point is knowingly shifted, if it is: a loss
       weighted by its residual on a term that uses the conditional velocity
       (MeanFlow's adaptive weight). It accepts every term's
@@ -209,6 +211,9 @@ class Method(eqx.Module):
     split: tuple[float, ...] | None = eqx.field(static=True, default=None)
     schedules: Mapping[str, AbstractSchedule] = eqx.field(default_factory=dict)
     label_dropout: float = eqx.field(static=True, default=0.0)
+    label_dropout_rows: Literal["independent", "leading"] = eqx.field(
+        static=True, default="independent"
+    )
     biased: str | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
@@ -237,6 +242,11 @@ class Method(eqx.Module):
         if not 0 <= self.label_dropout < 1:
             raise ValueError(
                 f"`label_dropout` must lie in [0, 1); got {self.label_dropout}."
+            )
+        if self.label_dropout_rows not in ("independent", "leading"):
+            raise ValueError(
+                "`label_dropout_rows` must be 'independent' or 'leading'; got "
+                f"{self.label_dropout_rows!r}."
             )
         params = set().union(*(_leaf_names(t.residual, Param) for t in self.terms))
         missing = sorted(params - set(self.schedules))
@@ -325,7 +335,12 @@ class Method(eqx.Module):
             else None
         )
         if cond is not None and self.label_dropout > 0:
-            cond = drop_labels(k_labels, jnp.asarray(cond), self.label_dropout)
+            cond = drop_labels(
+                k_labels,
+                jnp.asarray(cond),
+                self.label_dropout,
+                rows=self.label_dropout_rows,
+            )
         return Batch(x0, eps, s, t, u, cond)
 
     # ----------------------------------------------------------------------- loss

@@ -13,7 +13,7 @@ building blocks; samplers ([`fmcalc.AbstractTimeSampler`][]) combine them.
 """
 
 import abc
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -251,7 +251,9 @@ class SortedPair(AbstractTimeSampler):
     `round(equal_fraction · n)` rows get `t = s` (with `s` still the maximum of the
     two draws), as MeanFlow's `arange` mask does, so code that lines up other masks
     with the row index (label dropout, batch splits) sees the same rows every step.
-    `round` is Python's (ties to even).
+    `round` is Python's (ties to even); `equal_count="floor"` takes
+    `int(equal_fraction · n)` instead, as MeanFlow's code does (`data_size =
+    int(bz * data_proportion)`, Gsunshine/meanflow at d70cb55).
 
     Settings from the literature (translated into our convention):
 
@@ -268,11 +270,14 @@ class SortedPair(AbstractTimeSampler):
     - `first`: the distribution of the first draw.
     - `second`: the distribution of the second draw; `None` (default) uses `first`.
     - `equal_fraction`: the fraction of rows with `t = s`, in `[0, 1]` (default 0).
+    - `equal_count`: how that fraction of `n` becomes a count of rows: `"round"`
+      (default) or `"floor"`.
     """
 
     first: AbstractTimeDistribution
     second: AbstractTimeDistribution | None = None
     equal_fraction: float = eqx.field(static=True, default=0.0, converter=_as_float)
+    equal_count: Literal["round", "floor"] = eqx.field(static=True, default="round")
 
     uses_u: ClassVar[bool] = False
 
@@ -285,6 +290,16 @@ class SortedPair(AbstractTimeSampler):
         if self.second is not None:
             _check_distribution("SortedPair", "second", self.second)
         _check_unit("SortedPair", "equal_fraction", self.equal_fraction)
+        if self.equal_count not in ("round", "floor"):
+            raise ValueError(
+                "`SortedPair(equal_count=...)` must be 'round' or 'floor'; got "
+                f"{self.equal_count!r}."
+            )
+
+    def equal_rows(self, n: int) -> int:
+        """How many of `n` rows get `t = s`."""
+        exact = self.equal_fraction * n
+        return int(exact) if self.equal_count == "floor" else round(exact)
 
     def __call__(self, key: PRNGKeyArray, n: int, *, dtype=jnp.float32) -> Times:
         _check_call("SortedPair", n, dtype)
@@ -293,7 +308,7 @@ class SortedPair(AbstractTimeSampler):
         a = self.first.sample(key_a, (n,), dtype)
         b = second.sample(key_b, (n,), dtype)
         s, t = jnp.maximum(a, b), jnp.minimum(a, b)
-        equal = jnp.arange(n) < round(self.equal_fraction * n)
+        equal = jnp.arange(n) < self.equal_rows(n)
         return Times(s=s, t=jnp.where(equal, s, t))
 
 

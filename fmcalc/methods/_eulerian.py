@@ -1,5 +1,7 @@
 """Eulerian methods: `∂_s F(x, s, t) + ∇_x F(x, s, t) · v(x, s) = 0`."""
 
+from typing import Literal
+
 import jax.numpy as jnp
 
 from .. import _rules as rules
@@ -373,6 +375,7 @@ def meanflow(
     loss: AbstractLoss = Adaptive(p=1.0, c=1e-3),
     guidance: MeanFlowGuidance | None = None,
     label_dropout: float = 0.0,
+    label_dropout_rows: Literal["independent", "leading"] = "independent",
 ) -> Method:
     """MeanFlow (Geng et al. 2025):
 
@@ -387,14 +390,18 @@ def meanflow(
     location of `eps - x0 | x_s`, not its mean, on non-Gaussian data (see
     [`fmcalc.Adaptive`][]); `loss=fmcalc.SquaredError()` removes it. CFG folded
     into the target: `guidance=fmcalc.MeanFlowGuidance(omega, kappa)` with
-    `label_dropout=0.1`.
+    `label_dropout=0.1`; their code drops a leading block of rows
+    (`label_dropout_rows="leading"`, which with the default times drops diagonal
+    rows) and counts the diagonal rows with `int`
+    (`SortedPair(..., equal_count="floor")`).
     """
     velocity = ConditionalVelocity() if guidance is None else guidance
     residual = rules.meanflow(derivative=derivative, velocity=velocity)
     term = Term("meanflow", residual, times, loss)
     return Method(
         "meanflow", "eulerian", "marginal-from-conditional", "V", (term,),
-        label_dropout=label_dropout, biased=_robust_shift(loss),
+        label_dropout=label_dropout, label_dropout_rows=label_dropout_rows,
+        biased=_robust_shift(loss),
     )  # fmt: skip
 
 
