@@ -318,3 +318,26 @@ def test_cycles_are_found():
     graph = {"a": {"b": "a.py:1"}, "b": {"c": "b.py:1"}, "c": {"a": "c.py:1"}, "d": {}}
     graph["d"]["a"] = "d.py:1"
     assert cycles(graph) == [["a", "b", "c", "a"]]
+
+
+MAX_MODULE_LINES = 700
+
+
+def long_modules(root: pathlib.Path, limit: int = MAX_MODULE_LINES) -> list[str]:
+    """The modules under `root` longer than `limit` lines, with their lengths."""
+    return [
+        f"{path.relative_to(root.parent)}: {n} lines"
+        for path in sorted(root.rglob("*.py"))
+        if (n := len(path.read_text().splitlines())) > limit
+    ]
+
+
+def test_no_module_is_over_700_lines(tmp_path):
+    root = pathlib.Path(__file__).resolve().parents[1] / "fmcalc"
+    assert not long_modules(root), long_modules(root)
+    # The check can fail: a module one line too long is named with its length.
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "long.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    (package / "short.py").write_text("x = 1\n")
+    assert long_modules(package) == [f"pkg/long.py: {MAX_MODULE_LINES + 1} lines"]

@@ -70,3 +70,40 @@ def test_unknown_settings_are_refused_by_name():
             drop_labels(jax.random.key(0), jnp.zeros(4, int), 0.1, rows="all")  # pyright: ignore
         with pytest.raises(ValueError, match=r"label_dropout_rows.*'trailing'"):
             methods.get("meanflow", label_dropout_rows="trailing")
+
+
+def test_the_reference_preset_is_the_options_it_lists():
+    method = methods.get("meanflow", preset="reference")
+    listed = methods.info("meanflow").presets["reference"]
+    assert method == methods.get("meanflow", **listed)
+    assert method.label_dropout == 0.1 and method.label_dropout_rows == "leading"
+    (term,) = method.terms
+    assert term.times.equal_rows(10) == 7 and term.loss == fmcalc.Adaptive(c=0.01)
+    # An option given with the preset wins over the preset's.
+    squared = methods.get("meanflow", preset="reference", loss=fmcalc.SquaredError())
+    assert squared.terms[0].loss == fmcalc.SquaredError()
+    assert squared.label_dropout_rows == "leading"
+    text = methods.doc("meanflow")
+    assert "preset 'reference'" in text and "label_dropout_rows = 'leading'" in text
+    assert "equal_count='floor'" in methods.doc("meanflow", format="markdown")
+
+
+def test_presets_are_checked():
+    with pytest.raises(
+        ValueError, match=r"no preset 'paper'; its presets are \['reference'\]"
+    ):
+        methods.get("meanflow", preset="paper")
+    with pytest.raises(
+        ValueError, match=r"'lsd' has no preset 'reference'; its presets are none"
+    ):
+        methods.get("lsd", preset="reference")
+    with pytest.raises(
+        TypeError, match=r"preset 'fast' sets \['steps'\], which are not options"
+    ):
+
+        @methods.register("preset-check", full_name="x", citation="y", summary="z",
+                          presets={"fast": {"steps": 3}})  # fmt: skip
+        def _builder(*, split=None):
+            raise AssertionError("never built")
+
+    assert "preset-check" not in methods.names()

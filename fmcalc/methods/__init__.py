@@ -13,9 +13,9 @@ from . import _baseline, _lagrangian, _eulerian, _compositional  # noqa: F401
 from . import _extras  # noqa: F401
 
 # isort: on
+from ._doc import doc as doc
 from ._registry import (
     MethodInfo as MethodInfo,
-    doc as doc,
     get as get,
     info as info,
     names as names,

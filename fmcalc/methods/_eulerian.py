@@ -363,8 +363,24 @@ def _facm_weight(s, t):
     deviations=(
         "The adaptive weight's c = 1e-3 is CIFAR-10's and its p = 1 ImageNet's "
         "(ImageNet: c = 0.01; CIFAR-10: p = 0.75).",
+        "Their code (Gsunshine/meanflow at d70cb55) counts the t = s rows as "
+        "int(0.75 n), where the default rounds, and drops the labels of a leading "
+        "block of rows, all on the diagonal, where the default drops rows "
+        "independently; it trains with label dropout 0.1 and guidance ω = 1, "
+        "κ = 0.5. preset='reference' sets all of these.",
     ),
     dieleman_cost=4,
+    presets={
+        "reference": {
+            "times": SortedPair(
+                LogitNormal(-0.4, 1.0), equal_fraction=0.75, equal_count="floor"
+            ),
+            "loss": Adaptive(p=1.0, c=0.01),
+            "guidance": MeanFlowGuidance(omega=1.0, kappa=0.5),
+            "label_dropout": 0.1,
+            "label_dropout_rows": "leading",
+        }
+    },
 )
 def meanflow(
     *,

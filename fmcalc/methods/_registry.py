@@ -1,10 +1,9 @@
 import inspect
 import math
 import re
-import textwrap
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 from .._derivative import JVP, AbstractDerivative, FiniteDifference
@@ -29,6 +28,8 @@ class MethodInfo(NamedTuple):
     - `dieleman_cost`: the training cost in forward-pass equivalents that
       Dieleman's "Learning the integral of a diffusion model" (2026) lists for it
       (every term on every row), or `None` when the method is not in that table.
+    - `presets`: named sets of options (`get(name, preset=...)`), e.g.
+      `"reference"`, the settings of the authors' code.
     """
 
     name: str
@@ -37,6 +38,7 @@ class MethodInfo(NamedTuple):
     summary: str
     deviations: tuple[str, ...] = ()
     dieleman_cost: int | None = None
+    presets: Mapping[str, Mapping[str, Any]] = types.MappingProxyType({})
 
 
 # `[`fmcalc.X`][]`, a cross-reference of the documentation, is `fmcalc.X` in a terminal.
@@ -54,6 +56,7 @@ def register(
     summary: str,
     deviations: tuple[str, ...] = (),
     dieleman_cost: int | None = None,
+    presets: Mapping[str, Mapping[str, Any]] | None = None,
 ):
     """Register a method builder under `name` (a decorator), with the facts
     [`fmcalc.methods.info`][] returns.
@@ -61,8 +64,9 @@ def register(
     **Arguments:**
 
     - `name`: the registry name.
-    - `full_name`, `citation`, `summary`, `deviations`, `dieleman_cost`: see
-      [`fmcalc.methods.MethodInfo`][].
+    - `full_name`, `citation`, `summary`, `deviations`, `dieleman_cost`,
+      `presets`: see [`fmcalc.methods.MethodInfo`][]. A preset's keys must be
+      options of the builder.
 
     The builder takes keyword-only options with defaults and returns an
     [`fmcalc.Method`][]; its docstring gives the loss in fmcalc's convention and
@@ -107,10 +111,23 @@ def register(
     def decorate(builder: Callable[..., Method]) -> Callable[..., Method]:
         if name in _BUILDERS:
             raise ValueError(f"A method named {name!r} is already registered.")
+        accepted = set(inspect.signature(builder).parameters)
+        for preset, values in (presets or {}).items():
+            unknown = sorted(set(values) - accepted)
+            if unknown:
+                raise TypeError(
+                    f"register({name!r}): preset {preset!r} sets {unknown}, which "
+                    f"are not options of the builder; its options are "
+                    f"{sorted(accepted)}."
+                )
         _BUILDERS[name] = builder
+        frozen = {
+            k: types.MappingProxyType(dict(v)) for k, v in (presets or {}).items()
+        }
         _INFO[name] = MethodInfo(
-            name, full_name, citation, summary, tuple(deviations), dieleman_cost
-        )
+            name, full_name, citation, summary, tuple(deviations), dieleman_cost,
+            types.MappingProxyType(frozen),
+        )  # fmt: skip
         return builder
 
     return decorate
@@ -126,20 +143,32 @@ def _known(name: str) -> None:
         raise ValueError(_unknown(name, cli=False))
 
 
-def get(name: str, **overrides) -> Method:
-    """The method `name`, with its defaults changed by `overrides`.
+def get(name: str, *, preset: str | None = None, **overrides) -> Method:
+    """The method `name`, with its defaults changed by a preset and `overrides`.
 
     **Arguments:**
 
     - `name`: a registry name (see [`fmcalc.methods.names`][]).
+    - `preset`: a named set of options of the method (`info(name).presets`, which
+      [`fmcalc.methods.doc`][] lists), e.g. `"reference"` for the settings of the
+      authors' code; `None` (default) for the defaults.
     - `overrides`: keyword options of that method's builder
       ([`fmcalc.methods.doc`][] lists them with their defaults), e.g.
-      `derivative=fmcalc.FiniteDifference(1e-3)` or `split=(0.5, 0.5)`.
+      `derivative=fmcalc.FiniteDifference(1e-3)` or `split=(0.5, 0.5)`; they take
+      precedence over the preset's.
 
     **Returns:** the [`fmcalc.Method`][].
     """
     _known(name)
     builder = _BUILDERS[name]
+    if preset is not None:
+        presets = _INFO[name].presets
+        if preset not in presets:
+            raise ValueError(
+                f"Method {name!r} has no preset {preset!r}; its presets are "
+                f"{sorted(presets) or 'none'}."
+            )
+        overrides = {**presets[preset], **overrides}
     options = inspect.signature(builder).parameters
     unknown = sorted(set(overrides) - set(options))
     if unknown:
@@ -259,6 +288,14 @@ def _unknown(name: str, *, cli: bool) -> str:
         f"is named by its settings: {how} (the options of {base}: "
         f"{', '.join(options(base))}; `fmcalc methods {base}` gives their defaults)."
     )
+
+
+def _type_name(annotation) -> str:
+    if annotation is inspect.Parameter.empty:
+        return ""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("fmcalc._", "").replace("typing.", "")
 
 
 def _type_text(annotation) -> str:
@@ -543,141 +580,3 @@ def parse(spec: str, sets: Sequence[str] = ()) -> Method:
         ```
     """
     return _variant(spec, sets)[2]
-
-
-def _notes(name: str) -> str:
-    return inspect.cleandoc(_BUILDERS[name].__doc__ or "")
-
-
-def _type_name(annotation) -> str:
-    if annotation is inspect.Parameter.empty:
-        return ""
-    if isinstance(annotation, type):
-        return annotation.__name__
-    return str(annotation).replace("fmcalc._", "").replace("typing.", "")
-
-
-def _cost_lines(method: Method, cost: int | None) -> list[str]:
-    if method.split is None:
-        lines = [f"{method.cost():.2f} forward-pass equivalents per data row"]
-    else:
-        shares = ", ".join(
-            f"{term.name} {share:.3g}"
-            for term, share in zip(method.terms, method.split, strict=True)
-        )
-        full = method.replace(split=None).cost()
-        lines = [
-            f"{method.cost():.2f} forward-pass equivalents per data row with the "
-            f"default split ({shares})",
-            f"{full:.2f} with every term on every row",
-        ]
-    if cost is not None:
-        lines.append(f"Dieleman's table: {cost:g} (every term on every row)")
-    return lines
-
-
-def _term_lines(method: Method) -> list[tuple[str, str, str]]:
-    rows = []
-    for i, term in enumerate(method.terms):
-        share = (
-            "every row" if method.split is None else f"{method.split[i]:.3g} of rows"
-        )
-        rows.append(
-            (
-                f"{term.name} ({share}, times {term.times!r})",
-                f"R = {term.residual}",
-                f"loss {term.loss}",
-            )
-        )
-    return rows
-
-
-def doc(name: str, format: Literal["text", "markdown"] = "text") -> str:
-    """The reference entry of the method `name`: full name, citation, summary,
-    rule / learning / output, formula of every term, notes (the paper's symbols in
-    fmcalc's convention), options with defaults, static cost and known deviations.
-    `fmcalc methods NAME` prints the text form; the documentation's method pages
-    are built from the Markdown form.
-
-    **Arguments:**
-
-    - `name`: a registry name (see [`fmcalc.methods.names`][]).
-    - `format`: `"text"` (for a terminal) or `"markdown"`.
-
-    **Returns:** the entry as a string.
-
-    !!! Example
-
-        ```python
-        import fmcalc
-
-        print(fmcalc.methods.doc("meanflow"))
-        ```
-    """
-    if format not in ("text", "markdown"):
-        raise ValueError(f"`format` must be 'text' or 'markdown'; got {format!r}.")
-    facts = info(name)
-    method = get(name)
-    opts = options(name)
-    if format == "markdown":
-        return _markdown(facts, method, opts, _notes(name))
-    wrap = lambda text, indent="  ": textwrap.fill(
-        text, 88, initial_indent=indent, subsequent_indent=indent
-    )
-    lines = [f"{name}: {facts.full_name}", "", wrap(facts.citation, ""), ""]
-    lines += [wrap(facts.summary, ""), ""]
-    lines += [
-        f"rule {method.rule}, learning {method.learning}, output {method.output}",
-        "",
-        "formula",
-    ]
-    for head, residual, loss in _term_lines(method):
-        lines += [f"  {head}", f"    {residual}", f"    {loss}"]
-    notes = _CROSS_REFERENCE.sub(r"\1", _notes(name))
-    if notes:
-        lines += ["", "notes"]
-        lines += [textwrap.indent(p, "  ") for p in notes.splitlines()]
-    lines += ["", f'options (fmcalc.methods.get("{name}", option=value, ...))']
-    width = max((len(k) for k in opts), default=0)
-    lines += [f"  {k.ljust(width)} = {p.default!r}" for k, p in opts.items()]
-    lines += ["", "cost"]
-    lines += [f"  {line}" for line in _cost_lines(method, facts.dieleman_cost)]
-    lines += ["", "deviations from the paper and public code"]
-    if facts.deviations:
-        for d in facts.deviations:
-            lines.append(
-                textwrap.fill(d, 88, initial_indent="  - ", subsequent_indent="    ")
-            )
-    else:
-        lines.append("  none known")
-    return "\n".join(lines)
-
-
-def _markdown(facts: MethodInfo, method: Method, opts, notes: str) -> str:
-    out = [f"### `{facts.name}`: {facts.full_name}", "", facts.summary, ""]
-    out += [f"*{facts.citation}*", ""]
-    out += [
-        f"**Rule** {method.rule} · **learning** {method.learning} · "
-        f"**output** `{method.output}`",
-        "",
-        "**Formula**",
-        "",
-    ]
-    for head, residual, loss in _term_lines(method):
-        out += [f"- {head}:", "", f"    `{residual}`, {loss}", ""]
-    if notes:
-        out += ["**Notes**", "", notes, ""]
-    out += [
-        f'**Options** (`fmcalc.methods.get("{facts.name}", option=value)`)',
-        "",
-        "| option | type | default |",
-        "|---|---|---|",
-    ]
-    for key, p in opts.items():
-        type_name = _type_name(p.annotation).replace("|", "\\|")
-        out.append(f"| `{key}` | `{type_name}` | `{p.default!r}` |")
-    out += ["", "**Cost** (static count, `method.cost()`)", ""]
-    out += [f"- {line}" for line in _cost_lines(method, facts.dieleman_cost)]
-    out += ["", "**Deviations from the paper and public code**", ""]
-    out += [f"- {d}" for d in facts.deviations] or ["None known."]
-    return "\n".join(out) + "\n"
