@@ -3,6 +3,7 @@ the count of diagonal rows and label dropout by a leading block (MeanFlow's code
 Gsunshine/meanflow at d70cb55). The reduction over dimensions is in
 tests/test_losses.py."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,3 +108,48 @@ def test_presets_are_checked():
             raise AssertionError("never built")
 
     assert "preset-check" not in methods.names()
+
+
+def test_meanflow_reference_loss_is_the_formula_of_its_authors_code():
+    """The preset's loss, recomputed row by row from MeanFlow's formulas as their
+    code states them, in fmcalc's convention (their `(t, r)` is our `(s, t)`):
+    `z = (1 - s) x0 + s eps`, `v = eps - x0`; on labelled rows
+    `v_g = ω v + κ V(z, s, s | y) + (1 - ω - κ) V(z, s, s | ∅)` (no gradient), on
+    dropped rows `v_g = v`; `(u, du) = jvp(V(·, ·, t | y), (z, s), (v_g, 1))`;
+    `L = ‖u - sg(v_g - (s - t) du)‖²` summed over dimensions, weighted by
+    `1 / sg(L + 0.01)`, and averaged over the batch."""
+    from fmcalc.nn import MLP
+
+    method = methods.get("meanflow", preset="reference")
+    model = MLP(3, width=32, depth=2, num_classes=4, key=jax.random.key(1))
+    x0 = jax.random.normal(jax.random.key(2), (40, 3))
+    cond = jnp.arange(40) % 4
+    batch = method.batch(jax.random.key(3), x0, cond=cond)
+    assert (np.asarray(batch.cond) == fmcalc.NULL_LABEL).any()
+
+    def row(model, x0, eps, s, t, y):
+        z = (1 - s) * x0 + s * eps
+        v = eps - x0
+        diagonal = lambda label: jax.lax.stop_gradient(model(z, s, s, cond=label))  # noqa: E731
+        guided = (
+            1.0 * v + 0.5 * diagonal(y) + (1 - 1.0 - 0.5) * diagonal(fmcalc.NULL_LABEL)
+        )
+        v_g = jnp.where(y == fmcalc.NULL_LABEL, v, guided)
+        u, du = jax.jvp(
+            lambda z, s: model(z, s, t, cond=y), (z, s), (v_g, jnp.ones_like(s))
+        )
+        target = jax.lax.stop_gradient(v_g - (s - t) * du)
+        squared = jnp.sum((u - target) ** 2)
+        return squared / jax.lax.stop_gradient(squared + 0.01)
+
+    def by_formula(model):
+        rows = (batch.x0, batch.eps, batch.s, batch.t, batch.cond)
+        return jnp.mean(jax.vmap(lambda *a: row(model, *a))(*rows))
+
+    loss, grads = eqx.filter_value_and_grad(lambda m: method.loss(m, batch)[0])(model)
+    expected, expected_grads = eqx.filter_value_and_grad(by_formula)(model)
+    np.testing.assert_allclose(loss, expected, rtol=1e-12)
+    for a, b in zip(
+        jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
