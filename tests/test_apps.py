@@ -341,6 +341,28 @@ def test_smc():
     assert close_to(resampled, jnp.full(N, 1 / N), target, ess=ess)
 
 
+def test_steering_takes_a_grid_instead_of_steps():
+    """`grid=` alone (no `steps=`) gives what the same uniform grid's steps do."""
+    eps, key = noise(16, seed=7), jax.random.key(8)
+    grid = jnp.linspace(1.0, 0.0, 5)
+    by_grid = apps.smc(STEERED, REWARD, eps, key=key, strength=1.0, grid=grid)
+    by_steps = apps.smc(STEERED, REWARD, eps, key=key, strength=1.0, steps=4)
+    assert jnp.array_equal(by_grid.samples, by_steps.samples)
+    two = jnp.linspace(1.0, 0.0, 3)
+    drawn = apps.importance_sample(STEERED, REWARD, eps, strength=1.0, grid=two)
+    again = apps.importance_sample(STEERED, REWARD, eps, strength=1.0, steps=2)
+    assert jnp.array_equal(drawn.samples, again.samples)
+    one = apps.steer(STEERED, REWARD, eps[0], key=key, strength=1.0, grid=grid,
+                     langevin_steps=2)  # fmt: skip
+    same = apps.steer(STEERED, REWARD, eps[0], key=key, strength=1.0, langevin_steps=2)
+    assert jnp.array_equal(one, same)
+
+
+def test_slerp_of_a_zero_vector_fails_under_jit():
+    with pytest.raises(Exception, match="needs two nonzero vectors"):
+        jax.jit(apps.slerp)(jnp.zeros(2), jnp.ones(2), 0.5).block_until_ready()
+
+
 def test_resample_copies_by_weight():
     samples = jnp.arange(8.0).reshape(4, 2)
     even = apps.Particles(samples, jnp.zeros(4), jnp.ones(1))
@@ -358,6 +380,7 @@ def test_resample_copies_by_weight():
 
 
 X = jnp.zeros(2)
+KEY = jax.random.key(0)
 BAD = {
     "batched x0": (
         lambda: apps.log_likelihood(STEERED, jnp.zeros((4, 2))),
@@ -483,6 +506,44 @@ BAD = {
         lambda: apps.slerp(jnp.ones(2), jnp.ones(3), 0.5),
         ValueError,
         r"`a` and `b` differ in shape: \(2,\) and \(3,\)",
+    ),
+    "vector reward, importance sampling": (
+        lambda: apps.importance_sample(STEERED, lambda x: x, noise(4), strength=1.0),
+        ValueError,
+        r"`reward` must return a scalar per example; on one example of shape "
+        r"\(2,\) it returned \(2,\)",
+    ),
+    "vector reward, SMC": (
+        lambda: apps.smc(STEERED, lambda x: 2 * x, noise(4), key=KEY, strength=1.0),
+        ValueError,
+        r"`reward` must return a scalar per example",
+    ),
+    "reward of the wrong dimension, steering": (
+        lambda: apps.steer(
+            STEERED, lambda x: jnp.sum(x * jnp.ones(3)), X, key=KEY, strength=1.0
+        ),
+        ValueError,
+        r"`reward` must take one example of shape \(2,\); calling it on one failed",
+    ),
+    "NaN strength, steering": (
+        lambda: apps.steer(STEERED, REWARD, X, key=KEY, strength=float("nan")),
+        ValueError,
+        "`strength` must be finite; got nan",
+    ),
+    "infinite strength, SMC": (
+        lambda: apps.smc(STEERED, REWARD, noise(4), key=KEY, strength=float("inf")),
+        ValueError,
+        "`strength` must be finite; got inf",
+    ),
+    "expected reward after the noise end": (
+        lambda: apps.expected_reward(STEERED, REWARD, X, 1.5),
+        ValueError,
+        r"Time `t` must lie in \[0, 1\].*got \[1.5\]",
+    ),
+    "slerp of a zero vector": (
+        lambda: apps.slerp(jnp.zeros(2), jnp.ones(2), 0.5),
+        ValueError,
+        r"needs two nonzero vectors.*\|a\| = 0",
     ),
     "interpolation weights as a matrix": (
         lambda: apps.interpolation(STEERED, X, X, jnp.zeros((2, 2))),

@@ -2,12 +2,13 @@
 
 from collections.abc import Callable
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 from .._custom_types import Cond, Vector
-from .._misc import check_example
+from .._misc import check_example, concrete
 from .._sampling import invert, sample
 
 
@@ -55,8 +56,18 @@ def slerp(a: Vector, b: Vector, weight: Float[ArrayLike, ""]) -> Vector:
     check_example("b", b)
     if a.shape != b.shape:
         raise ValueError(f"`a` and `b` differ in shape: {a.shape} and {b.shape}.")
+    norms = jnp.linalg.norm(a) * jnp.linalg.norm(b)
+    zero = "`slerp` needs two nonzero vectors: the angle to a zero vector is undefined"
+    value = concrete(norms)
+    if value is None:
+        a = eqx.error_if(a, ~(norms > 0), zero + ".")
+    elif not value > 0:
+        raise ValueError(
+            f"{zero}; got |a| = {float(jnp.linalg.norm(a)):g} and "
+            f"|b| = {float(jnp.linalg.norm(b)):g}."
+        )
     w = jnp.asarray(weight, a.dtype)
-    cosine = a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b))
+    cosine = a @ b / norms
     theta = jnp.arccos(jnp.clip(cosine, -1, 1))
     small = theta < 1e-4
     safe = jnp.where(small, 1, theta)

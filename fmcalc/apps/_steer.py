@@ -6,11 +6,12 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from .._conventions import interpolate, score_from_velocity
 from .._custom_types import Cond, Scalar, Vector
-from .._misc import check_example, time_grid
+from .._misc import check_example, concrete, time_grid
 from ._lookahead import AbstractLookahead, FlowMapLookahead, jump, velocity
 
 
@@ -26,6 +27,34 @@ def _check_strength(strength) -> None:
         raise ValueError(
             f"`strength` must be a scalar; got shape {jnp.shape(strength)}."
         )
+    value = concrete(strength)
+    if value is not None and not np.isfinite(value):
+        raise ValueError(f"`strength` must be finite; got {float(value)!r}.")
+
+
+def _check_reward(reward, example) -> None:
+    """`reward` must map one example (shaped like `example`) to a scalar."""
+    try:
+        out = jax.eval_shape(reward, jax.ShapeDtypeStruct(example.shape, example.dtype))
+    except Exception as error:
+        raise ValueError(
+            f"`reward` must take one example of shape {example.shape}; calling it on "
+            f"one failed with {type(error).__name__}: {error}"
+        ) from error
+    if not (isinstance(out, jax.ShapeDtypeStruct) and out.shape == ()):
+        shape = getattr(out, "shape", type(out).__name__)
+        raise ValueError(
+            f"`reward` must return a scalar per example; on one example of shape "
+            f"{example.shape} it returned {shape}. Reduce it (e.g. a sum) or pick "
+            "one coordinate."
+        )
+
+
+def _times(steps, grid, default: int, dtype):
+    """The sampling grid: `steps` (default `default` without a `grid`) or `grid`."""
+    if steps is None:
+        steps = default if grid is None else 1
+    return time_grid(steps, grid, "sample", dtype)
 
 
 def _check_lookahead(lookahead) -> None:
@@ -56,7 +85,7 @@ def steer(
     key: PRNGKeyArray,
     strength: Float[ArrayLike, ""],
     lookahead: AbstractLookahead = FlowMapLookahead(),
-    steps: int = 4,
+    steps: int | None = None,
     grid: Float[ArrayLike, " _"] | None = None,
     langevin_steps: int = 8,
     step_size: float = 0.2,
@@ -99,7 +128,8 @@ def steer(
     - `key`: the PRNG key of the Langevin noise.
     - `strength`: `λ`, a scalar.
     - `lookahead`: how `x̂0(x, t)` is predicted (default: one flow-map jump).
-    - `steps`, `grid`: the sampling grid, as in [`fmcalc.sample`][].
+    - `steps`, `grid`: the sampling grid, as in [`fmcalc.sample`][]; `steps`
+      defaults to 4 without a `grid`.
     - `langevin_steps`: Langevin moves at each grid time before its jump.
     - `step_size`: the Langevin step relative to `t²` (the noise variance at `t`).
     - `cond`: conditioning passed on to every model call as `cond=` (when not
@@ -109,6 +139,7 @@ def steer(
     """
     check_example("noise", noise)
     _check_strength(strength)
+    _check_reward(reward, noise)
     _check_lookahead(lookahead)
     if isinstance(langevin_steps, bool) or not isinstance(langevin_steps, int):
         raise TypeError(f"`langevin_steps` must be an int; got {langevin_steps!r}.")
@@ -116,7 +147,7 @@ def steer(
         raise ValueError(f"`langevin_steps` must be ≥ 0; got {langevin_steps}.")
     if not step_size > 0:
         raise ValueError(f"`step_size` must be positive; got {step_size!r}.")
-    times = time_grid(steps, grid, "sample", noise.dtype)
+    times = _times(steps, grid, 4, noise.dtype)
     strength = jnp.asarray(strength, noise.dtype)
 
     def tilt(x, t):
@@ -212,7 +243,7 @@ def importance_sample(
     noise: Float[Array, "n dim"],
     *,
     strength: Float[ArrayLike, ""],
-    steps: int = 1,
+    steps: int | None = None,
     grid: Float[ArrayLike, " _"] | None = None,
     cond: Cond = None,
 ) -> Particles:
@@ -240,7 +271,8 @@ def importance_sample(
     """
     _check_batch(noise)
     _check_strength(strength)
-    times = time_grid(steps, grid, "sample", noise.dtype)
+    _check_reward(reward, noise[0])
+    times = _times(steps, grid, 1, noise.dtype)
 
     def one(x):
         for i in range(times.shape[0] - 1):
@@ -260,7 +292,7 @@ def smc(
     key: PRNGKeyArray,
     strength: Float[ArrayLike, ""],
     lookahead: AbstractLookahead = FlowMapLookahead(),
-    steps: int = 4,
+    steps: int | None = None,
     grid: Float[ArrayLike, " _"] | None = None,
     renoise: bool = True,
     resample_below: float = 0.5,
@@ -301,7 +333,8 @@ def smc(
     - `key`: the PRNG key of resampling and re-noising.
     - `strength`: `λ`, a scalar.
     - `lookahead`: how particles are scored at `t > 0` (default: one flow-map jump).
-    - `steps`, `grid`: the grid, as in [`fmcalc.sample`][].
+    - `steps`, `grid`: the grid, as in [`fmcalc.sample`][]; `steps` defaults to 4
+      without a `grid`.
     - `renoise`: the move (above).
     - `resample_below`: resample when the effective sample size is below this
       fraction of `n`, in `[0, 1]` (`0` never resamples before the end).
@@ -313,13 +346,14 @@ def smc(
     """
     _check_batch(noise)
     _check_strength(strength)
+    _check_reward(reward, noise[0])
     _check_lookahead(lookahead)
     if not 0 <= resample_below <= 1:
         raise ValueError(
             f"`resample_below` must lie in [0, 1]; got {resample_below!r}."
         )
     n = noise.shape[0]
-    times = time_grid(steps, grid, "sample", noise.dtype)
+    times = _times(steps, grid, 4, noise.dtype)
     strength = jnp.asarray(strength, noise.dtype)
     # One flow-map jump to data is both the look-ahead and the re-noising move's
     # first half: computed once per step.

@@ -8,7 +8,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from .._custom_types import Scalar, Time, Vector
-from .._misc import check_example
+from .._misc import check_example, in_unit_interval
 from ..flows import Gaussian, GaussianMixture
 
 
@@ -204,6 +204,9 @@ def expected_reward(
     weights, means, eigvals, eigvecs = _components(flow)
     _check_reward(reward, means.shape[1])
     check_example("x", x)
+    if jnp.ndim(t) != 0:
+        raise ValueError(f"`t` must be a scalar time; got shape {jnp.shape(t)}.")
+    x = in_unit_interval("t", t, x)
     dtype = x.dtype
     t = jnp.asarray(t, dtype)
     means, lam, q = means.astype(dtype), eigvals.astype(dtype), eigvecs.astype(dtype)
