@@ -123,6 +123,13 @@ def _as_step(value: Any) -> Any:
     return value
 
 
+def _round_up(x: float) -> float:
+    """`x` rounded up to two significant digits, so that a suggested bound printed
+    with `:.2g` is never below the bound itself."""
+    unit = 10 ** (math.floor(math.log10(x)) - 1)
+    return math.ceil(x / unit) * unit
+
+
 class FiniteDifference(AbstractDerivative):
     """Directional derivative by a finite-difference stencil.
 
@@ -215,7 +222,7 @@ class FiniteDifference(AbstractDerivative):
             raise ValueError(
                 f"Finite-difference step {self.step!r} is at or below the resolution "
                 f"of {name} (eps = {eps:.3g}): `t + step == t` for times near 1. Use "
-                f"a step of at least ~sqrt(eps) = {eps**0.5:.1g}."
+                f"a step of at least ~sqrt(eps) = {_round_up(eps**0.5):.2g}."
             )
         floor, rule = (
             (eps ** (1 / 2), "sqrt")
@@ -227,7 +234,7 @@ class FiniteDifference(AbstractDerivative):
                 f"Finite-difference step {self.step!r} ({self.scheme}) is below "
                 f"{rule}(eps) = {floor:.2g} for {name}: round-off in the network's "
                 f"output, divided by the step, outweighs the truncation error. Use a "
-                f"step of at least {floor:.1g}, or a wider dtype.",
+                f"step of at least {_round_up(floor):.2g}, or a wider dtype.",
                 FiniteDifferenceStepWarning,
                 stacklevel=3,
             )

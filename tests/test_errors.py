@@ -5,6 +5,7 @@ Faults that need a subprocess (signals) and every damaged part of a checkpoint a
 in `test_faults.py`.
 """
 
+import re
 import subprocess
 import sys
 import warnings
@@ -751,6 +752,24 @@ def test_finite_difference_step_below_round_off_warns(scheme, step):
         warnings.simplefilter("error", fmcalc.FiniteDifferenceStepWarning)
         batch64 = jax.tree.map(lambda a: a.astype(jnp.float64), batch)
         fmcalc.residual_loss(expr, flow32, batch64, teacher=flow32.velocity)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("scheme", ["forward", "central"])
+def test_the_suggested_step_is_one_that_does_not_warn(dtype, scheme):
+    """The warning's "use at least h" names a step at or above its own bound: taking
+    it is quiet."""
+    with pytest.warns(fmcalc.FiniteDifferenceStepWarning) as caught:
+        FiniteDifference(1e-12 if dtype == jnp.float64 else 1e-6, scheme).check_dtype(
+            dtype
+        )
+    message = str(caught[0].message)
+    bound = float(re.search(r"\(eps\) = ([0-9.e+-]+) for", message).group(1))
+    suggested = float(re.search(r"at least ([0-9.e+-]+),", message).group(1))
+    assert suggested >= bound, message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fmcalc.FiniteDifferenceStepWarning)
+        FiniteDifference(suggested, scheme).check_dtype(dtype)
 
 
 # Times ------------------------------------------------------------------------------
