@@ -74,9 +74,9 @@ def _anchor(loss=None) -> fmcalc.Term:
     )
 
 
-def _distillation(residual, times=TRIANGLE) -> fmcalc.Method:
+def _distillation(residual, times=TRIANGLE, learning="distillation") -> fmcalc.Method:
     term = fmcalc.Term("term", residual, times)
-    return fmcalc.Method("wrong", "lagrangian", "distillation", "V", (term,))
+    return fmcalc.Method("wrong", "lagrangian", learning, "V", (term,))
 
 
 def _self(residual, times=TRIANGLE) -> fmcalc.Method:
@@ -111,14 +111,18 @@ WRONG: dict[str, Callable[[], fmcalc.Method]] = {
         sg(D(F, at=(x, s, t), along=(0, 0, 1)) - Diagonal()(F(x, s, t), t))
     ),
     "MeanFlow without its stop-gradient": lambda: _distillation(
-        V(x, s, t) - (v_c(x, s) + (t - s) * D(V, at=(x, s, t), along=(v_c(x, s), 1, 0)))
+        V(x, s, t)
+        - (v_c(x, s) + (t - s) * D(V, at=(x, s, t), along=(v_c(x, s), 1, 0))),
+        learning="marginal-from-conditional",
     ),
     "shortcut, stop-gradient on the prediction instead of the target": lambda: _self(
         sg(V(x, s, t)) - (0.5 * V(x, s, MID) + 0.5 * V(F(x, s, MID), MID, t))
     ),
     # gradient only through frozen networks
     "CTM compared through the EMA network's velocity only": lambda: _distillation(
-        V_ema(F(x, s, t), t, 0) - sg(V_ema(F(F(x, s, u), u, t), t, 0)), INTERMEDIATE
+        V_ema(F(x, s, t), t, 0) - sg(V_ema(F(F(x, s, u), u, t), t, 0)),
+        INTERMEDIATE,
+        learning="self-distillation",
     ),
     "EMD on the EMA map, the online map only as its input": lambda: _distillation(
         D(F_ema, at=(F(x, s, t), s, t), along=(v(x, s), 1, 0))

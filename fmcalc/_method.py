@@ -17,6 +17,7 @@ from ._diagnostics import Finding, findings, warn
 from ._evaluate import _Interpreter
 from ._expr import (
     AbstractExpr,
+    Analytic,
     Derivative,
     Network,
     Param,
@@ -248,6 +249,14 @@ class Method(eqx.Module):
                 "`label_dropout_rows` must be 'independent' or 'leading'; got "
                 f"{self.label_dropout_rows!r}."
             )
+        if self.learning == "distillation" and not self._reads_a_teacher():
+            raise ValueError(
+                f"Method {self.name!r} says learning='distillation', but no term "
+                "reads a teacher (`fmcalc.Teacher()`, an analytic velocity "
+                "`fmcalc.Analytic(flow)`) or a pre-trained map (`Network('aux')`); "
+                f"it calls only {sorted(self.networks)}. Use 'self-distillation' or "
+                "'marginal-from-conditional', or put the teacher in a residual."
+            )
         params = set().union(*(_leaf_names(t.residual, Param) for t in self.terms))
         missing = sorted(params - set(self.schedules))
         if missing:
@@ -264,6 +273,13 @@ class Method(eqx.Module):
                 f"None; got {self.biased!r}."
             )
         warn(self.findings())
+
+    def _reads_a_teacher(self) -> bool:
+        if self.networks & {"teacher", "aux"}:
+            return True
+        residuals = [term.residual for term in self.terms]
+        found = jax.tree.leaves(residuals, is_leaf=lambda n: isinstance(n, Analytic))
+        return any(isinstance(leaf, Analytic) for leaf in found)
 
     def findings(self) -> list[Finding]:
         """Every warning the method's terms deserve, declared or not."""

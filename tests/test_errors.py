@@ -1044,3 +1044,31 @@ def test_cli_output_into_a_closed_pipe():
     done = piped("true")
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
     assert done.returncode == 141
+
+
+def test_distillation_without_a_teacher_is_refused():
+    """`learning="distillation"` needs a teacher or a pre-trained map in a residual;
+    the registry's distillation methods all read one."""
+    terms = fmcalc.methods.get("lsd").terms
+    with pytest.raises(
+        ValueError, match=r"'distillation', but no term reads a teacher"
+    ):
+        fmcalc.Method("no-teacher", "lagrangian", "distillation", "V", terms)
+    assert fmcalc.Method("lsd-again", "lagrangian", "self-distillation", "V", terms)
+    for name in fmcalc.methods.names():
+        method = fmcalc.methods.get(name)
+        if method.learning == "distillation":
+            assert method.networks & {"teacher", "aux"}, name
+
+
+def test_data_files_that_are_not_npy_and_one_bad_row_are_named(tmp_path):
+    from fmcalc.datasets import from_file
+
+    text = tmp_path / "points.txt"
+    text.write_text("0.1 0.2\n0.3 0.4\n")
+    with pytest.raises(ValueError, match=r"points.txt' is not a .npy file.*loadtxt"):
+        from_file(text)
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.array([[0.0, 1.0], [np.nan, 2.0], [3.0, 4.0]]))
+    with pytest.raises(ValueError, match=r"has 1 row with NaN or infinity"):
+        from_file(bad)

@@ -209,6 +209,20 @@ def mnist() -> Dataset:
     )
 
 
+def _load_npy(path: str | os.PathLike, what: str) -> np.ndarray:
+    """The array in a `.npy` file, or a `ValueError` that says the file is not one."""
+    path = os.fspath(path)
+    with open(path, "rb") as file:
+        magic = file.read(6)
+    if magic != b"\x93NUMPY":
+        raise ValueError(
+            f"{path!r} is not a .npy file (the format of `numpy.save`); fmcalc reads "
+            f"{what} from .npy files only. For a text file: "
+            f"`numpy.save('{what}.npy', numpy.loadtxt({path!r}))`."
+        )
+    return np.load(path, allow_pickle=False)
+
+
 def from_file(
     path: str | os.PathLike, *, labels: str | os.PathLike | None = None
 ) -> Dataset:
@@ -228,7 +242,7 @@ def from_file(
 
     **Returns:** a [`fmcalc.datasets.Dataset`][].
     """
-    raw = np.load(os.fspath(path), allow_pickle=False)
+    raw = _load_npy(path, "examples")
     if raw.ndim not in (2, 3, 4) or raw.shape[0] < 2:
         raise ValueError(
             f"{os.fspath(path)!r} holds an array of shape {raw.shape}; expected one "
@@ -243,12 +257,13 @@ def from_file(
     rows = raw.reshape(raw.shape[0], -1).astype(np.float64)
     if not np.all(np.isfinite(rows)):
         bad = int(np.sum(~np.all(np.isfinite(rows), axis=1)))
-        raise ValueError(f"{os.fspath(path)!r} has {bad} rows with NaN or infinity.")
+        rows_text = "1 row" if bad == 1 else f"{bad} rows"
+        raise ValueError(f"{os.fspath(path)!r} has {rows_text} with NaN or infinity.")
     mean = rows.mean(axis=0)
     scale = float(np.std(rows - mean)) or 1.0
     label_array, num_classes = None, None
     if labels is not None:
-        label_array = np.load(os.fspath(labels), allow_pickle=False)
+        label_array = _load_npy(labels, "labels")
         if label_array.shape != (raw.shape[0],) or not np.issubdtype(
             label_array.dtype, np.integer
         ):

@@ -79,7 +79,8 @@ def diagnose(
         what = "gradient" if finite_loss.all() else "loss"
         lines.append(
             f"  - term {term.name!r}: non-finite {what} on {bad.size} of "
-            f"{len(finite_loss)} rows, e.g. {where} at s = {s}, t = {t}."
+            f"{len(finite_loss)} row{'' if len(finite_loss) == 1 else 's'}, e.g. "
+            f"{where} at s = {s}, t = {t}."
         )
     if not lines:
         lines.append("  - every row is finite on its own: the sum over rows overflows.")
