@@ -1,5 +1,6 @@
 """fmcalc: flow maps in JAX — consistency rules as composable, verified primitives."""
 
+import importlib
 import importlib.metadata
 
 from . import (
@@ -135,3 +136,11 @@ from ._warnings import (
 
 
 __version__ = importlib.metadata.version("fmcalc")
+
+
+def __getattr__(name: str):
+    # `fmcalc.testing` (the kit, with hypothesis strategies) loads on first use, so
+    # `import fmcalc` neither needs hypothesis nor pays for the kit's imports.
+    if name == "testing":
+        return importlib.import_module(".testing", __name__)
+    raise AttributeError(f"module 'fmcalc' has no attribute {name!r}")

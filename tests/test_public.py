@@ -341,3 +341,24 @@ def test_no_module_is_over_700_lines(tmp_path):
     (package / "long.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
     (package / "short.py").write_text("x = 1\n")
     assert long_modules(package) == [f"pkg/long.py: {MAX_MODULE_LINES + 1} lines"]
+
+
+def test_the_kit_is_an_attribute_of_fmcalc():
+    """`import fmcalc; fmcalc.testing.check_fixed_point` works in a fresh process, and
+    `import fmcalc` alone does not load the kit."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fmcalc\n"
+        "assert 'fmcalc.testing' not in sys.modules\n"
+        "print(fmcalc.testing.check_fixed_point.__name__)\n"
+        "try:\n    fmcalc.no_such_name\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.splitlines() == [
+        "check_fixed_point",
+        "module 'fmcalc' has no attribute 'no_such_name'",
+    ]
