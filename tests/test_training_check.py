@@ -99,3 +99,16 @@ def test_a_run_that_blows_up_fails_without_raising():
     )
     assert not result.passed
     assert "FAIL" in str(result)
+
+
+def test_a_stopped_run_prints_without_numpy_warnings():
+    from fmcalc.testing import TrainingResult
+
+    nan = float("nan")
+    stopped = TrainingResult(
+        "m", 3000, nan, nan, 0.04, 1.4, 0.6, 20.0, "non-finite loss", 1.0, False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = str(stopped)
+    assert "FAIL: training stopped (non-finite loss)" in text
