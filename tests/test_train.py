@@ -486,3 +486,21 @@ def test_train_step_needs_the_run_length_for_an_ema_horizon():
         ema=train.EMA(horizon=0.1), steps=200,
     )  # fmt: skip
     assert step.problem.ema_decay == pytest.approx(0.95)
+
+
+def test_load_model_reads_the_weights_of_a_fit_checkpoint(tmp_path):
+    """A checkpoint of `fit` holds the whole state; `load_model` reads its EMA or
+    online weights with only a model of the same structure."""
+    path = tmp_path / "run.eqx"
+    result = _fit(SHORTCUT, steps=6, checkpoint=train.Checkpoint(path, every=3))
+    fresh = _model(key=7)
+    for ema, expected in ((True, result.ema), (False, result.model)):
+        loaded = train.load_model(path, fresh, ema=ema)
+        for a, b in zip(_leaves(loaded), _leaves(expected), strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(train.CheckpointError, match="another model"):
+        train.load_model(path, _model(width=8))
+    directory = tmp_path / "several"
+    directory.mkdir()
+    with pytest.raises(train.CheckpointError, match="is a checkpoint directory"):
+        train.load_model(directory, fresh)

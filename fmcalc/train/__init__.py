@@ -48,4 +48,5 @@ from ._state import TrainResult as TrainResult, TrainState as TrainState
 from ._store import (
     checkpoint_header as checkpoint_header,
     load_checkpoint as load_checkpoint,
+    load_model as load_model,
 )

@@ -15,6 +15,7 @@ from jaxtyping import PyTree
 
 from .._parallel import fetch
 from . import _file, _orbax
+from ._header import CheckpointError
 from ._state import TrainState
 
 
@@ -80,6 +81,42 @@ def load_checkpoint(path: str | os.PathLike, like: PyTree) -> PyTree:
         return _orbax.load(path, like)
     header, payload = _file.read(path)
     return _file.restore(path, header, payload, like)
+
+
+def load_model(path: str | os.PathLike, like: PyTree, *, ema: bool = True) -> PyTree:
+    """The model of a checkpoint that `fit` or `fmcalc train` wrote: its EMA
+    (default) or its online weights, without the optimiser's state.
+
+    **Arguments:**
+
+    - `path`: the checkpoint file.
+    - `like`: a model of the same structure, shapes and dtypes (e.g. the model
+      passed to `fit`, freshly initialised).
+    - `ema`: `True` for the EMA weights (what `fmcalc train` samples), `False` for
+      the online weights.
+
+    **Returns:** `like` with the saved weights.
+
+    **Raises:** [`fmcalc.train.CheckpointError`][] naming what differs or is
+    damaged.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(
+            f"{path!r} is a checkpoint directory (written by several processes); "
+            "`load_model` reads checkpoint files. Load the whole state with "
+            "`load_checkpoint(path, like=TrainState(...))` and take its `model` or "
+            "`ema`.",
+            path=path,
+            problems=[],
+            damaged=False,
+        )
+    header, payload = _file.read(path)
+    skeleton = TrainState(like, like, (), 0, jax.random.key(0))
+    model, average = _file.restore(
+        path, header, payload, skeleton, fields=("model", "ema")
+    )
+    return average if ema else model
 
 
 def previous(path: str) -> str:
