@@ -127,6 +127,7 @@ from ._times import (
 )
 from ._validate import validate as validate
 from ._warnings import (
+    DataScaleWarning as DataScaleWarning,
     EMAHorizonWarning as EMAHorizonWarning,
     FiniteDifferenceStepWarning as FiniteDifferenceStepWarning,
     FixedPointShiftWarning as FixedPointShiftWarning,

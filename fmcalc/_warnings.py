@@ -52,3 +52,12 @@ class EMAHorizonWarning(FmcalcWarning):
     """An EMA whose averaging horizon `1 / (1 - decay)` is longer than a fifth of the
     run, for a method whose loss reads the EMA network: its targets then lag far
     behind the online network for most of training."""
+
+
+class DataScaleWarning(FmcalcWarning):
+    """Data far from unit scale: an overall standard deviation outside `[0.1, 10]`.
+    fmcalc's conventions pair the data with noise `N(0, I)` (`x_t = (1 - t) x0 +
+    t eps`), so data a thousand times larger leaves the noise end almost no noise
+    and losses of order its square; data far smaller is drowned. Standardise it
+    (`(x - mean) / std`, then samples `* std + mean`), as
+    [`fmcalc.datasets.from_file`][] does."""

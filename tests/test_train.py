@@ -7,6 +7,7 @@ same optimiser object, so the step compiles once per configuration and worker.
 
 import os
 import re
+import warnings
 from typing import Any
 
 import equinox as eqx
@@ -504,3 +505,16 @@ def test_load_model_reads_the_weights_of_a_fit_checkpoint(tmp_path):
     directory.mkdir()
     with pytest.raises(train.CheckpointError, match="is a checkpoint directory"):
         train.load_model(directory, fresh)
+
+
+def test_data_far_from_unit_scale_warns_with_its_scale():
+    data = np.asarray(_data())
+    with pytest.warns(
+        fmcalc.DataScaleWarning, match=r"standard deviation of [0-9.]+e\+0?4"
+    ):
+        _fit(data=jnp.asarray(1e4 * data / data.std()), steps=2)
+    with pytest.warns(fmcalc.DataScaleWarning, match="Standardise it"):
+        _fit(data=jnp.asarray(1e-3 * data / data.std()), steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fmcalc.DataScaleWarning)
+        _fit(data=jnp.asarray(data / data.std()), steps=2)

@@ -1,6 +1,7 @@
 """The checks of a run's data, labels and batch size, and the record of what a
 checkpoint's run trained on."""
 
+import warnings
 from typing import Any
 
 import jax
@@ -10,6 +11,7 @@ from jaxtyping import Array, PyTree
 
 from .._batch import NULL_LABEL
 from .._method import Method
+from .._warnings import DataScaleWarning
 from ._header import describe, text
 from ._stream import Stream
 
@@ -65,6 +67,16 @@ def check_data(data, labels, batch_size: int, method: Method, model: PyTree):
                 "data's dtype, and a 16-bit float resolves times only to about "
                 f"{float(jnp.finfo(data.dtype).eps):.0e}. Pass float32 (or float64) "
                 "data; lower precision belongs inside the model."
+            )
+        scale = float(jnp.std(data))
+        if not 0.1 <= scale <= 10:
+            warnings.warn(
+                f"`data` has an overall standard deviation of {scale:.3g}, far from "
+                "the unit scale of the noise N(0, I) it is paired with. Standardise "
+                "it, `(data - mean) / std`, and map samples back with `* std + "
+                "mean` (fmcalc.datasets.from_file does this for a file).",
+                DataScaleWarning,
+                stacklevel=4,
             )
     if labels is not None:
         if callable(data):
