@@ -68,7 +68,8 @@ def check_data(data, labels, batch_size: int, method: Method, model: PyTree):
                 f"{float(jnp.finfo(data.dtype).eps):.0e}. Pass float32 (or float64) "
                 "data; lower precision belongs inside the model."
             )
-        scale = float(jnp.std(data))
+        finite = np.asarray(data)[np.isfinite(np.asarray(data))]
+        scale = float(np.std(finite)) if finite.size else 1.0  # NaN rows: see fit
         if not 0.1 <= scale <= 10:
             warnings.warn(
                 f"`data` has an overall standard deviation of {scale:.3g}, far from "
