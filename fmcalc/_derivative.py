@@ -1,7 +1,6 @@
 import abc
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from ._warnings import FiniteDifferenceStepWarning
+from ._warnings import FiniteDifferenceStepWarning, warn as warn_from_user
 
 
 # Pyright reads `AbstractClassVar` as a `ClassVar` only when imported so, in the
@@ -230,13 +229,12 @@ class FiniteDifference(AbstractDerivative):
             else (eps ** (1 / 3), "cbrt")
         )
         if self.step < floor:
-            warnings.warn(
+            warn_from_user(
                 f"Finite-difference step {self.step!r} ({self.scheme}) is below "
                 f"{rule}(eps) = {floor:.2g} for {name}: round-off in the network's "
                 f"output, divided by the step, outweighs the truncation error. Use a "
                 f"step of at least {_round_up(floor):.2g}, or a wider dtype.",
                 FiniteDifferenceStepWarning,
-                stacklevel=3,
             )
 
     def __call__(self, fn, primals, tangents):

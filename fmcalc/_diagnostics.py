@@ -22,10 +22,6 @@ refuse:
   and [`fmcalc.FixedPointShiftWarning`][], unless declared.
 """
 
-import inspect
-import os
-import sysconfig
-import warnings
 from typing import Literal, NamedTuple
 
 from ._derivative import FiniteDifference
@@ -46,7 +42,11 @@ from ._expr import (
     walk,
 )
 from ._validate import carries_gradient, uses_conditional
-from ._warnings import FixedPointShiftWarning, GradientPathWarning
+from ._warnings import (
+    FixedPointShiftWarning,
+    GradientPathWarning,
+    warn as warn_from_user,
+)
 
 
 Context = Literal["direct", "input", "none"]
@@ -289,24 +289,6 @@ def warn(found: list[Finding]) -> None:
     """Raise each undeclared finding as a warning, attributed to the first caller
     outside fmcalc, equinox, the type checkers' wrappers and the standard library (a
     `Method` is built through equinox's and dataclasses' machinery)."""
-    frame = inspect.currentframe()
-    level = 1  # this frame, the caller of `warnings.warn`
-    while frame is not None and _internal(frame.f_code.co_filename):
-        frame = frame.f_back
-        level += 1
     for finding in found:
         if not finding.declared:
-            warnings.warn(finding.message, finding.category, stacklevel=level)
-
-
-_PACKAGES = tuple(
-    os.path.dirname(inspect.getfile(module)) + os.sep
-    for module in map(__import__, ("beartype", "equinox", "fmcalc", "jaxtyping"))
-)
-_STDLIB = sysconfig.get_paths()["stdlib"] + os.sep
-
-
-def _internal(filename: str) -> bool:
-    if filename.startswith(_PACKAGES):
-        return True
-    return filename.startswith(_STDLIB) and "site-packages" not in filename
+            warn_from_user(finding.message, finding.category)

@@ -11,6 +11,38 @@ warnings.simplefilter("error", fmcalc.FmcalcWarning)  # e.g. in a test suite
 ```
 """
 
+import inspect
+import os
+import sysconfig
+import warnings
+
+
+# Frames a warning is not attributed to: fmcalc itself, the libraries that call
+# into it on a user's behalf (equinox's module machinery, the type checkers'
+# wrappers) and the standard library.
+_PACKAGES = tuple(
+    os.path.dirname(inspect.getfile(module)) + os.sep
+    for module in map(__import__, ("beartype", "equinox", "fmcalc", "jaxtyping"))
+)
+_STDLIB = sysconfig.get_paths()["stdlib"] + os.sep
+
+
+def _internal(filename: str) -> bool:
+    if filename.startswith(_PACKAGES):
+        return True
+    return filename.startswith(_STDLIB) and "site-packages" not in filename
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """`warnings.warn`, attributed to the first caller outside fmcalc, equinox,
+    the type checkers' wrappers and the standard library: the user's line."""
+    frame = inspect.currentframe()
+    level = 1  # this frame, the caller of `warnings.warn`
+    while frame is not None and _internal(frame.f_code.co_filename):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
+
 
 class FmcalcWarning(UserWarning):
     """The base class of every warning fmcalc raises."""

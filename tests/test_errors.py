@@ -764,6 +764,7 @@ def test_the_suggested_step_is_one_that_does_not_warn(dtype, scheme):
             dtype
         )
     message = str(caught[0].message)
+    assert caught[0].filename == __file__  # the caller's line, not a wrapper's
     bound = float(re.search(r"\(eps\) = ([0-9.e+-]+) for", message).group(1))
     suggested = float(re.search(r"at least ([0-9.e+-]+),", message).group(1))
     assert suggested >= bound, message

@@ -513,8 +513,10 @@ def test_data_far_from_unit_scale_warns_with_its_scale():
         fmcalc.DataScaleWarning, match=r"standard deviation of [0-9.]+e\+0?4"
     ):
         _fit(data=jnp.asarray(1e4 * data / data.std()), steps=2)
-    with pytest.warns(fmcalc.DataScaleWarning, match="Standardise it"):
+    with pytest.warns(fmcalc.DataScaleWarning, match="Standardise it") as caught:
         _fit(data=jnp.asarray(1e-3 * data / data.std()), steps=2)
+    # Attributed to the test code that called `fit`, not to fmcalc or a wrapper.
+    assert os.path.dirname(caught[0].filename) == os.path.dirname(__file__)
     with warnings.catch_warnings():
         warnings.simplefilter("error", fmcalc.DataScaleWarning)
         _fit(data=jnp.asarray(data / data.std()), steps=2)

@@ -1,7 +1,6 @@
 """The checks of a run's data, labels and batch size, and the record of what a
 checkpoint's run trained on."""
 
-import warnings
 from typing import Any
 
 import jax
@@ -11,7 +10,7 @@ from jaxtyping import Array, PyTree
 
 from .._batch import NULL_LABEL
 from .._method import Method
-from .._warnings import DataScaleWarning
+from .._warnings import DataScaleWarning, warn as warn_from_user
 from ._header import describe, text
 from ._stream import Stream
 
@@ -71,13 +70,12 @@ def check_data(data, labels, batch_size: int, method: Method, model: PyTree):
         finite = np.asarray(data)[np.isfinite(np.asarray(data))]
         scale = float(np.std(finite)) if finite.size else 1.0  # NaN rows: see fit
         if not 0.1 <= scale <= 10:
-            warnings.warn(
+            warn_from_user(
                 f"`data` has an overall standard deviation of {scale:.3g}, far from "
                 "the unit scale of the noise N(0, I) it is paired with. Standardise "
                 "it, `(data - mean) / std`, and map samples back with `* std + "
                 "mean` (fmcalc.datasets.from_file does this for a file).",
                 DataScaleWarning,
-                stacklevel=4,
             )
     if labels is not None:
         if callable(data):

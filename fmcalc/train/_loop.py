@@ -6,7 +6,6 @@ import functools
 import math
 import signal
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .._method import Method
 from .._parallel import check_mesh, fetch_tree
-from .._warnings import EMAHorizonWarning
+from .._warnings import EMAHorizonWarning, warn as warn_from_user
 from . import _store
 from ._build import setup
 from ._data import check_batch, check_data, run_record
@@ -68,14 +67,13 @@ def _warn_ema_horizon(method: Method, ema: EMA | None, steps: int) -> None:
     terms = [term.name for term in method.terms if "ema" in term.networks]
     if horizon <= steps / 5 or not terms:
         return
-    warnings.warn(
+    warn_from_user(
         f"An EMA decay of {decay:.6g} averages over about {horizon:.0f} steps, more "
         f"than a fifth of the {steps}-step run, and method {method.name!r} reads the "
         f"EMA network in term(s) {terms}: their targets would lag the online network "
         f"for most of training. Use `ema=fmcalc.train.EMA(horizon=0.1)` (a tenth of "
         f"the run), a decay <= {1 - 5 / steps:.4g}, or more steps.",
         EMAHorizonWarning,
-        stacklevel=4,
     )
 
 
@@ -206,9 +204,7 @@ class _Loop:
                 f"{[k for k, v in metrics.items() if not np.isfinite(v)]})"
             )
             if self.lead:
-                warnings.warn(
-                    f"Step {before.step} skipped: {what}.", RuntimeWarning, stacklevel=4
-                )
+                warn_from_user(f"Step {before.step} skipped: {what}.", RuntimeWarning)
         self.losses.append(float(loss))
         self.history.append(metrics)
         self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
