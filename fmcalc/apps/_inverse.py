@@ -2,13 +2,12 @@
 
 from collections.abc import Callable
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 from .._custom_types import Cond, Vector
-from .._misc import check_example, concrete
+from .._misc import check_example, checked, concrete
 from .._sampling import invert, sample
 
 
@@ -60,7 +59,7 @@ def slerp(a: Vector, b: Vector, weight: Float[ArrayLike, ""]) -> Vector:
     zero = "`slerp` needs two nonzero vectors: the angle to a zero vector is undefined"
     value = concrete(norms)
     if value is None:
-        a = eqx.error_if(a, ~(norms > 0), zero + ".")
+        a = checked(a, ~(norms > 0), zero + ".")
     elif not value > 0:
         raise ValueError(
             f"{zero}; got |a| = {float(jnp.linalg.norm(a)):g} and "

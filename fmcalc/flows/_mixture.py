@@ -253,11 +253,12 @@ class GaussianMixture(AbstractFlow):
           alternatives.
         - `steps`: `None` (default) for the adaptive solve above; an int `n` for `n`
           fixed classical Runge-Kutta (RK4) steps instead (then pass no `rtol`,
-          `atol` or `adjoint`). Its error falls as `n⁻⁴` (about `1e-10` at
-          `n = 256` on the kit's mixtures, measured in `tests/test_mixture.py`),
-          and it is a smooth function of `(x, s, t)`: finite differences of it
-          converge at their own order, and its derivatives of every order compile
-          in about half the time of the adaptive solve's.
+          `atol` or `adjoint`). Its error falls as `n⁻⁴`, from a size set by how
+          sharply the mixture's components separate near the data end
+          (`tests/test_mixture.py` measures the order on a broad and on a narrow
+          mixture); it is a smooth function of `(x, s, t)`, so finite differences
+          of it converge at their own order, and its derivatives of every order
+          compile in about half the time of the adaptive solve's.
         """
         weights = jnp.asarray(weights)
         means = jnp.asarray(means)
@@ -565,13 +566,8 @@ class PointCloud(AbstractFlow):
           `diffrax.ForwardMode()` (jvp only) and
           `diffrax.RecursiveCheckpointAdjoint()` (grad only) are the single-mode
           alternatives.
-        - `steps`: `None` (default) for the adaptive solve above; an int `n` for `n`
-          fixed classical Runge-Kutta (RK4) steps instead (then pass no `rtol`,
-          `atol` or `adjoint`). Its error falls as `n⁻⁴` (about `1e-10` at
-          `n = 256` on the kit's mixtures, measured in `tests/test_mixture.py`),
-          and it is a smooth function of `(x, s, t)`: finite differences of it
-          converge at their own order, and its derivatives of every order compile
-          in about half the time of the adaptive solve's.
+        - `steps`: fixed RK4 steps instead of the adaptive solve, as in
+          [`fmcalc.flows.GaussianMixture`][].
         """
         points = jnp.asarray(points)
         if points.ndim != 2 or points.shape[0] == 0:
