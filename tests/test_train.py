@@ -476,6 +476,38 @@ def test_classes_that_moved_within_fmcalc_are_the_same_classes():
     assert differences(old, {**new, ".": "mylib.TrainState()"})
 
 
+def test_a_field_added_since_a_checkpoint_is_the_same_while_it_holds_its_default():
+    from fmcalc.train._header import defaults, describe, differences
+
+    loss = fmcalc.SquaredError()
+    here = describe(loss)
+    known = defaults(loss)
+    # Written before `reduction` existed: the same loss while it is the default.
+    before = {".": "fmcalc._losses.SquaredError()"}
+    assert differences(before, here, defaults=known) == []
+    # Not without the defaults, and not when the new field is set otherwise.
+    assert differences(before, here)
+    other = describe(fmcalc.SquaredError(reduction="mean"))
+    (problem,) = differences(before, other, defaults=known)
+    assert "reduction='mean'" in problem
+    # A field the record has must still match, and the class must too.
+    changed = {".": "fmcalc._losses.SquaredError(reduction='mean')"}
+    assert differences(changed, here, defaults=known)
+    assert differences({".": "fmcalc._losses.PseudoHuber()"}, here, defaults=known)
+
+
+def test_descriptions_with_nested_values_are_compared_field_by_field():
+    from fmcalc.train._header import _call
+
+    assert _call("a.B(x='p, q)', y=(1, (2, 3)), z=[4])") == (
+        "a.B",
+        {"x": "'p, q)'", "y": "(1, (2, 3))", "z": "[4]"},
+    )
+    assert _call("a.B()") == ("a.B", {})
+    assert _call("a.B(1, 2)") is None
+    assert _call("float32[3]") is None
+
+
 def test_train_step_needs_the_run_length_for_an_ema_horizon():
     with pytest.raises(ValueError, match="steps=..."):
         train.TrainStep(

@@ -11,7 +11,7 @@ from jaxtyping import Array, PyTree
 from .._batch import NULL_LABEL
 from .._method import Method
 from .._warnings import DataScaleWarning, warn as warn_from_user
-from ._header import describe, text
+from ._header import defaults, describe, text
 from ._stream import Stream
 
 
@@ -132,6 +132,16 @@ def describe_data(data, stream: Stream | None, processes: int) -> str:
     return f"{data.dtype}{list(data.shape)}"
 
 
+def _method_key(path: str) -> str:
+    return "method" + ("" if path == "." else path)
+
+
+def run_defaults(method: Method) -> dict[str, dict[str, str]]:
+    """The defaults of the method's static fields, keyed as in `run_record`: what a
+    record written before a field existed is taken to have used."""
+    return {_method_key(path): found for path, found in defaults(method).items()}
+
+
 def run_record(
     method: Method,
     data,
@@ -144,8 +154,7 @@ def run_record(
 ) -> dict[str, Any]:
     """What must be the same for a checkpoint to continue this run."""
     record: dict[str, Any] = {
-        "method" + ("" if path == "." else path): text
-        for path, text in describe(method).items()
+        _method_key(path): text for path, text in describe(method).items()
     }
     return record | {
         "batch_size": batch_size,

@@ -31,6 +31,7 @@ from jaxtyping import PyTree
 from ._header import (
     FORMAT,
     CheckpointError,
+    defaults,
     describe,
     differences,
     is_key,
@@ -264,7 +265,7 @@ def restore(
         expected = {k: v for k, v in expected.items() if keep(k)}
         found = {k: v for k, v in found.items() if keep(k)}
         target = tuple(getattr(like, f) for f in fields)
-    problems = differences(found, expected)
+    problems = differences(found, expected, defaults=defaults(like))
     if problems:
         raise CheckpointError(
             f"The checkpoint {path!r} was written for another model or optimiser: "

@@ -20,7 +20,7 @@ from .._parallel import check_mesh, fetch_tree
 from .._warnings import EMAHorizonWarning, warn as warn_from_user
 from . import _store
 from ._build import setup
-from ._data import check_batch, check_data, run_record
+from ._data import check_batch, check_data, run_defaults, run_record
 from ._diagnose import diagnose, diagnose_update
 from ._guards import DivergenceError, Monitor, NonFiniteError, soundness_of, unsound
 from ._options import EMA, MOVED, Checkpoint, Options
@@ -592,6 +592,7 @@ def fit(
             checkpoint.path,
             state,
             run,
+            run_defaults(method),
             checkpoint.resume,
             built.shardings,
             stream is not None,

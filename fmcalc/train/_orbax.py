@@ -25,7 +25,14 @@ import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
 from .._parallel import fetch
-from ._header import FORMAT, CheckpointError, describe, differences, versions
+from ._header import (
+    FORMAT,
+    CheckpointError,
+    defaults,
+    describe,
+    differences,
+    versions,
+)
 
 
 _PARTS = ("model", "ema", "opt_state")
@@ -233,6 +240,7 @@ def restore(
     problems = differences(
         {k: v for k, v in found["tree"].items() if keep(k)},
         {k: v for k, v in expected.items() if keep(k)},
+        defaults=defaults(like),
     )
     if problems:
         raise CheckpointError(

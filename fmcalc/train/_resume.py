@@ -13,6 +13,7 @@ def resume_from(
     path: str,
     fresh: TrainState,
     run: dict[str, Any],
+    run_defaults: dict[str, dict[str, str]],
     resume: bool | Literal["weights-only"],
     shardings,
     stream: bool,
@@ -26,7 +27,11 @@ def resume_from(
             header, load = read()
             # A checkpoint saved by hand has no record of its run; then only its
             # structure can be checked.
-            problems = differences(header["run"], run) if "run" in header else []
+            problems = (
+                differences(header["run"], run, defaults=run_defaults)
+                if "run" in header
+                else []
+            )
             if problems and resume is True:
                 # Another model is the first thing to name, and `load` names it.
                 load(False)
