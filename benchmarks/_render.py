@@ -560,6 +560,31 @@ def best_solver(values: dict, budget: float) -> tuple[str, int, dict] | None:
     return found_solver + (", untuned" if base == CONTROL else ""), most, v
 
 
+def broken_baselines(rows: list[dict], budget: float, metric: str) -> str:
+    """The flow-matching lines whose samples were not finite at the most network
+    evaluations any of them was sampled with, at `budget`: `""`, or a note such as
+    `"not finite at 128 NFE: flow-matching (heun) on seeds 0, 1"`. Such a cell has
+    no value and so cannot be the reference; the note says it was left out."""
+    mine = [r for r in rows if r["budget"] == budget and is_baseline(r["method"])]
+    columns = [c for r in mine for c in r.get("metrics", {})]
+    if not columns:
+        return ""
+    most = max(nfe(c) for c in columns)
+    broken = collections.defaultdict(set)
+    for row in mine:
+        for column, scores in row.get("metrics", {}).items():
+            if nfe(column) == most and metric not in scores:
+                broken[label(row["method"], column)].add(row["seed"])
+    if not broken:
+        return ""
+    lines = "; ".join(
+        f"{name} on seed{'s' if len(seeds) > 1 else ''} "
+        + ", ".join(map(str, sorted(seeds)))
+        for name, seeds in broken.items()
+    )
+    return f"not finite at {most} NFE: {lines}"
+
+
 # What the frontier aims at: the best map's ratio to flow matching's best solver
 # at its most evaluations, at budget 1 (data set, jumps, target).
 TARGETS = (("ring", 1, 2.5), ("mnist", 1, 1.2), ("mnist", 2, 1.05))
@@ -620,9 +645,11 @@ def answer(rows: list[dict]) -> list[str]:
                 if best
                 else "–"
             )
+        broken = broken_baselines(mine, 1.0, metric)
         lines.append(
             f"| {name} | {metric} | {seeds} | " + " | ".join(row_cells)
-            + f" | {found}, {most} NFE: {target:.3g} |"
+            + f" | {found}, {most} NFE: {target:.3g}"
+            + (f" ({broken})" if broken else "") + " |"
         )  # fmt: skip
     lines += [
         "",
@@ -716,6 +743,9 @@ def summary(rows: list[dict]) -> list[str]:
             if reference:
                 found, most, v = reference
                 fm = f"{found}, {most} NFE: {_cell(list(v.values()))}"
+            broken = broken_baselines(mine, budget, metric)
+            if broken:
+                fm += f" ({broken})"
             lines.append(
                 f"| {name} | {metric} | {budget:g}{suffix} | "
                 + " | ".join(row_cells)

@@ -513,3 +513,26 @@ def test_the_reference_is_the_better_of_tuned_and_untuned_flow_matching():
     assert "euler, untuned, 128 NFE: 0.2 |" in text
     # Neither flow-matching line is a map.
     assert "flow-matching-untuned (" not in text.split("Headline")[0].split("|")[4]
+
+
+def test_a_baseline_that_is_not_finite_at_its_most_evaluations_is_named():
+    """A flow-matching line whose samples blow up at the most evaluations has no
+    value there, so it cannot be the reference; the tables say it was left out
+    instead of silently comparing with the others."""
+    rows = []
+    for seed in range(3):
+        tuned = _row("flow-matching", seed, value=4.0)
+        tuned["metrics"]["nfe128"] = {"nonfinite": 1.0}
+        control = _row("flow-matching-untuned", seed, value=4.0)
+        control["metrics"] = {"nfe128": {"rmse": 0.2, "energy": 0.01}}
+        rows += [tuned, control, _row("lsd", seed, value=0.5)]
+    note = "(not finite at 128 NFE: flow-matching on seeds 0, 1, 2)"
+    answer = "\n".join(render.answer(rows))
+    assert f"euler, untuned, 128 NFE: 0.2 {note} |" in answer
+    summary = "\n".join(render.summary(rows))
+    assert note in summary
+    # Finite everywhere: no note.
+    for row in rows:
+        if row["method"] == "flow-matching":
+            row["metrics"]["nfe128"] = {"rmse": 0.4, "energy": 0.01}
+    assert "not finite" not in "\n".join(render.answer(rows) + render.summary(rows))
