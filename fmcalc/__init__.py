@@ -116,6 +116,7 @@ from ._times import (
     FixedSource as FixedSource,
     FixedTarget as FixedTarget,
     GapFirst as GapFirst,
+    GridStep as GridStep,
     KarrasGrid as KarrasGrid,
     LogitNormal as LogitNormal,
     SortedPair as SortedPair,

@@ -9,6 +9,7 @@ from typing import Any, Literal, cast, get_args
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._batch import Batch
@@ -172,6 +173,14 @@ def _row_counts(n: int, split: tuple[float, ...]) -> list[int]:
     return counts
 
 
+def _names(value) -> tuple[str, ...] | None:
+    """Term names as a tuple (a static field must be hashable); one name alone is
+    one name, not its letters."""
+    if value is None or isinstance(value, str):
+        return None if value is None else (value,)
+    return tuple(value)
+
+
 class Method(eqx.Module):
     """A flow-map training method as data: its terms, batch split and schedules.
 
@@ -196,6 +205,14 @@ class Method(eqx.Module):
       (MeanFlow's adaptive weight). It accepts every term's
       [`fmcalc.FixedPointShiftWarning`][]; a term whose residual is biased by
       construction says so itself (`Term(..., biased=...)`).
+    - `label_dropout_terms`: the names of the terms whose rows label dropout may
+      reach (shortcut models' code drops labels on its flow-matching rows only);
+      default `None`, every row.
+    - `sigma_min`: the noise left at the data end of the path, in `[0, 1)`: `batch`
+      draws `x0 + sigma_min · eps` in place of `x0`, so that
+      `x_s = (1 - s) x0 + (sigma_min + (1 - sigma_min) s) eps` and the conditional
+      velocity is `(1 - sigma_min) eps - x0`, the path of Lipman et al. (2023) with
+      `σ_min` (shortcut models' code uses `1e-5`). Default 0: the linear path.
 
     Building a method raises, once, each [`fmcalc.FmcalcWarning`][] its terms
     deserve and do not declare; [`fmcalc.explain`][] shows them all.
@@ -216,6 +233,10 @@ class Method(eqx.Module):
         static=True, default="independent"
     )
     biased: str | None = eqx.field(static=True, default=None)
+    label_dropout_terms: tuple[str, ...] | None = eqx.field(
+        static=True, default=None, converter=_names
+    )
+    sigma_min: float = eqx.field(static=True, default=0.0)
 
     def __check_init__(self):
         for field, value, allowed in (
@@ -249,6 +270,15 @@ class Method(eqx.Module):
                 "`label_dropout_rows` must be 'independent' or 'leading'; got "
                 f"{self.label_dropout_rows!r}."
             )
+        names = [term.name for term in self.terms]
+        unknown = sorted(set(self.label_dropout_terms or ()) - set(names))
+        if unknown:
+            raise ValueError(
+                f"`label_dropout_terms` names {unknown}, which are not terms of "
+                f"method {self.name!r}; its terms are {names}."
+            )
+        if not 0 <= self.sigma_min < 1:
+            raise ValueError(f"`sigma_min` must lie in [0, 1); got {self.sigma_min}.")
         if self.learning == "distillation" and not self._reads_a_teacher():
             raise ValueError(
                 f"Method {self.name!r} says learning='distillation', but no term "
@@ -338,6 +368,8 @@ class Method(eqx.Module):
         k_noise, k_labels, *k_terms = jax.random.split(key, 2 + len(self.terms))
         dtype = x0.dtype
         eps = jax.random.normal(k_noise, x0.shape, dtype)
+        if self.sigma_min:
+            x0 = x0 + self.sigma_min * eps
         draws = [
             term.times(k, count, dtype=dtype)
             for term, k, count in zip(self.terms, k_terms, counts, strict=True)
@@ -351,12 +383,17 @@ class Method(eqx.Module):
             else None
         )
         if cond is not None and self.label_dropout > 0:
-            cond = drop_labels(
-                k_labels,
-                jnp.asarray(cond),
-                self.label_dropout,
-                rows=self.label_dropout_rows,
+            cond = jnp.asarray(cond)
+            dropped = drop_labels(
+                k_labels, cond, self.label_dropout, rows=self.label_dropout_rows
             )
+            if self.label_dropout_terms is not None:
+                reached = np.repeat(
+                    [term.name in self.label_dropout_terms for term in self.terms],
+                    counts,
+                )
+                dropped = jnp.where(reached, dropped, cond)
+            cond = dropped
         return Batch(x0, eps, s, t, u, cond)
 
     # ----------------------------------------------------------------------- loss

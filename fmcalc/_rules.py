@@ -25,6 +25,7 @@ from ._derivative import JVP, AbstractDerivative
 from ._expr import (
     AbstractExpr,
     AbstractVelocity,
+    Clip,
     ConditionalVelocity,
     D,
     Diagonal,
@@ -57,6 +58,7 @@ def flow_matching(
     *,
     velocity: AbstractVelocity = ConditionalVelocity(),
     network: Network = Network(),
+    at: str = "diagonal",
 ) -> AbstractExpr:
     """The diagonal (flow-matching) residual `V(x, s, s) - v(x, s)`.
 
@@ -68,8 +70,15 @@ def flow_matching(
 
     - `velocity`: the velocity source (default [`fmcalc.ConditionalVelocity`][]).
     - `network`: the network trained (default online).
+    - `at`: where the network is asked: `"diagonal"` (default, `V(x, s, s)`) or
+      `"target"` (`V(x, s, t)` at the batch's `t`). With a sampler that puts `t` a
+      small step from `s` ([`fmcalc.GridStep`][]) this is shortcut models' labelling
+      of their flow-matching rows with the finest step. The exact map's `V(x, s, t)`
+      is the mean velocity over `[t, s]`, not `v(x, s)`, so the term is biased by
+      `O(s - t)`: declare it with `Term(biased=...)`.
     """
-    return validate(network(X, S, S) - velocity(X, S))
+    _check_choice("at", at, ("diagonal", "target"))
+    return validate(network(X, S, S if at == "diagonal" else T) - velocity(X, S))
 
 
 def lagrangian(
@@ -277,6 +286,7 @@ def compositional(
     u: float | Variable = 0.5,
     network: Network = Network(),
     target_network: Network | None = None,
+    clip: float | None = None,
 ) -> AbstractExpr:
     """The compositional (semigroup) rule `F(F(x, s, u), u, t) = F(x, s, t)`.
 
@@ -294,9 +304,16 @@ def compositional(
       `t` (default `0.5`, the midpoint), or the leaf [`fmcalc.U`][] to take `u` from
       the batch (then the `V` form divides by `t - s`: the batch needs `t != s`).
     - `network`, `target_network`: as in [`fmcalc.lagrangian`][].
+    - `clip`: clip the first jump `F(x, s, u)` and the target elementwise to
+      `[-clip, clip]`, as shortcut models' code does with `clip = 4` (a guard
+      against a target network far from its fixed point early in training; a
+      no-op once every value lies within the bound). Default `None`: no clipping.
     """
     _check_choice("form", form, ("F", "V"))
     _check_choice("stop_gradient", stop_gradient, ("none", "target"))
+    if clip is not None and not clip > 0:
+        raise ValueError(f"`clip` must be a positive bound or None; got {clip!r}.")
+    bounded = (lambda e: e) if clip is None else (lambda e: Clip(e, -clip, clip))
     if isinstance(u, Variable):
         if u.key != U.key:
             raise ValueError(f"`u` must be a fraction in (0, 1) or fmcalc.U; got {u}.")
@@ -311,13 +328,14 @@ def compositional(
         r = u
     target_net = network if target_network is None else target_network
     F_target = FlowMap(target_net)
-    first = F_target(X, S, mid)
+    first = bounded(F_target(X, S, mid))
     if form == "F":
         prediction: AbstractExpr = FlowMap(network)(X, S, T)
         target = F_target(first, mid, T)
     else:
         prediction = network(X, S, T)
         target = r * target_net(X, S, mid) + (1 - r) * target_net(first, mid, T)
+    target = bounded(target)
     if stop_gradient == "target":
         target = sg(target)
     return validate(prediction - target)

@@ -424,14 +424,21 @@ class DyadicSteps(AbstractTimeSampler):
     `(τ, d)` with `τ ∈ {0, d, …, 1 - d}`; our `s = 1 - τ` covers `{d, …, 1}`. The
     paper's `levels = 7` gives `d ∈ {1, 1/2, …, 1/64}` (its flow-matching rows use
     the finest label `d = 1/128`; draw them with [`fmcalc.Equal`][]). The paper
-    spreads `k` evenly over the self-consistency rows; here `k` is drawn per row.
+    spreads `k` evenly over the self-consistency rows: `allocation="even"` does
+    the same; by default `k` is drawn per row.
 
     **Arguments:**
 
     - `levels`: the number of step sizes, `≥ 1` (default 7).
+    - `allocation`: how rows get their level. `"random"` (default): `k` uniform per
+      row. `"even"`: `n // levels` rows per level, finest first (`k = levels - 1`,
+      …, `0`), and the remaining `n % levels` rows the largest step `d = 1`, in
+      that row order (as shortcut models' code does: at their 32 self-consistency
+      rows of 7 levels, a quarter of the rows take `d = 1`).
     """
 
     levels: int = eqx.field(static=True, default=7, converter=_as_int)
+    allocation: Literal["random", "even"] = eqx.field(static=True, default="random")
 
     uses_u: ClassVar[bool] = True
 
@@ -441,16 +448,64 @@ class DyadicSteps(AbstractTimeSampler):
 
     def __check_init__(self):
         _check_int("DyadicSteps", "levels", self.levels, 1)
+        if self.allocation not in ("random", "even"):
+            raise ValueError(
+                "`DyadicSteps(allocation=...)` must be 'random' or 'even'; got "
+                f"{self.allocation!r}."
+            )
 
     def __call__(self, key: PRNGKeyArray, n: int, *, dtype=jnp.float32) -> Times:
         _check_call("DyadicSteps", n, dtype)
         key_k, key_j = jax.random.split(key)
-        k = jax.random.randint(key_k, (n,), 0, self.levels)
+        if self.allocation == "even":
+            per = n // self.levels
+            k = jnp.asarray(
+                np.concatenate(
+                    [
+                        np.repeat(np.arange(self.levels)[::-1], per),
+                        np.zeros(n % self.levels, int),
+                    ]
+                )
+            )
+        else:
+            k = jax.random.randint(key_k, (n,), 0, self.levels)
         count = jnp.left_shift(1, k)
         j = jax.random.randint(key_j, (n,), 1, count + 1)
         d = jnp.ldexp(jnp.ones((n,), dtype), -k)
         s = j.astype(dtype) * d
         return Times(s=s, t=s - d, u=s - d / 2)
+
+
+class GridStep(AbstractTimeSampler):
+    """One step of a uniform grid: `s` uniform on `{1/N, 2/N, …, 1}` and
+    `t = s - 1/N`.
+
+    Shortcut models' flow-matching rows (Frans et al. 2025): their times lie on the
+    128-point grid and the network is asked for the finest step `d = 1/128`, not
+    `d = 0`. With [`fmcalc.flow_matching`][]`(at="target")` the residual is then
+    `V(x, s, s - 1/N) - (eps - x0)`, whose minimiser is the velocity at `s`, off
+    the exact map's `V` by `O(1/N)`.
+
+    **Arguments:**
+
+    - `count`: the number of grid steps `N ≥ 1` (default 128).
+    """
+
+    count: int = eqx.field(static=True, default=128, converter=_as_int)
+
+    uses_u: ClassVar[bool] = False
+
+    @property
+    def ordered(self) -> bool:
+        return True
+
+    def __check_init__(self):
+        _check_int("GridStep", "count", self.count, 1)
+
+    def __call__(self, key: PRNGKeyArray, n: int, *, dtype=jnp.float32) -> Times:
+        _check_call("GridStep", n, dtype)
+        j = jax.random.randint(key, (n,), 1, self.count + 1).astype(dtype)
+        return Times(s=j / self.count, t=(j - 1) / self.count)
 
 
 class KarrasGrid(AbstractTimeSampler):

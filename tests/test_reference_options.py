@@ -153,3 +153,132 @@ def test_meanflow_reference_loss_is_the_formula_of_its_authors_code():
         jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True
     ):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_shortcut_reference_times_follow_the_authors_allocation():
+    method = methods.get("shortcut", preset="reference")
+    batch = method.batch(jax.random.key(0), jnp.zeros((256, 2)))
+    step = np.asarray(batch.s - batch.t)
+    anchor, bootstrap = step[:224], step[224:]
+    # Flow-matching rows: the finest step on the 128-point grid.
+    np.testing.assert_array_equal(anchor, 1 / 128)
+    grid = np.asarray(batch.s[:224]) * 128
+    np.testing.assert_array_equal(grid, np.round(grid))
+    # Self-consistency rows: 4 per level, finest first, and the rest d = 1: a
+    # quarter of the 32 rows take the largest step.
+    expected = np.concatenate([np.repeat(2.0 ** -np.arange(6, -1, -1), 4), [1.0] * 4])
+    np.testing.assert_array_equal(bootstrap, expected)
+    assert np.mean(bootstrap == 1.0) == 0.25
+
+
+def test_shortcut_reference_drops_labels_on_flow_matching_rows_only():
+    method = methods.get("shortcut", preset="reference")
+    cond = jnp.arange(256) % 5
+    dropped = np.zeros(256, bool)
+    for seed in range(5):
+        batch = method.batch(jax.random.key(seed), jnp.zeros((256, 2)), cond=cond)
+        dropped |= np.asarray(batch.cond == fmcalc.NULL_LABEL)
+    assert dropped[:224].any() and not dropped[224:].any()
+    with pytest.raises(ValueError, match=r"names \['bootstrap'\].*\['anchor', 'compositional'\]"):
+        methods.get("shortcut", label_dropout=0.1, label_dropout_terms=("bootstrap",))
+
+
+def test_sigma_min_is_the_path_that_ends_at_sigma_min_noise():
+    method = methods.get("shortcut", sigma_min=0.25)
+    x0 = jax.random.normal(jax.random.key(1), (64, 2))
+    batch = method.batch(jax.random.key(2), x0)
+    s = batch.s[:, None]
+    expected = (1 - s) * x0 + (0.25 + 0.75 * s) * batch.eps
+    np.testing.assert_allclose(batch.x, expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        batch.eps - batch.x0, 0.75 * batch.eps - x0, rtol=1e-12, atol=1e-12
+    )
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"`sigma_min` must lie in \[0, 1\)"):
+            methods.get("shortcut", sigma_min=bad)
+
+
+def test_shortcut_reference_loss_is_the_formula_of_its_authors_code():
+    """The preset's loss, recomputed row by row from the formulas of shortcut
+    models' code (kvfrans/shortcut-models at 6010043, targets_shortcut.py), in
+    their convention: `τ = 1 - s` runs from noise to data, `d = s - t`, and their
+    network's output is `-V(x, s, s - d)`.
+
+    `x_τ = (1 - (1 - 1e-5) τ) eps + τ x0`. Flow-matching rows: target
+    `x0 - (1 - 1e-5) eps` at the label `d = 1/128`. Self-consistency rows, from the
+    EMA network: `v1 = v(x_τ, τ, d/2)`, `x2 = clip(x_τ + d/2 v1, ±4)`,
+    `v2 = v(x2, τ + d/2, d/2)`, target `clip((v1 + v2)/2, ±4)`. The loss is the
+    mean of the squared error over every element of the batch."""
+    from fmcalc.nn import MLP
+
+    method = methods.get("shortcut", preset="reference")
+    model = MLP(3, width=32, depth=2, num_classes=4, key=jax.random.key(1))
+    ema = MLP(3, width=32, depth=2, num_classes=4, key=jax.random.key(5))
+    # Data of a large scale, so that clipping at ±4 is active on some rows.
+    x0 = 3 * jax.random.normal(jax.random.key(2), (64, 3))
+    cond = jnp.arange(64) % 4
+    batch = method.batch(jax.random.key(3), x0, cond=cond)
+    sigma = 1e-5
+
+    def theirs(net, x, tau, d, y):
+        return -net(x, 1 - tau, 1 - tau - d, cond=y)
+
+    def row(model, x0, eps, s, t, y, bootstrap):
+        tau, d = 1 - s, s - t
+        x = (1 - (1 - sigma) * tau) * eps + tau * x0
+        if not bootstrap:
+            target = x0 - (1 - sigma) * eps
+        else:
+            v1 = theirs(ema, x, tau, d / 2, y)
+            x2 = jnp.clip(x + d / 2 * v1, -4, 4)
+            v2 = theirs(ema, x2, tau + d / 2, d / 2, y)
+            target = jnp.clip((v1 + v2) / 2, -4, 4)
+        return (theirs(model, x, tau, d, y) - jax.lax.stop_gradient(target)) ** 2
+
+    def by_formula(model):
+        parts = []
+        for rows, bootstrap in ((slice(0, 56), False), (slice(56, 64), True)):
+            args = (x0[rows], batch.eps[rows], batch.s[rows], batch.t[rows],
+                    batch.cond[rows])  # fmt: skip
+            parts.append(jax.vmap(lambda *a: row(model, *a, bootstrap))(*args))
+        return jnp.mean(jnp.concatenate(parts))
+
+    def ours(model):
+        return method.loss(model, batch, ema=ema)[0]
+
+    loss, grads = eqx.filter_value_and_grad(ours)(model)
+    expected, expected_grads = eqx.filter_value_and_grad(by_formula)(model)
+    np.testing.assert_allclose(loss, expected, rtol=1e-12)
+    for a, b in zip(
+        jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    # The clip is active on some rows, so the test sees it.
+    x = batch.x[56:]
+    half = batch.s[56:] - (batch.s[56:] - batch.t[56:]) / 2
+    first = x + (half - batch.s[56:])[:, None] * jax.vmap(
+        lambda x, s, u, y: ema(x, s, u, cond=y)
+    )(x, batch.s[56:], half, batch.cond[56:])
+    assert (np.abs(np.asarray(first)) > 4).any()
+
+
+def test_the_shortcut_options_are_checked_and_default_to_the_paper():
+    from fmcalc import compositional, flow_matching
+
+    with pytest.raises(ValueError, match=r"`clip` must be a positive bound.*-4"):
+        compositional(clip=-4.0)
+    with without_runtime_typechecks():
+        with pytest.raises(ValueError, match=r"Unknown at 'source'"):
+            flow_matching(at="source")
+    plain = methods.get("shortcut")
+    assert plain.sigma_min == 0 and plain.label_dropout_terms is None
+    assert "clip" not in str(plain) and "V(x, s, s)" in str(plain)
+    # Clipping is a no-op where every value lies inside the bound.
+    from fmcalc.nn import MLP
+
+    model = MLP(2, width=8, depth=1, key=jax.random.key(0))
+    clipped = methods.get("shortcut", clip=1e6)
+    batch = plain.batch(jax.random.key(1), jax.random.normal(jax.random.key(2), (16, 2)))
+    np.testing.assert_allclose(
+        plain.loss(model, batch, ema=model)[0], clipped.loss(model, batch, ema=model)[0]
+    )
