@@ -55,8 +55,18 @@ def _curricula(name: str) -> str:
     )
 
 
+# The measured effect of each setting of a method's reference preset
+# (benchmarks/reference_differences.py), shown under its differences.
+_DIFFERENCES = _ROOT / "benchmarks" / "results" / "reference-differences"
+
+
 def _entry(name: str) -> str:
     text = fmcalc.methods.doc(name, format="markdown")
+    measured = _DIFFERENCES / f"{name}.md"
+    if fmcalc.methods.info(name).presets.get("reference"):
+        # A preset without its measurement is a page that claims less than it
+        # should: fail the build rather than leave the table out.
+        text += "\n" + measured.read_text()
     heading, rest = text.split("\n", 1)
     explained = textwrap.indent(str(fmcalc.explain(name)), "    ")
     return (

@@ -61,3 +61,25 @@ def test_a_typed_number_is_caught(results):
     # Numbers in code, inline code, links and included files are not prose.
     quiet = 'Run `--steps 98765`; see [run 98765](a.md).\n--8<-- "b/98765.md"\n'
     assert untraced_numbers(quiet, results) == []
+
+
+def test_reference_differences_name_every_preset_setting_and_re_render(tmp_path):
+    """Each method with a reference preset has a measured line per setting and a
+    noise line; the committed pages re-render from the committed rows alone."""
+    import json
+    import shutil
+
+    from helpers import load_benchmark
+
+    differences = load_benchmark("reference_differences")
+
+    results = ROOT / "benchmarks" / "results" / "reference-differences"
+    found = json.loads((results / "differences.json").read_text())
+    assert differences.missing(found["rows"]) == []
+    # A failing input: a setting's line removed.
+    dropped = [r for r in found["rows"] if not r["setting"].startswith("clip =")]
+    assert differences.missing(dropped) == ["shortcut: clip"]
+    shutil.copy(results / "differences.json", tmp_path)
+    differences.main(["--out", str(tmp_path), "--render"])
+    for page in results.glob("*.md"):
+        assert (tmp_path / page.name).read_text() == page.read_text(), page.name

@@ -179,7 +179,9 @@ def test_shortcut_reference_drops_labels_on_flow_matching_rows_only():
         batch = method.batch(jax.random.key(seed), jnp.zeros((256, 2)), cond=cond)
         dropped |= np.asarray(batch.cond == fmcalc.NULL_LABEL)
     assert dropped[:224].any() and not dropped[224:].any()
-    with pytest.raises(ValueError, match=r"names \['bootstrap'\].*\['anchor', 'compositional'\]"):
+    with pytest.raises(
+        ValueError, match=r"names \['bootstrap'\].*\['anchor', 'compositional'\]"
+    ):
         methods.get("shortcut", label_dropout=0.1, label_dropout_terms=("bootstrap",))
 
 
@@ -278,7 +280,9 @@ def test_the_shortcut_options_are_checked_and_default_to_the_paper():
 
     model = MLP(2, width=8, depth=1, key=jax.random.key(0))
     clipped = methods.get("shortcut", clip=1e6)
-    batch = plain.batch(jax.random.key(1), jax.random.normal(jax.random.key(2), (16, 2)))
+    batch = plain.batch(
+        jax.random.key(1), jax.random.normal(jax.random.key(2), (16, 2))
+    )
     np.testing.assert_allclose(
         plain.loss(model, batch, ema=model)[0], clipped.loss(model, batch, ema=model)[0]
     )

@@ -125,7 +125,23 @@ def doc(name: str, format: Literal["text", "markdown"] = "text") -> str:
             )
     else:
         lines.append("  none known")
+    lines += ["", "differences from the authors' code", wrap(_compared(facts))]
     return "\n".join(lines)
+
+
+def _compared(facts: MethodInfo) -> str:
+    if facts.compared_with is None:
+        return (
+            "Not compared with the authors' code: the deviations above come from "
+            "reading the paper and public code."
+        )
+    found = f"Compared with {facts.compared_with}."
+    if facts.presets.get("reference"):
+        found += (
+            " Each difference listed above has a setting; preset='reference' sets "
+            "them all."
+        )
+    return found
 
 
 def _markdown(facts: MethodInfo, method: Method, opts, notes: str) -> str:
@@ -158,4 +174,5 @@ def _markdown(facts: MethodInfo, method: Method, opts, notes: str) -> str:
     out += [f"- {line}" for line in _cost_lines(method, facts.dieleman_cost)]
     out += ["", "**Deviations from the paper and public code**", ""]
     out += [f"- {d}" for d in facts.deviations] or ["None known."]
+    out += ["", "**Differences from the authors' code**", "", _compared(facts)]
     return "\n".join(out) + "\n"

@@ -30,6 +30,9 @@ class MethodInfo(NamedTuple):
       (every term on every row), or `None` when the method is not in that table.
     - `presets`: named sets of options (`get(name, preset=...)`), e.g.
       `"reference"`, the settings of the authors' code.
+    - `compared_with`: the authors' code the spec was compared with (repository,
+      commit and file) and how, or `None` where no comparison was made; the
+      deviations then come from reading the paper and public code.
     """
 
     name: str
@@ -39,6 +42,7 @@ class MethodInfo(NamedTuple):
     deviations: tuple[str, ...] = ()
     dieleman_cost: int | None = None
     presets: Mapping[str, Mapping[str, Any]] = types.MappingProxyType({})
+    compared_with: str | None = None
 
 
 # `[`fmcalc.X`][]`, a cross-reference of the documentation, is `fmcalc.X` in a terminal.
@@ -57,6 +61,7 @@ def register(
     deviations: tuple[str, ...] = (),
     dieleman_cost: int | None = None,
     presets: Mapping[str, Mapping[str, Any]] | None = None,
+    compared_with: str | None = None,
 ):
     """Register a method builder under `name` (a decorator), with the facts
     [`fmcalc.methods.info`][] returns.
@@ -65,7 +70,7 @@ def register(
 
     - `name`: the registry name.
     - `full_name`, `citation`, `summary`, `deviations`, `dieleman_cost`,
-      `presets`: see [`fmcalc.methods.MethodInfo`][]. A preset's keys must be
+      `presets`, `compared_with`: see [`fmcalc.methods.MethodInfo`][]. A preset's keys must be
       options of the builder.
 
     The builder takes keyword-only options with defaults and returns an
@@ -126,7 +131,7 @@ def register(
         }
         _INFO[name] = MethodInfo(
             name, full_name, citation, summary, tuple(deviations), dieleman_cost,
-            types.MappingProxyType(frozen),
+            types.MappingProxyType(frozen), compared_with,
         )  # fmt: skip
         return builder
 
