@@ -3,6 +3,8 @@ the count of diagonal rows and label dropout by a leading block (MeanFlow's code
 Gsunshine/meanflow at d70cb55). The reduction over dimensions is in
 tests/test_losses.py."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -242,7 +244,8 @@ def test_shortcut_reference_loss_is_the_formula_of_its_authors_code():
         for rows, bootstrap in ((slice(0, 56), False), (slice(56, 64), True)):
             args = (x0[rows], batch.eps[rows], batch.s[rows], batch.t[rows],
                     batch.cond[rows])  # fmt: skip
-            parts.append(jax.vmap(lambda *a: row(model, *a, bootstrap))(*args))
+            one = functools.partial(row, model, bootstrap=bootstrap)
+            parts.append(jax.vmap(one)(*args))
         return jnp.mean(jnp.concatenate(parts))
 
     def ours(model):
