@@ -16,6 +16,31 @@ F_aux = FlowMap(V_aux)
 x, s, t, u = X, S, T, U
 
 
+# Where Boffi et al.'s code (nmboffi/flow-maps) differs from the LSD, PSD and ESD
+# specs, the same for the three.
+SELF_DISTILLATION_CODE = (
+    "Their code (nmboffi/flow-maps) weighs every term by a learned log-variance, "
+    "`e^{-w(s, t)} L + w(s, t)`, with `w` a Fourier-feature MLP on image networks: "
+    "`loss=fmcalc.LogVariance()` with `w` passed as `aux`; off by default.",
+    "Their noise has the data's scale, `σ_data N(0, I)` (0.5 for images), where "
+    "fmcalc draws `N(0, I)`. Since `(1 - s) x0 + s σ_data eps = σ_data ((1 - s) x0 "
+    "/ σ_data + s eps)`, the map `F'` trained on `x0 / σ_data` gives theirs as "
+    "`F(x, s, t) = σ_data F'(x / σ_data, s, t)`.",
+    "Their diagonal term runs the network with dropout on and the other terms "
+    "with it off; fmcalc's networks have no dropout.",
+)
+
+
+def compared_by_formula(code: str) -> str:
+    """`MethodInfo.compared_with` for a spec whose reference preset was checked
+    against the formulas of `code`."""
+    return (
+        f"{code}: under preset='reference' the loss and its gradient equal the "
+        "formulas of that code, recomputed row by row in float64 "
+        "(tests/test_reference_options.py)"
+    )
+
+
 def anchor(
     times: AbstractTimeSampler = Equal(Uniform()),
     loss: AbstractLoss = SquaredError(),
@@ -26,4 +51,18 @@ def anchor(
     return Term("anchor", rules.flow_matching(**kwargs), times, loss)
 
 
-__all__ = ["F", "F_aux", "F_ema", "V", "V_aux", "V_ema", "anchor", "s", "t", "u", "x"]
+__all__ = [
+    "SELF_DISTILLATION_CODE",
+    "compared_by_formula",
+    "F",
+    "F_aux",
+    "F_ema",
+    "V",
+    "V_aux",
+    "V_ema",
+    "anchor",
+    "s",
+    "t",
+    "u",
+    "x",
+]

@@ -13,7 +13,7 @@ from .._times import (
     UniformTriangle,
     WithIntermediate,
 )
-from ._common import F, anchor, s, t, x
+from ._common import SELF_DISTILLATION_CODE, F, anchor, compared_by_formula, s, t, x
 from ._registry import register
 
 
@@ -44,6 +44,7 @@ _SHORTCUT_CODE = "kvfrans/shortcut-models at 6010043 (targets_shortcut.py)"
         "multiples of 8.",
     ),
     dieleman_cost=8,
+    compared_with=compared_by_formula(_SHORTCUT_CODE),
     presets={
         "reference": {
             "times": DyadicSteps(7, allocation="even"),
@@ -158,6 +159,7 @@ def splitmeanflow(
     'Learning flow maps via self-distillation", NeurIPS 2025',
     summary="Train from scratch: a flow-matching anchor plus SplitMeanFlow's "
     "interval splitting (a uniform split point, or the midpoint).",
+    deviations=SELF_DISTILLATION_CODE,
     dieleman_cost=8,
 )
 def psd(

@@ -138,8 +138,8 @@ def _compared(facts: MethodInfo) -> str:
     found = f"Compared with {facts.compared_with}."
     if facts.presets.get("reference"):
         found += (
-            " Each difference listed above has a setting; preset='reference' sets "
-            "them all."
+            " Each difference in the loss listed above has a setting; "
+            "preset='reference' sets them all."
         )
     return found
 

@@ -39,7 +39,19 @@ from .._times import (
     SortedPair,
     UniformTriangle,
 )
-from ._common import F, F_aux, F_ema, V, anchor, s, t, u, x
+from ._common import (
+    SELF_DISTILLATION_CODE,
+    F,
+    F_aux,
+    F_ema,
+    V,
+    anchor,
+    compared_by_formula,
+    s,
+    t,
+    u,
+    x,
+)
 from ._registry import register
 
 
@@ -191,6 +203,7 @@ def emd(
         "Counts 11 FPE against Dieleman's 10: V(x, s, s), the spatial JVP's "
         "tangent, is a forward pass of its own, since the anchor has its own rows "
         "and times.",
+        *SELF_DISTILLATION_CODE,
     ),
     dieleman_cost=10,
 )
@@ -370,6 +383,7 @@ def _facm_weight(s, t):
         "κ = 0.5. preset='reference' sets all of these.",
     ),
     dieleman_cost=4,
+    compared_with=compared_by_formula("Gsunshine/meanflow at d70cb55"),
     presets={
         "reference": {
             "times": SortedPair(

@@ -15,7 +15,7 @@ from .._times import (
     Uniform,
     UniformTriangle,
 )
-from ._common import F, V, V_ema, anchor, s, t, x
+from ._common import SELF_DISTILLATION_CODE, F, V, V_ema, anchor, s, t, x
 from ._registry import register
 
 
@@ -66,10 +66,7 @@ def lmd(
     summary="Train from scratch: flow matching anchors the diagonal V(x, t, t), and "
     "the map's time derivative follows that diagonal's velocity at the map's end "
     "point, under a stop-gradient.",
-    deviations=(
-        "The learned log-variance weight `e^{-w} L + w` is off by default; it is "
-        "`loss=fmcalc.LogVariance()` with `w(s, t)` passed as `aux`.",
-    ),
+    deviations=SELF_DISTILLATION_CODE,
     dieleman_cost=10,
 )
 def lsd(

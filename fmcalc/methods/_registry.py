@@ -70,8 +70,8 @@ def register(
 
     - `name`: the registry name.
     - `full_name`, `citation`, `summary`, `deviations`, `dieleman_cost`,
-      `presets`, `compared_with`: see [`fmcalc.methods.MethodInfo`][]. A preset's keys must be
-      options of the builder.
+      `presets`, `compared_with`: see [`fmcalc.methods.MethodInfo`][]. A preset's
+      keys must be options of the builder.
 
     The builder takes keyword-only options with defaults and returns an
     [`fmcalc.Method`][]; its docstring gives the loss in fmcalc's convention and
