@@ -289,3 +289,17 @@ def test_the_shortcut_options_are_checked_and_default_to_the_paper():
     np.testing.assert_allclose(
         plain.loss(model, batch, ema=model)[0], clipped.loss(model, batch, ema=model)[0]
     )
+
+
+def test_a_preset_is_a_setting_of_parse_and_of_the_command_line():
+    parsed = methods.parse("shortcut[preset=reference]")
+    assert parsed.terms == methods.get("shortcut", preset="reference").terms
+    assert parsed.name == "shortcut[preset=reference]"
+    # Settings after the preset win, as in `get`.
+    mixed = methods.parse("meanflow", ["preset=reference", "loss=squared"])
+    assert mixed.terms[0].loss == fmcalc.SquaredError()
+    assert mixed.label_dropout_rows == "leading"
+    with pytest.raises(ValueError, match=r"no preset 'paper'; its presets"):
+        methods.parse("meanflow[preset=paper]")
+    with pytest.raises(ValueError, match=r"names 2 presets, \['reference', 'x'\]"):
+        methods.parse("meanflow[preset=reference,preset=x]")

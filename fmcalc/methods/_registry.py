@@ -540,7 +540,13 @@ def _variant(
             f"`sets` is a list of 'KEY=VALUE' strings; got the string {sets!r}."
         )
     items = [*inline, *sets]
-    method = get(name, **settings(name, items))
+    presets = [value for key, value in map(_assignment, items) if key == "preset"]
+    if len(presets) > 1:
+        raise ValueError(f"{spec!r} names {len(presets)} presets, {presets}; name one.")
+    options = [item for item in items if _assignment(item)[0] != "preset"]
+    method = get(
+        name, preset=presets[0] if presets else None, **settings(name, options)
+    )
     tidy = ["=".join(_assignment(item)) for item in items]
     if tidy:
         method = method.replace(name=f"{name}[{','.join(tidy)}]")
@@ -555,7 +561,9 @@ def parse(spec: str, sets: Sequence[str] = ()) -> Method:
     **Arguments:**
 
     - `spec`: `NAME` or `NAME[KEY=VALUE,...]`; a comma separates settings only
-      before a `KEY=`, so a tuple's commas need no quoting.
+      before a `KEY=`, so a tuple's commas need no quoting. `preset=NAME` picks a
+      preset of the method (`"shortcut[preset=reference]"`); the other settings
+      take precedence over it.
     - `sets`: more `KEY=VALUE` settings, after those in brackets (what
       `fmcalc train --method NAME --set KEY=VALUE` passes).
 
