@@ -65,10 +65,14 @@ def device_label(machine: dict[str, Any]) -> str:
 
 def provenance(record: dict[str, Any]) -> str:
     """`Command: ...; commit ...; N min on PROCESSOR (K CPU cores).` from a run's
-    record (`command`, `seconds` and `machine()`)."""
+    record (`command`, `seconds` and `machine()`); a run from a working tree with
+    uncommitted changes says so."""
     found = record["machine"]
+    commit = f"commit `{found['git']['commit']}`"
+    if found["git"].get("dirty"):
+        commit += " with uncommitted changes, so not reproducible from it"
     return (
-        f"Command: `{record['command']}`; commit `{found['git']['commit']}`; "
+        f"Command: `{record['command']}`; {commit}; "
         f"{record['seconds'] / 60:.1f} min on {found['processor']} "
         f"({found['cpu_count']} CPU cores)."
     )

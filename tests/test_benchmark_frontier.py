@@ -536,3 +536,21 @@ def test_a_baseline_that_is_not_finite_at_its_most_evaluations_is_named():
         if row["method"] == "flow-matching":
             row["metrics"]["nfe128"] = {"rmse": 0.4, "energy": 0.01}
     assert "not finite" not in "\n".join(render.answer(rows) + render.summary(rows))
+
+
+def test_provenance_says_when_a_run_came_from_uncommitted_changes():
+    import _machine
+
+    record = {
+        "command": "python benchmarks/apps.py",
+        "seconds": 60.0,
+        "machine": {
+            "git": {"commit": "abc1234", "dirty": False},
+            "processor": "x86_64",
+            "cpu_count": 2,
+        },
+    }
+    clean = _machine.provenance(record)
+    assert "commit `abc1234`;" in clean and "uncommitted" not in clean
+    record["machine"]["git"]["dirty"] = True
+    assert "with uncommitted changes" in _machine.provenance(record)
