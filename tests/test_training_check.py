@@ -70,6 +70,13 @@ def test_registry_methods_pass_at_the_defaults(name, overrides, right):
     assert result.flow_matching == right.flow_matching
     assert result.trivial == right.trivial
     assert np.isfinite(result.two_step)
+    # The velocity-only control: the flow-matching network used as a map. It is
+    # finite, cached with the run, named in the printout, and worse than the
+    # learned jumps of a method that trains them.
+    assert result.velocity_only == right.velocity_only
+    assert all(np.isfinite(result.velocity_only))
+    assert result.one_step < result.velocity_only[0], str(result)
+    assert "as a map" in str(result)
 
 
 @slow
