@@ -256,6 +256,41 @@ def close_to(samples, weights, target: Gaussian, ess=None, sigmas=4.0) -> bool:
     )
 
 
+def three_modes() -> GaussianMixture:
+    """Three narrow components; a reward centred between them puts particles near
+    the basin boundaries, where the map's Jacobian is large."""
+    return GaussianMixture(
+        jnp.asarray([0.5, 0.3, 0.2]),
+        jnp.asarray([[-2.0, 0.0], [2.0, 0.5], [0.0, 2.5]]),
+        jnp.asarray([[[0.1, 0.0], [0.0, 0.1]]] * 3),
+    )
+
+
+@pytest.mark.slow
+def test_steering_moves_are_bounded_near_basin_boundaries():
+    """Unlimited moves throw particles far from every mode at a large strength;
+    the default trust region keeps every particle near one."""
+    flow = three_modes()
+    centre = apps.QuadraticReward(jnp.eye(2), jnp.zeros(2))
+
+    @eqx.filter_jit
+    def run(max_drift, noise, key):
+        keys = jax.random.split(key, noise.shape[0])
+        return jax.vmap(
+            lambda e, k: apps.steer(
+                flow, centre, e, key=k, strength=25.0, max_drift=max_drift
+            )
+        )(noise, keys)
+
+    def farthest(x):
+        gaps = jnp.linalg.norm(x[:, None, :] - flow.means[None], axis=-1)
+        return float(jnp.max(jnp.min(gaps, axis=1)))
+
+    eps, key = noise(400), jax.random.key(1)
+    assert farthest(run(None, eps, key)) > 5.0
+    assert farthest(run(3.0, eps, key)) < 2.5
+
+
 @pytest.mark.slow
 def test_steering_without_tilt_or_with_a_constant_reward():
     eps, key = noise(), jax.random.key(1)
@@ -524,6 +559,11 @@ BAD = {
         ),
         ValueError,
         r"`reward` must take one example of shape \(2,\); calling it on one failed",
+    ),
+    "a zero trust region": (
+        lambda: apps.steer(STEERED, REWARD, X, key=KEY, strength=1.0, max_drift=0.0),
+        ValueError,
+        r"`max_drift` must be positive, or None for no limit; got 0\.0",
     ),
     "NaN strength, steering": (
         lambda: apps.steer(STEERED, REWARD, X, key=KEY, strength=float("nan")),

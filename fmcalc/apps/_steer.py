@@ -89,6 +89,7 @@ def steer(
     grid: Float[ArrayLike, " _"] | None = None,
     langevin_steps: int = 8,
     step_size: float = 0.2,
+    max_drift: float | None = 3.0,
     cond: Cond = None,
 ) -> Vector:
     """Steer sampling towards `p(x) exp(λ r(x)) / Z` with the reward's gradient taken
@@ -114,6 +115,15 @@ def steer(
     learned map, the result is the tilt of what the map samples, as far as its
     velocity and map agree.
 
+    **Step control.** Near the boundary between two modes the look-ahead's Jacobian
+    can be large (on a 3-component mixture `‖∂F(x, 1, 0)/∂x‖` reaches about 100),
+    and one move `η λ ∇r` can throw a particle far from every mode, where the
+    next moves do not bring it back. With `max_drift`, a move's drift
+    `η (∇ log p_t + λ ∇r)` is scaled down to at most `max_drift` times the length
+    `√(2 η dim)` of its noise: a trust region that leaves ordinary moves alone
+    and biases only the moves it shortens. `max_drift=None` takes every move as
+    it is.
+
     `strength = 0`, or a constant reward, leaves only Langevin moves on `p_t`, which
     change the samples but not (up to the discretisation) their distribution;
     `langevin_steps = 0` is [`fmcalc.sample`][] itself.
@@ -132,6 +142,8 @@ def steer(
       defaults to 4 without a `grid`.
     - `langevin_steps`: Langevin moves at each grid time before its jump.
     - `step_size`: the Langevin step relative to `t²` (the noise variance at `t`).
+    - `max_drift`: the longest drift of one move, in units of the move's noise
+      length (default 3; `None`: no limit). See "Step control".
     - `cond`: conditioning passed on to every model call as `cond=` (when not
       `None`).
 
@@ -147,6 +159,10 @@ def steer(
         raise ValueError(f"`langevin_steps` must be ≥ 0; got {langevin_steps}.")
     if not step_size > 0:
         raise ValueError(f"`step_size` must be positive; got {step_size!r}.")
+    if max_drift is not None and not max_drift > 0:
+        raise ValueError(
+            f"`max_drift` must be positive, or None for no limit; got {max_drift!r}."
+        )
     times = _times(steps, grid, 4, noise.dtype)
     strength = jnp.asarray(strength, noise.dtype)
 
@@ -162,7 +178,12 @@ def steer(
             )
             eta = step_size * t**2
             score = score_from_velocity(x, t, velocity(model, x, t, cond))
-            return x + eta * (score + jax.grad(tilt)(x, t)) + jnp.sqrt(2 * eta) * z
+            drift = eta * (score + jax.grad(tilt)(x, t))
+            if max_drift is not None:
+                longest = max_drift * jnp.sqrt(2 * eta * x.size)
+                length = jnp.linalg.norm(drift)
+                drift = drift * (longest / jnp.maximum(length, longest))
+            return x + drift + jnp.sqrt(2 * eta) * z
 
         return jax.lax.fori_loop(0, langevin_steps, langevin, x)
 
@@ -313,9 +334,14 @@ def smc(
       stay duplicates.
 
     The weight of each move is the change of score, `λ (r(x̂0(x', t_{i+1})) -
-    r(x̂0(x, t_i)))`, after an initial weight `λ r(x̂0(noise, 1))` (the twisted
-    potentials of Wu et al. 2023, "Practical and asymptotically exact conditional
-    sampling in diffusion models"). They telescope to `λ r(x_K)`, since every
+    r(x̂0(x, t_i)))`, after an initial weight `λ r(x̂0(noise, 1))`. The moves are
+    the map's own (untilted) proposal, so this is sequential Monte Carlo with
+    look-ahead potentials, as in Feynman-Kac steering (Singhal et al. 2025, "A
+    general framework for inference-time scaling and steering of diffusion
+    models"), not twisted SMC (Wu et al. 2023, "Practical and asymptotically exact
+    conditional sampling in diffusion models"), whose proposal is tilted as well.
+    The log-weights are not normalised over the run, so they give no estimate of
+    the normalising constant `Z`. They telescope to `λ r(x_K)`, since every
     look-ahead is the identity at `t = 0`, so the weighted particles are consistent
     for *any* look-ahead whenever each move keeps the map's marginals (both moves do
     for an exact map): the look-ahead only decides how early particles are selected,
