@@ -4,7 +4,7 @@ from .. import _rules as rules
 from .._expr import FlowMap, Network, S, T, U, X
 from .._losses import AbstractLoss, SquaredError
 from .._method import Term
-from .._times import AbstractTimeSampler, Equal, Uniform
+from .._times import AbstractTimeSampler, Equal, GridStep, Uniform
 
 
 V = Network()
@@ -51,9 +51,26 @@ def anchor(
     return Term("anchor", rules.flow_matching(**kwargs), times, loss)
 
 
+def shortcut_anchor(grid: int | None, loss: AbstractLoss) -> Term:
+    """Shortcut models' flow-matching rows: the plain anchor without a `grid`;
+    with one, their code's `V(x, s, s - 1/grid) - (eps - x0)` on the `grid`-point
+    grid ([`fmcalc.GridStep`][]), a bias of `O(1/grid)` that the term declares."""
+    if grid is None:
+        return anchor(loss=loss)
+    return Term(
+        "anchor",
+        rules.flow_matching(at="target"),
+        GridStep(grid),
+        loss,
+        biased=f"the flow-matching rows ask for the step 1/{grid}, not 0: the exact "
+        "map's V there is the mean velocity over the step, not the velocity at s",
+    )
+
+
 __all__ = [
     "SELF_DISTILLATION_CODE",
     "compared_by_formula",
+    "shortcut_anchor",
     "F",
     "F_aux",
     "F_ema",

@@ -8,12 +8,20 @@ from .._method import Method, Term
 from .._times import (
     AbstractTimeSampler,
     DyadicSteps,
-    GridStep,
     UniformSquare,
     UniformTriangle,
     WithIntermediate,
 )
-from ._common import SELF_DISTILLATION_CODE, F, anchor, compared_by_formula, s, t, x
+from ._common import (
+    SELF_DISTILLATION_CODE,
+    F,
+    anchor,
+    compared_by_formula,
+    s,
+    shortcut_anchor,
+    t,
+    x,
+)
 from ._registry import register
 
 
@@ -88,33 +96,14 @@ def shortcut(
     ([`fmcalc.GridStep`][], biased by `O(1/N)`); `sigma_min`, `label_dropout` and
     `label_dropout_terms`: see [`fmcalc.Method`][].
     """
-    residual = rules.compositional(
-        form="V", u=0.5, target_network=target_network, clip=clip
-    )
-    if anchor_grid is None:
-        first = anchor(loss=anchor_loss)
-    else:
-        first = Term(
-            "anchor",
-            rules.flow_matching(at="target"),
-            GridStep(anchor_grid),
-            anchor_loss,
-            biased=f"the flow-matching rows ask for the step 1/{anchor_grid}, not 0: "
-            "the exact map's V there is the mean velocity over the step, not the "
-            "velocity at s",
-        )
+    residual = rules.compositional(target_network=target_network, clip=clip)
+    first = shortcut_anchor(anchor_grid, anchor_loss)
     terms = (first, Term("compositional", residual, times, loss))
     return Method(
-        "shortcut",
-        "compositional",
-        "self-distillation",
-        "V",
-        terms,
-        split=split,
-        label_dropout=label_dropout,
-        label_dropout_terms=label_dropout_terms,
+        "shortcut", "compositional", "self-distillation", "V", terms, split=split,
+        label_dropout=label_dropout, label_dropout_terms=label_dropout_terms,
         sigma_min=sigma_min,
-    )
+    )  # fmt: skip
 
 
 @register(
