@@ -123,12 +123,12 @@ def _steer(model, reward, strength, noise, keys, lookahead):
 
 def _importance(model, reward, strength, noise, key):
     particles = apps.importance_sample(model, reward, noise, strength=strength)
-    return apps.resample(key, particles)
+    return apps.resample(particles, key=key)
 
 
 def _smc(model, reward, strength, noise, key):
     particles = apps.smc(model, reward, noise, key=key, strength=strength, steps=STEPS)
-    return apps.resample(jax.random.fold_in(key, 1), particles)
+    return apps.resample(particles, key=jax.random.fold_in(key, 1))
 
 
 # Compiled once per kind of model (the exact flow, the MLP): the model, reward and

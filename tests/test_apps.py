@@ -372,7 +372,7 @@ def test_smc():
     particles = apps.smc(STEERED, REWARD, eps, key=key, strength=1.0)
     ess = jnp.minimum(jnp.min(particles.ess), 1 / jnp.sum(particles.weights**2))
     assert close_to(particles.samples, particles.weights, target, ess=ess)
-    resampled = apps.resample(jax.random.key(6), particles)
+    resampled = apps.resample(particles, key=jax.random.key(6))
     assert close_to(resampled, jnp.full(N, 1 / N), target, ess=ess)
 
 
@@ -401,13 +401,13 @@ def test_slerp_of_a_zero_vector_fails_under_jit():
 def test_resample_copies_by_weight():
     samples = jnp.arange(8.0).reshape(4, 2)
     even = apps.Particles(samples, jnp.zeros(4), jnp.ones(1))
-    drawn = apps.resample(jax.random.key(0), even)
+    drawn = apps.resample(even, key=jax.random.key(0))
     assert jnp.array_equal(jnp.sort(drawn[:, 0]), samples[:, 0])
     one = apps.Particles(
         samples, jnp.asarray([-jnp.inf, 0.0, -jnp.inf, -jnp.inf]), jnp.ones(1)
     )
     assert jnp.array_equal(
-        apps.resample(jax.random.key(0), one, 6), jnp.tile(samples[1], (6, 1))
+        apps.resample(one, 6, key=jax.random.key(0)), jnp.tile(samples[1], (6, 1))
     )
 
 
@@ -502,11 +502,19 @@ BAD = {
         ValueError,
         r"`resample_below` must lie in \[0, 1\]; got 2.0",
     ),
-    "no samples": (
-        lambda: apps.resample(
+    "the key first, as before": (
+        lambda: apps.resample(  # pyright: ignore
             jax.random.key(0),
             apps.Particles(jnp.zeros((4, 2)), jnp.zeros(4), jnp.ones(1)),
+        ),
+        TypeError,
+        r"takes the particles first and the key as `key=`",
+    ),
+    "no samples": (
+        lambda: apps.resample(
+            apps.Particles(jnp.zeros((4, 2)), jnp.zeros(4), jnp.ones(1)),
             0,
+            key=jax.random.key(0),
         ),
         ValueError,
         "`n` must be a positive int or None; got 0",

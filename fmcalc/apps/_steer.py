@@ -239,19 +239,26 @@ def _systematic(key, log_weights, n: int):
 
 
 def resample(
-    key: PRNGKeyArray, particles: Particles, n: int | None = None
+    particles: Particles, n: int | None = None, *, key: PRNGKeyArray | None = None
 ) -> Float[Array, "m dim"]:
     """Equally weighted samples from weighted particles, by systematic resampling:
     particle `i` is copied about `n w_i` times.
 
     **Arguments:**
 
-    - `key`: a PRNG key.
     - `particles`: [`fmcalc.apps.Particles`][].
     - `n`: the number of samples (default: as many as particles).
+    - `key`: a PRNG key (a keyword, as in every function of `fmcalc.apps`).
 
     **Returns:** an array of shape `(n, dim)`.
     """
+    if not isinstance(particles, Particles):
+        raise TypeError(
+            "`resample(particles, n=None, *, key=...)` takes the particles first "
+            f"and the key as `key=`; got {type(particles).__name__} as the particles."
+        )
+    if key is None:
+        raise TypeError("`resample` needs a PRNG key: `resample(particles, key=...)`.")
     count = particles.samples.shape[0] if n is None else n
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"`n` must be a positive int or None; got {n!r}.")
