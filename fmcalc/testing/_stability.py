@@ -32,6 +32,8 @@ class StabilityResult(NamedTuple):
       noise at a fixed point).
     - `step`: the training step the method's schedules were evaluated at.
     - `passed`: every eigenvalue has a positive real part (`smallest_real > tol`).
+    - `reads_ema`: whether the method reads the EMA network, whose lag behind the
+      model this check does not model (see [`fmcalc.testing.check_stability`][]).
     """
 
     eigenvalues: np.ndarray
@@ -40,9 +42,12 @@ class StabilityResult(NamedTuple):
     update: float
     step: int
     passed: bool
+    reads_ema: bool = False
 
     def __str__(self) -> str:
         verdict = "pass" if self.passed else "FAIL: a direction is pushed away"
+        if self.passed and self.reads_ema:
+            verdict += " (with the EMA equal to the model: its lag is not modelled)"
         values = ", ".join(f"{v.real:.3g}{v.imag:+.2g}j" for v in self.eigenvalues)
         return (
             f"stability at training step {self.step}: smallest real part "
@@ -105,6 +110,15 @@ def check_stability(
     from the rare examples with `‖R‖² ≲ c` and is beyond a Monte Carlo estimate.
     Directions the loss does not see at all (e.g. `e` for a map trained at `t = 0`
     only) have a zero eigenvalue; they are counted as neutral and left out.
+
+    **What it cannot see: the EMA's lag.** The EMA is taken equal to the online
+    weights, so `J` is the Jacobian of a method whose targets follow the model at
+    once. In training the EMA trails the model; a target built from the EMA alone
+    then chases an older model, and the pair (model, EMA) can oscillate or diverge
+    where this check passes (a target built wholly from the EMA, inside a
+    finite-difference derivative too, has diverged in training after passing it).
+    For a method that reads the EMA, a pass here says the exact map attracts when
+    the EMA keeps up; [`fmcalc.testing.check_training`][] is the check with a lag.
 
     Distillation terms use `flow.velocity` as teacher and `flow` as the `aux`
     map, as in [`fmcalc.testing.check_fixed_point`][].
@@ -188,4 +202,5 @@ def check_stability(
         float(np.linalg.norm(at_map)),
         int(step),
         passed,
+        "ema" in method.networks,
     )
