@@ -268,16 +268,27 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     train.save_checkpoint(path, first)
     contents = path.read_bytes()
 
-    def fail_midway(f, tree):
-        f.write(b"partial")
-        raise OSError("disk full")
+    import errno
 
-    monkeypatch.setattr(eqx, "tree_serialise_leaves", fail_midway)
-    later = _state(_model(4), step=2)
-    with pytest.raises(OSError, match="disk full"):
-        train.save_checkpoint(path, later)
-    assert path.read_bytes() == contents
-    assert os.listdir(tmp_path) == ["state.eqx"]
+    from fmcalc.train import _file
+
+    real_fsync = os.fsync
+    for code, cause in ((errno.ENOSPC, "No space left"), (errno.EFBIG, "too large")):
+
+        def refuse(fd, code=code):
+            # The file system refuses the data once written (disk full, file-size
+            # limit); the directory sync afterwards is left alone.
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                return real_fsync(fd)
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(_file.os, "fsync", refuse)
+        later = _state(_model(4), step=2)
+        with pytest.raises(train.CheckpointError, match=cause) as caught:
+            train.save_checkpoint(path, later)
+        assert caught.value.path == str(path) and "kept unchanged" in str(caught.value)
+        assert path.read_bytes() == contents
+        assert os.listdir(tmp_path) == ["state.eqx"]
 
 
 @pytest.mark.parametrize(

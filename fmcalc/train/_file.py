@@ -21,6 +21,7 @@ import os
 import shutil
 import struct
 import tempfile
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -139,10 +140,13 @@ def _write_atomically(path: str, contents: bytes, keep: int) -> None:
     keeping the file it replaces as `previous_path(path)` (and the `keep - 2` before
     it), so that a crash at any moment leaves a complete checkpoint under `path`."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(
-        prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
-    )
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(
+            prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
+        )
+    except OSError as error:
+        raise _unwritable(path, error) from error
     try:
         with os.fdopen(fd, "wb") as f:
             # `mkstemp` makes the file private; give it the mode `open` would.
@@ -155,9 +159,11 @@ def _write_atomically(path: str, contents: bytes, keep: int) -> None:
         if os.path.exists(path) and keep > 1:
             _keep_previous(path, directory, keep)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
+        if isinstance(error, OSError):
+            raise _unwritable(path, error) from error
         raise
     # The renames are durable only once the directory itself is synced.
     with contextlib.suppress(OSError):
@@ -166,6 +172,24 @@ def _write_atomically(path: str, contents: bytes, keep: int) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+
+
+def _unwritable(path: str, error: OSError) -> CheckpointError:
+    """A save that the file system refused (disk full, file-size limit, no
+    permission), with what it refused and what was kept."""
+    cause = error.strerror or str(error)
+    kept = (
+        f"the previous checkpoint {path!r} is kept unchanged"
+        if os.path.exists(path)
+        else "no earlier checkpoint was there"
+    )
+    return CheckpointError(
+        f"Could not save the checkpoint {path!r}: {cause} (errno {error.errno}); "
+        f"{kept}. Free space or raise the limit, or pass another path.",
+        path=path,
+        problems=[cause],
+        damaged=False,
+    )
 
 
 def older_path(path: str, age: int) -> str:
@@ -181,9 +205,9 @@ def _keep_previous(path: str, directory: str, keep: int) -> None:
         if os.path.exists(older_path(path, age - 1)):
             os.replace(older_path(path, age - 1), older_path(path, age))
     # A hard link keeps `path` in place until the new file is renamed over it.
-    link = os.path.join(directory, f".{os.path.basename(path)}.prev.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(link)
+    link = os.path.join(
+        directory, f".{os.path.basename(path)}.prev.{uuid.uuid4().hex}.tmp"
+    )
     try:
         os.link(path, link)
     except OSError:
