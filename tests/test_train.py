@@ -563,3 +563,40 @@ def test_data_far_from_unit_scale_warns_with_its_scale():
     with warnings.catch_warnings():
         warnings.simplefilter("error", fmcalc.DataScaleWarning)
         _fit(data=jnp.asarray(data / data.std()), steps=2)
+
+
+def test_a_second_run_on_a_held_checkpoint_path_is_refused(tmp_path):
+    """Two runs saving to one path would interleave their saves: while one holds
+    the path, another is refused with the holder named; the lock goes with the
+    process that held it, so a killed run leaves no stale lock behind."""
+    import subprocess
+    import sys
+
+    from fmcalc.train import _store
+
+    path = tmp_path / "run.eqx"
+    hold = (
+        "import sys, time\n"
+        "from fmcalc.train import _store\n"
+        f"with _store.locked({str(path)!r}):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(
+            train.CheckpointError, match=rf"in use by another run \(pid {holder.pid} on"
+        ):
+            _fit(checkpoint=train.Checkpoint(path, every=5), progress=False)
+        assert not path.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed while holding it: the next run takes the path, and frees it again.
+    result = _fit(checkpoint=train.Checkpoint(path, every=5), progress=False)
+    assert result.step == 20 and path.exists()
+    with _store.locked(str(path)):
+        pass

@@ -455,7 +455,11 @@ def fit(
       minimum ([`fmcalc.train.DivergenceError`][]).
     - A checkpoint is written only for a state whose own loss was seen finite and
       not diverged, atomically, keeping the one it replaces as `path + ".prev"`.
-      Before training, `fit` checks that the checkpoint path can be written.
+      Before training, `fit` checks that the checkpoint path can be written and
+      takes a lock on it, held until its last save: a second run on the same path
+      is refused (a killed run's lock goes with its process). A write the file
+      system refuses raises [`fmcalc.train.CheckpointError`][] and keeps the
+      previous checkpoint.
     - On `KeyboardInterrupt` (SIGINT) the state is saved, then the exception goes
       on; on SIGTERM the state is saved and the process ends by the signal (when
       `fit` runs in the main thread and SIGTERM has its default action; a handler
@@ -587,19 +591,24 @@ def fit(
     )
     divergence = options.divergence
     monitor = Monitor(0.0 if divergence is None else divergence.smoothing)
-    if checkpoint is not None and checkpoint.resume:
-        state, saved_monitor, position = resume_from(
-            checkpoint.path,
-            state,
-            run,
-            run_defaults(method),
-            checkpoint.resume,
-            built.shardings,
-            stream is not None,
-        )
-        state = built.placed(state)
-        if position is not None:
-            stream.seek(position)  # pyright: ignore[reportOptionalMemberAccess]
-        if saved_monitor is not None and divergence is not None:
-            monitor = Monitor(divergence.smoothing, **saved_monitor)
-    return _Loop(problem, options, state, monitor, run, stream, steps)()
+    # The path is held from before resuming until the last save: a second run
+    # asking for it meanwhile is refused (`_store.locked`).
+    with contextlib.ExitStack() as held:
+        if checkpoint is not None and jax.process_index() == 0:
+            held.enter_context(_store.locked(checkpoint.path))
+        if checkpoint is not None and checkpoint.resume:
+            state, saved_monitor, position = resume_from(
+                checkpoint.path,
+                state,
+                run,
+                run_defaults(method),
+                checkpoint.resume,
+                built.shardings,
+                stream is not None,
+            )
+            state = built.placed(state)
+            if position is not None:
+                stream.seek(position)  # pyright: ignore[reportOptionalMemberAccess]
+            if saved_monitor is not None and divergence is not None:
+                monitor = Monitor(divergence.smoothing, **saved_monitor)
+        return _Loop(problem, options, state, monitor, run, stream, steps)()

@@ -2,7 +2,9 @@
 (`_orbax.py`). `kind` decides which, for saving and for reading alike; the rest of
 this module reads and writes through it."""
 
+import contextlib
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -17,6 +19,12 @@ from .._parallel import fetch
 from . import _file, _orbax
 from ._header import CheckpointError
 from ._state import TrainState
+
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs are not guarded.
+    fcntl = None
 
 
 def kind(path: str, processes: int = 1) -> Literal["file", "directory"]:
@@ -148,6 +156,48 @@ def check_writable(path: str) -> None:
             f"`fit` cannot write its checkpoint {path!r} ({error.strerror}); pass a "
             "`checkpoint` path in a writable directory. Nothing was trained",
         ) from error
+
+
+def lock_path(path: str) -> str:
+    """The lock file that a run holds beside its checkpoint `path`."""
+    return os.path.abspath(path).rstrip(os.sep) + ".lock"
+
+
+@contextlib.contextmanager
+def locked(path: str) -> Iterator[None]:
+    """Hold the checkpoint `path` for one run: a second run that asks for it while
+    this one holds it is refused with a `CheckpointError` naming the holder.
+
+    The lock is an advisory `flock` on `lock_path(path)`, which the operating
+    system releases when the holding process ends, however it ends: a lock left by
+    a killed run is free for the next. (Advisory locks on network file systems
+    depend on the file system; where `fcntl` is missing, runs are not guarded.)
+    """
+    if fcntl is None:
+        yield
+        return
+    name = lock_path(path)
+    os.makedirs(os.path.dirname(name), exist_ok=True)
+    descriptor = os.open(name, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 256).decode(errors="replace").strip()
+            raise CheckpointError(
+                f"The checkpoint {path!r} is in use by another run "
+                f"({holder or 'holder unknown'}, lock {name!r}): two runs saving to "
+                "one path would overwrite each other's saves. Wait for it to finish, "
+                "or pass another path.",
+                path=path,
+                problems=[f"locked by {holder}"],
+                damaged=False,
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def gathered(state: TrainState) -> TrainState:
