@@ -80,7 +80,9 @@ def provenance(record: dict[str, Any]) -> str:
 
 def machine() -> dict[str, Any]:
     """The machine, its load average at the call, the JAX devices, the package
-    versions and the commit."""
+    versions, and the commit and tree state when this module was imported: the
+    code a benchmark loaded when it started, even if the tree changes while it
+    runs."""
     try:
         load = os.getloadavg()
     except OSError:
@@ -96,5 +98,9 @@ def machine() -> dict[str, Any]:
         "device_kind": jax.devices()[0].device_kind,
         "matmul_precision": jax.config.jax_default_matmul_precision,
         "versions": versions(),
-        "git": git(),
+        "git": dict(AT_START),
     }
+
+
+# The tree as the benchmark that imports this module found it, before it ran.
+AT_START = git()

@@ -554,3 +554,15 @@ def test_provenance_says_when_a_run_came_from_uncommitted_changes():
     assert "commit `abc1234`;" in clean and "uncommitted" not in clean
     record["machine"]["git"]["dirty"] = True
     assert "with uncommitted changes" in _machine.provenance(record)
+
+
+def test_a_benchmark_records_the_tree_it_started_from(monkeypatch):
+    """A run records the commit and tree state of when it started (the code it
+    loaded), not of when it ended, after other commits may have landed."""
+    import _machine
+
+    started = dict(_machine.AT_START)
+    monkeypatch.setattr(
+        _machine, "git", lambda: {"commit": "later", "dirty": not started["dirty"]}
+    )
+    assert _machine.machine()["git"] == started
