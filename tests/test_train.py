@@ -600,3 +600,26 @@ def test_a_second_run_on_a_held_checkpoint_path_is_refused(tmp_path):
     assert result.step == 20 and path.exists()
     with _store.locked(str(path)):
         pass
+
+
+class _Ignores(eqx.Module):
+    """A model whose output does not depend on its parameters."""
+
+    weight: jax.Array
+
+    def __call__(self, x, s, t, *, cond=None):
+        return -x
+
+
+def test_a_gradient_that_stays_zero_is_warned_about_once():
+    model = _Ignores(jnp.ones((2, 2), jnp.float32))
+    with pytest.warns(
+        RuntimeWarning, match=r"exactly zero for 10 steps \(steps 0 to 9\)"
+    ) as caught:
+        result = _fit(model=model, steps=30, progress=False)
+    assert result.step == 30
+    assert sum("exactly zero" in str(w.message) for w in caught) == 1
+    # A model that trains raises no such warning.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*exactly zero.*")
+        _fit(steps=12, progress=False)

@@ -33,6 +33,7 @@ from ._stream import Stream, is_stream
 # --------------------------------------------------------------------- defaults
 
 _PEAK_LEARNING_RATE = 3e-3
+_ZERO_GRADIENT_STEPS = 10
 
 
 @functools.lru_cache(maxsize=16)
@@ -132,6 +133,9 @@ class _Loop:
         self.history: list[dict[str, Any]] = []
         self.evaluations: list[tuple[int, dict[str, float]]] = []
         self.skipped = self.consecutive = 0
+        # Kept steps in a row whose gradient was exactly zero (warned at
+        # `_ZERO_GRADIENT_STEPS`, once).
+        self.still = 0
         # The divergence monitor's state before the last kept step: what a save of
         # the state that step started from records.
         self.snapshot = monitor.snapshot()
@@ -181,6 +185,7 @@ class _Loop:
         if kept:
             self.consecutive = 0
             self.snapshot = self.monitor.snapshot()
+            self.check_gradient(before.step, float(metrics["grad_norm"]))
             if divergence is not None:
                 terms = {
                     t.name: float(metrics[f"{t.name}/loss"])
@@ -210,6 +215,20 @@ class _Loop:
         self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
         self.bar.update()
         return kept
+
+    def check_gradient(self, step: int, norm: float) -> None:
+        """Warn once when the gradient has been exactly zero for
+        `_ZERO_GRADIENT_STEPS` kept steps in a row: nothing is training."""
+        self.still = self.still + 1 if norm == 0 else 0
+        if self.still == _ZERO_GRADIENT_STEPS and self.lead:
+            warn_from_user(
+                f"The gradient has been exactly zero for {self.still} steps (steps "
+                f"{step - self.still + 1} to {step}), so the parameters do not "
+                "move: the loss does not depend on them. Is the model's output "
+                "independent of its parameters, or is every call of the online "
+                "network under a stop-gradient?",
+                RuntimeWarning,
+            )
 
     def check_divergence(self, step: int) -> None:
         divergence, monitor = self.options.divergence, self.monitor
