@@ -95,6 +95,7 @@ from ._rules import (
     lagrangian as lagrangian,
     meanflow as meanflow,
 )
+from ._run import Run as Run, load_run as load_run
 from ._sampling import (
     HeunMap as HeunMap,
     invert as invert,

@@ -18,7 +18,7 @@ import math
 import os
 import pathlib
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from . import datasets, methods
+from ._method import Method
 from ._sampling import HeunMap, model_velocity, sample_batch
 from .methods._registry import _variant
 from .nn import MLP
@@ -35,6 +36,7 @@ from .train import (
     Options,
     fit,
     load_checkpoint,
+    load_model,
     save_checkpoint,
 )
 
@@ -326,6 +328,75 @@ def sample_run(
         draw(panels, data, pathlib.Path(plot), title=shown)
         _say(f"picture: {plot}")
     return panels
+
+
+class Run(NamedTuple):
+    """A run of `fmcalc train`, loaded by [`fmcalc.load_run`][].
+
+    **Attributes:**
+
+    - `model`: the online network at the last save (from `train.eqx`), or `None`
+      when the run kept no training state.
+    - `ema`: the trained map that `fmcalc sample` draws from, the EMA of the
+      parameters (from `model.eqx`).
+    - `method`: the [`fmcalc.Method`][], with the settings the run was given.
+    - `settings`: everything `run.json` records (data, network, budget, seed,
+      the data's mean and scale, ...).
+
+    `run.to_data_units(x)` maps samples of shape `(n, dim)` back to the data's
+    units and shape: the network works on standardised, flattened data.
+    """
+
+    model: MLP | None
+    ema: MLP
+    method: Method
+    settings: dict
+
+    def to_data_units(self, x) -> np.ndarray:
+        mean = np.asarray(self.settings["mean"], np.float32)
+        units = np.asarray(x) * self.settings["scale"] + mean
+        return units.reshape(units.shape[0], *self.settings["shape"])
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """The networks, method and settings of a run of `fmcalc train`.
+
+    **Arguments:**
+
+    - `path`: the run's folder (`fmcalc train --out DIR`).
+
+    **Returns:** a [`fmcalc.Run`][]. Sample the map in Python with, e.g.,
+    `run.to_data_units(fmcalc.sample_batch(run.ema, noise, steps=1))`, the noise
+    of shape `(n, run.settings["network"]["dim"])`.
+
+    **Raises:** `FileNotFoundError` for a folder that holds no finished run.
+
+    !!! Example
+
+        ```bash
+        fmcalc train --method lsd --data moons --steps 2000 --out runs/lsd
+        ```
+
+        ```python
+        run = fmcalc.load_run("runs/lsd")
+        print(run.method.name, run.settings["steps"])
+        ```
+    """
+    folder = pathlib.Path(path)
+    record = _read_run(folder)
+    if record is None or not (folder / "model.eqx").exists():
+        raise FileNotFoundError(
+            f"{folder} is not a finished run of `fmcalc train` (it needs {RUN_FILE} "
+            "and model.eqx); train one with `fmcalc train --method NAME --data DATA "
+            "--out DIR`."
+        )
+    network = RunNetwork(**record["network"])
+    like = network.build(record["seed"])
+    ema = load_checkpoint(folder / "model.eqx", like)
+    state = folder / "train.eqx"
+    model = load_model(state, like, ema=False) if state.exists() else None
+    method = _variant(record["method"], record.get("settings", []))[2]
+    return Run(model, ema, method, record)
 
 
 def _grid(images: np.ndarray) -> np.ndarray:

@@ -33,6 +33,19 @@ def test_train_then_sample_points(tmp_path, capsys):
     samples = np.load(run / "samples.npy")
     assert samples.shape == (2, 50, 2) and np.isfinite(samples).all()
     assert picture.stat().st_size > 1000
+    # The run, loaded into Python: the same map and the same samples.
+    loaded = fmcalc.load_run(run)
+    assert loaded.method.name == "lsd" and loaded.settings["steps"] == 20
+    assert loaded.model is not None and loaded.ema is not None
+    drawn = fmcalc.sample_batch(
+        loaded.ema,
+        np.zeros((3, 2), np.float32),
+        steps=1,
+        kind=loaded.settings["sampling"],
+    )
+    assert loaded.to_data_units(drawn).shape == (3, 2)
+    with pytest.raises(FileNotFoundError, match="not a finished run of `fmcalc train`"):
+        fmcalc.load_run(tmp_path)
     # The same command resumes; the run is finished, so nothing is trained.
     before = (run / "model.eqx").read_bytes()
     lsd = ("--method", "lsd", "--data", "checkerboard")
