@@ -419,6 +419,11 @@ def methods_table(verbose: bool = False) -> str:
         lines += ["", *texts]
     lines += [
         "",
+        "FPE: training cost in forward-pass equivalents per data row (a forward "
+        "pass is 1, a backward pass 2, a forward pass with its JVP 2). FPE split: "
+        "with the method's "
+        "split of the batch between its terms (the share after each term's name); "
+        "FPE all: every term on every row.",
         "`fmcalc methods NAME`: one method's citation, formula, options and cost.",
     ]
     return "\n".join(lines)

@@ -47,6 +47,8 @@ def test_listing_gives_full_names(capsys):
     out = capsys.readouterr().out
     for name in NAMES:
         assert fmcalc.methods.info(name).full_name in out
+    # The cost columns are explained under the table.
+    assert "FPE split: with the method's split" in out and "FPE all:" in out
 
 
 def test_unknown_name_is_refused(capsys):
