@@ -221,6 +221,11 @@ def test_marginal_from_conditional():
     assert meanflow.unbiased and meanflow.p_value > 1e-6
     lagrangian = check_unbiased(fmcalc.lagrangian(), model, flow, key=key, n=2000)
     assert not lagrangian.unbiased and lagrangian.p_value < 1e-6
+    # The printout gives each relative bias with its Monte Carlo scale: MeanFlow's
+    # is about one standard error (pure noise), the Lagrangian's several.
+    assert meanflow.relative_bias < 4 * meanflow.relative_noise
+    assert lagrangian.relative_bias > 4 * lagrangian.relative_noise
+    assert "no shift detected" in str(meanflow) and "FAIL" in str(lagrangian)
     with pytest.raises(ValueError, match="only at \\(x, s\\)"):
         fmcalc.lagrangian(velocity=ConditionalVelocity())
 
