@@ -623,3 +623,27 @@ def test_a_gradient_that_stays_zero_is_warned_about_once():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*exactly zero.*")
         _fit(steps=12, progress=False)
+
+
+def test_the_progress_rate_leaves_out_the_first_step(monkeypatch):
+    """The first step compiles the program; timed from the start, the bar would
+    show an hour's estimate for a run of seconds."""
+    import io
+
+    import tqdm.std
+
+    from fmcalc.train._loop import restart_clock
+
+    clock = [0.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])
+    bar = tqdm.std.tqdm(total=1000, file=io.StringIO(), mininterval=0, smoothing=0)
+    clock[0] = 60.0  # a minute of compiling
+    bar.update()
+    restart_clock(bar)
+    clock[0] += 1.0  # then 100 steps a second
+    bar.update(100)
+    shown = bar.format_dict
+    rate = (shown["n"] - shown["initial"]) / shown["elapsed"]
+    assert bar.n == 101 and rate == pytest.approx(100)
+    # Without the restart the rate would be about 101 steps in 61 s.
+    assert "[00:01<00:08" in str(bar)

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import optax
 from jaxtyping import ArrayLike, PRNGKeyArray, PyTree
+from tqdm import std as tqdm_std
 from tqdm.auto import tqdm
 
 from .._method import Method
@@ -34,6 +35,15 @@ from ._stream import Stream, is_stream
 
 _PEAK_LEARNING_RATE = 3e-3
 _ZERO_GRADIENT_STEPS = 10
+
+
+def restart_clock(bar: tqdm_std.tqdm) -> None:
+    """Restart `bar`'s timer at its current count: what came before (compiling)
+    counts in neither its rate nor its estimate of the time left."""
+    done = bar.n
+    bar.reset(total=bar.total)
+    bar.initial = bar.n = bar.last_print_n = done
+    bar.refresh()
 
 
 @functools.lru_cache(maxsize=16)
@@ -214,6 +224,10 @@ class _Loop:
         self.history.append(metrics)
         self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
         self.bar.update()
+        if before.step == self.start:
+            # The first step also compiled the program: time the rest from here, so
+            # the rate and the time left are those of training.
+            restart_clock(self.bar)
         return kept
 
     def check_gradient(self, step: int, norm: float) -> None:
