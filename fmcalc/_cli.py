@@ -249,14 +249,19 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _stream(*, quick: bool) -> int:
-    """Print each row as soon as it is computed, under a progress bar on stderr."""
+    """Print each row as soon as it is computed, under a progress bar on stderr
+    when stderr is a terminal (into a file, a bar's redrawn lines would interleave
+    with the rows)."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
     print(_verify.header(), flush=True)
     rows: list[_verify.Row] = []
     todo = _verify.groups(quick=quick)
-    with tqdm(total=len(todo), unit="check", file=sys.stderr, leave=False) as bar:
+    drawn = sys.stderr.isatty()
+    with tqdm(
+        total=len(todo), unit="check", file=sys.stderr, leave=False, disable=not drawn
+    ) as bar:
         for title, compute in todo:
             bar.set_description(title)
             for row in compute():
