@@ -271,6 +271,7 @@ def _stream(*, quick: bool) -> int:
             bar.update()
     failed = [r for r in rows if not r.passed]
     elapsed = time.perf_counter() - start
+    print("", *_verify.LEGEND, sep="\n")
     print("\nnot run:")
     for what, why in _verify.not_run():
         print(f"  {what}: {why}")

@@ -340,6 +340,21 @@ _WIDTHS = (8, 48, 7, 18, 9, 30, 6)
 _HEADER = ("flow", "check", "dtype", "strategy", "value", "criterion", "result")
 
 
+LEGEND = (
+    "How to read the value column, by check:",
+    "  identities of the exact map, each the largest |residual| over the points:",
+    "    semigroup F(F(x, s, u), u, t) = F(x, s, t); inverse F(F(x, s, t), t, s) = x;",
+    "    boundary F(x, t, t) = x; diagonal V(x, t, t) = v(x, t); parameterisation",
+    "    F = x + (t - s) V; lagrangian ∂t F = v(F, t); eulerian ∂s F + ∇x F · v = 0",
+    "  '... FD order, ...': the measured order of a finite difference (the slope of",
+    "    its error against its step, log-log)",
+    "  'rule: NAME': the largest |residual| of the method's rule at the exact map",
+    "  '... with eps - x0: ...': the p-value of the paired test that eps - x0 leaves",
+    "    the expected update unchanged (large: unbiased; tiny: flagged)",
+    "  'method NAME: ...': the largest relative residual of check_fixed_point",
+)
+
+
 def header() -> str:
     """The table's column titles and the rule under them, two lines."""
     return "\n".join((_line(_HEADER), "-|-".join("-" * w for w in _WIDTHS)))

@@ -73,6 +73,9 @@ def test_check_streams_rows_and_lists_what_it_leaves_out(capsys, monkeypatch):
     assert lines[0].split(" | ")[:2] == ["flow    ", "check".ljust(48)]
     assert "semigroup" in captured.out and "rule: meanflow" in captured.out
     assert "not run:" in captured.out and "0 failed" in captured.out
+    # The value column and the identities' names are explained under the table.
+    assert "How to read the value column" in captured.out
+    assert "semigroup F(F(x, s, u), u, t) = F(x, s, t)" in captured.out
     # Stderr is not a terminal here: no progress bar is drawn into it, where its
     # redrawn lines would interleave with the rows in a shared file.
     assert "rules on the exact Gaussian map" not in captured.err
