@@ -83,3 +83,21 @@ def test_reference_differences_name_every_preset_setting_and_re_render(tmp_path)
     differences.main(["--out", str(tmp_path), "--render"])
     for page in results.glob("*.md"):
         assert (tmp_path / page.name).read_text() == page.read_text(), page.name
+
+
+def test_the_jump_control_report_re_renders_from_its_rows(tmp_path):
+    import json
+    import shutil
+
+    from helpers import load_benchmark
+
+    jump_control = load_benchmark("jump_control")
+    results = ROOT / "benchmarks" / "results" / "jump-control"
+    shutil.copy(results / "rows.jsonl", tmp_path)
+    jump_control.main(["--out", str(tmp_path), "--render"])
+    committed = (results / "jump-control.md").read_text()
+    assert (tmp_path / "jump-control.md").read_text() == committed
+    # The spec that never learns jumps is among the rows, at every budget.
+    rows = [json.loads(line) for line in (results / "rows.jsonl").open()]
+    budgets = {r["steps"] for r in rows}
+    assert {r["steps"] for r in rows if r["method"] == jump_control.NO_JUMP} == budgets
