@@ -340,6 +340,7 @@ def test_importance_sampling():
     assert close_to(particles.samples, particles.weights, target)
 
 
+@pytest.mark.slow
 def test_smc():
     eps, key = noise(seed=4), jax.random.key(5)
     for renoise in (False, True):
@@ -376,6 +377,7 @@ def test_smc():
     assert close_to(resampled, jnp.full(N, 1 / N), target, ess=ess)
 
 
+@pytest.mark.slow
 def test_steering_takes_a_grid_instead_of_steps():
     """`grid=` alone (no `steps=`) gives what the same uniform grid's steps do."""
     eps, key = noise(16, seed=7), jax.random.key(8)

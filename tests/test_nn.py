@@ -193,7 +193,10 @@ def test_mlp_bad_configuration(kwargs, match):
         MLP(DIM, **kwargs, key=jr.key(0))
 
 
-@pytest.mark.parametrize("name", MODELS)
+# The transformer's case compiles for about 14 s: in the full suite only.
+@pytest.mark.parametrize(
+    "name", ["mlp", pytest.param("transformer", marks=pytest.mark.slow)]
+)
 def test_jvp_matches_finite_difference(name):
     model = MODELS[name]()
     primals = _inputs(jnp.float64)

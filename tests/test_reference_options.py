@@ -112,6 +112,7 @@ def test_presets_are_checked():
     assert "preset-check" not in methods.names()
 
 
+@pytest.mark.slow
 def test_meanflow_reference_loss_is_the_formula_of_its_authors_code():
     """The preset's loss, recomputed row by row from MeanFlow's formulas as their
     code states them, in fmcalc's convention (their `(t, r)` is our `(s, t)`):
@@ -202,6 +203,7 @@ def test_sigma_min_is_the_path_that_ends_at_sigma_min_noise():
             methods.get("shortcut", sigma_min=bad)
 
 
+@pytest.mark.slow
 def test_shortcut_reference_loss_is_the_formula_of_its_authors_code():
     """The preset's loss, recomputed row by row from the formulas of shortcut
     models' code (kvfrans/shortcut-models at 6010043, targets_shortcut.py), in
@@ -267,6 +269,7 @@ def test_shortcut_reference_loss_is_the_formula_of_its_authors_code():
     assert (np.abs(np.asarray(first)) > 4).any()
 
 
+@pytest.mark.slow
 def test_the_shortcut_options_are_checked_and_default_to_the_paper():
     from fmcalc import compositional, flow_matching
 

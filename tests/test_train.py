@@ -565,6 +565,7 @@ def test_data_far_from_unit_scale_warns_with_its_scale():
         _fit(data=jnp.asarray(data / data.std()), steps=2)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_held_checkpoint_path_is_refused(tmp_path):
     """Two runs saving to one path would interleave their saves: while one holds
     the path, another is refused with the holder named; the lock goes with the
