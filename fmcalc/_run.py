@@ -103,6 +103,24 @@ def _fit(
     )
 
 
+def _finished(run: pathlib.Path) -> dict:
+    """The record of the finished run in the folder `run`."""
+    record = _read_run(run)
+    if record is None or not (run / "model.eqx").exists():
+        raise FileNotFoundError(
+            f"{run} is not a finished run of `fmcalc train` (it needs {RUN_FILE} and "
+            "model.eqx); train one with `fmcalc train --method NAME --data DATA "
+            "--out DIR`."
+        )
+    return record
+
+
+def _in_units(record: dict, x) -> np.ndarray:
+    """Samples of the network, shape `(n, dim)`, in the data's units and shape."""
+    units = np.asarray(x) * record["scale"] + np.asarray(record["mean"], np.float32)
+    return units.reshape(units.shape[0], *record["shape"])
+
+
 def _read_run(out: pathlib.Path) -> dict | None:
     path = out / RUN_FILE
     return json.loads(path.read_text()) if path.exists() else None
@@ -270,12 +288,7 @@ def sample_run(
     reference, when it has one), saved to `out` (`.npy`, shape
     `(len(steps), n, *shape)` in the data's units) and drawn into `plot`."""
     run = pathlib.Path(run)
-    record = _read_run(run)
-    if record is None or not (run / "model.eqx").exists():
-        raise FileNotFoundError(
-            f"{run} is not a finished run (no {RUN_FILE} and model.eqx); train one "
-            "with `fmcalc train --method NAME --data DATA --out DIR`."
-        )
+    record = _finished(run)
     network = RunNetwork(**record["network"])
     shape = tuple(record["shape"])
     is_image = len(shape) in (2, 3)
@@ -290,10 +303,6 @@ def sample_run(
         cond = jnp.arange(n, dtype=jnp.int32) % network.num_classes
     kind = record["sampling"]
     shown = _shown(record)
-    mean, scale = np.asarray(record["mean"], np.float32), record["scale"]
-
-    def to_units(x):
-        return (np.asarray(x) * scale + mean).reshape(x.shape[0], *shape)
 
     panels: dict[str, np.ndarray] = {}
     for k in steps:
@@ -307,7 +316,7 @@ def sample_run(
         if kind == "velocity":
             label = f"{shown}, {k} Euler step{'s' * (k > 1)}"
         drawn = sample_batch(model, noise, steps=k, kind=kind, key=k_renoise, cond=cond)
-        panels[label] = to_units(drawn)
+        panels[label] = _in_units(record, drawn)
     if not panels:
         raise ValueError(f"No sample could be drawn with --steps {list(steps)}.")
     if record.get("reference") and (run / "reference.eqx").exists():
@@ -316,7 +325,7 @@ def sample_run(
             ref, noise, steps=REFERENCE_STEPS, kind="velocity", cond=cond
         )
         label = f"flow matching, {REFERENCE_STEPS} Euler steps (reference)"
-        panels[label] = to_units(drawn)
+        panels[label] = _in_units(record, drawn)
     out = pathlib.Path(out) if out is not None else run / "samples.npy"
     own = [v for label, v in panels.items() if "(reference)" not in label]
     np.save(out, np.stack(own))
@@ -353,9 +362,7 @@ class Run(NamedTuple):
     settings: dict
 
     def to_data_units(self, x) -> np.ndarray:
-        mean = np.asarray(self.settings["mean"], np.float32)
-        units = np.asarray(x) * self.settings["scale"] + mean
-        return units.reshape(units.shape[0], *self.settings["shape"])
+        return _in_units(self.settings, x)
 
 
 def load_run(path: str | os.PathLike) -> Run:
@@ -383,13 +390,7 @@ def load_run(path: str | os.PathLike) -> Run:
         ```
     """
     folder = pathlib.Path(path)
-    record = _read_run(folder)
-    if record is None or not (folder / "model.eqx").exists():
-        raise FileNotFoundError(
-            f"{folder} is not a finished run of `fmcalc train` (it needs {RUN_FILE} "
-            "and model.eqx); train one with `fmcalc train --method NAME --data DATA "
-            "--out DIR`."
-        )
+    record = _finished(folder)
     network = RunNetwork(**record["network"])
     like = network.build(record["seed"])
     ema = load_checkpoint(folder / "model.eqx", like)
