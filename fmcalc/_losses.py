@@ -9,8 +9,8 @@ weight of the times alone does not.
 """
 
 import abc
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -300,14 +300,23 @@ class LogVariance(AbstractLoss):
 
     - `reduction`: `"sum"` (default) for `‖R‖²` summed over dimensions, `"mean"`
       for `‖R‖²/dim` in its place.
-
-    Pass the learned function as `aux=` when calling.
+    - `source`: where `w` comes from. `"aux"` (default): the function passed as
+      `aux=` when calling, which `fit` holds fixed (its `aux=` network).
+      `"model"`: the trained model's own `log_variance(s, t)`, learned with it: wrap
+      the network in [`fmcalc.nn.WithLogVariance`][] (a
+      [`fmcalc.nn.LogVarianceMLP`][] for `w`).
     """
 
     reduction: Reduction = eqx.field(static=True, default="sum")
+    source: Literal["aux", "model"] = eqx.field(static=True, default="aux")
 
     def __check_init__(self):
         _check_reduction("LogVariance", self.reduction)
+        if self.source not in ("aux", "model"):
+            raise ValueError(
+                f"`LogVariance(source=...)` must be 'aux' or 'model'; got "
+                f"{self.source!r}."
+            )
 
     @property
     def depends_on_residual(self) -> bool:
@@ -333,7 +342,9 @@ class LogVariance(AbstractLoss):
         if aux is None:
             raise ValueError(
                 "`LogVariance` needs the learned log-variance `aux(s, t) -> scalar`; "
-                "got aux=None. Pass `aux=` when calling the loss."
+                "got aux=None. Pass `aux=` when calling the loss, or use "
+                "`LogVariance(source='model')` with a model wrapped in "
+                "`fmcalc.nn.WithLogVariance`."
             )
         w = aux(s, t)
         if jnp.shape(w) != ():
@@ -572,3 +583,28 @@ def drop_labels(
     if rows == "leading":
         drop = jnp.arange(labels.shape[0]) < jnp.sum(drop)
     return jnp.where(drop, jnp.asarray(null, labels.dtype), labels)
+
+
+def weight_source(loss: AbstractLoss, networks: Mapping[str, Any]) -> Callable | None:
+    """What a term's loss receives as `aux=`: the `"aux"` network, or the online
+    model's learned log-variance where a [`fmcalc.LogVariance`][] in `loss` says
+    `source="model"`."""
+    found = jax.tree.leaves(loss, is_leaf=lambda node: isinstance(node, LogVariance))
+    sources = {node.source for node in found if isinstance(node, LogVariance)}
+    if "model" not in sources:
+        return networks["aux"]
+    if "aux" in sources:
+        raise ValueError(
+            f"The loss {loss!r} holds LogVariance weights from both the model and "
+            "`aux`; use one source."
+        )
+    model = networks["online"]
+    weight = getattr(model, "log_variance", None)
+    if weight is None:
+        raise ValueError(
+            "`LogVariance(source='model')` reads the model's learned "
+            f"`log_variance(s, t)`, and the model ({type(model).__name__}) has none: "
+            "wrap it, `fmcalc.nn.WithLogVariance(network, "
+            "fmcalc.nn.LogVarianceMLP(key=...))`."
+        )
+    return weight

@@ -27,7 +27,7 @@ from ._expr import (
     Variable,
     walk,
 )
-from ._losses import AbstractLoss, SquaredError, drop_labels
+from ._losses import AbstractLoss, SquaredError, drop_labels, weight_source
 from ._schedules import AbstractSchedule, Compressed
 from ._times import AbstractTimeSampler, Equal, FixedSource, FixedTarget, KarrasGrid
 from ._validate import check_residual
@@ -213,6 +213,12 @@ class Method(eqx.Module):
       `x_s = (1 - s) x0 + (sigma_min + (1 - sigma_min) s) eps` and the conditional
       velocity is `(1 - sigma_min) eps - x0`, the path of Lipman et al. (2023) with
       `σ_min` (shortcut models' code uses `1e-5`). Default 0: the linear path.
+    - `noise_scale`: the standard deviation `σ` of the noise at `s = 1`: `batch`
+      draws `eps ~ N(0, σ² I)`, so that `x_s = (1 - s) x0 + s eps` and the
+      conditional velocity `eps - x0` are those of noise `σ N(0, I)` (the
+      self-distillation code of Boffi et al. uses the data's scale, 0.5 for images).
+      A run samples from `σ N(0, I)`; a teacher must be trained at the same scale.
+      Default 1.
 
     Building a method raises, once, each [`fmcalc.FmcalcWarning`][] its terms
     deserve and do not declare; [`fmcalc.explain`][] shows them all.
@@ -237,6 +243,7 @@ class Method(eqx.Module):
         static=True, default=None, converter=_names
     )
     sigma_min: float = eqx.field(static=True, default=0.0)
+    noise_scale: float = eqx.field(static=True, default=1.0)
 
     def __check_init__(self):
         for field, value, allowed in (
@@ -279,6 +286,11 @@ class Method(eqx.Module):
             )
         if not 0 <= self.sigma_min < 1:
             raise ValueError(f"`sigma_min` must lie in [0, 1); got {self.sigma_min}.")
+        if not (np.isfinite(self.noise_scale) and self.noise_scale > 0):
+            raise ValueError(
+                f"`noise_scale` must be a positive finite float (the noise's standard "
+                f"deviation at s = 1); got {self.noise_scale!r}."
+            )
         if self.learning == "distillation" and not self._reads_a_teacher():
             raise ValueError(
                 f"Method {self.name!r} says learning='distillation', but no term "
@@ -368,6 +380,8 @@ class Method(eqx.Module):
         k_noise, k_labels, *k_terms = jax.random.split(key, 2 + len(self.terms))
         dtype = x0.dtype
         eps = jax.random.normal(k_noise, x0.shape, dtype)
+        if self.noise_scale != 1:
+            eps = self.noise_scale * eps
         if self.sigma_min:
             x0 = x0 + self.sigma_min * eps
         draws = [
@@ -651,7 +665,6 @@ def evaluate_term(term: Term, example: Batch, networks, teacher, params):
 def term_loss(term: Term, example: Batch, networks, teacher, params):
     """One example's loss under `term` and its squared residual."""
     residual, prediction = evaluate_term(term, example, networks, teacher, params)
-    loss = term.loss(
-        residual, prediction=prediction, s=example.s, t=example.t, aux=networks["aux"]
-    )
+    aux = weight_source(term.loss, networks)
+    loss = term.loss(residual, prediction=prediction, s=example.s, t=example.t, aux=aux)
     return loss, jnp.sum(residual**2)

@@ -111,6 +111,15 @@ class Cast(eqx.Module):
         args = (jnp.asarray(a).astype(dtype) for a in (x, s, t))
         return network(*args, cond=cond).astype(jnp.result_type(x))
 
+    @property
+    def log_variance(self) -> Callable:
+        """The network's learned log-variance ([`fmcalc.nn.WithLogVariance`][]),
+        in `dtype`."""
+        weight = _cast(self.network.log_variance, self.dtype)  # pyright: ignore
+        return lambda s, t: weight(
+            jnp.asarray(s).astype(self.dtype), jnp.asarray(t).astype(self.dtype)
+        ).astype(jnp.result_type(s))
+
     def for_jvp(self) -> "Cast":
         """The same network computing in `jvp_dtype`, for the call a JVP
         differentiates."""

@@ -221,10 +221,17 @@ def train(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, schedules=schedules
     )
     teacher = None if dataset.flow is None else dataset.flow.velocity
+    if teacher is not None and method.noise_scale != 1 and "teacher" in used:
+        raise ValueError(
+            f"{shown} has noise_scale={method.noise_scale}, but the analytic teacher "
+            f"of {data!r} is the velocity of unit noise; train with "
+            "noise_scale=1."
+        )
     if record["reference"]:
         _say(f"[1/2] the flow-matching reference{' (the teacher)' * needs_teacher}")
         ref = _fit(
-            methods.get(REFERENCE),
+            # Trained on the method's path, so that it can be its teacher.
+            methods.get(REFERENCE).replace(noise_scale=method.noise_scale),
             network.build(seed),
             dataset,
             checkpoint=out / "reference-train.eqx",
@@ -297,7 +304,8 @@ def sample_run(
         raise ValueError(f"--steps must be positive integers; got {list(steps)}.")
     model = load_checkpoint(run / "model.eqx", network.build(record["seed"]))
     k_noise, k_renoise = jax.random.split(jax.random.key(seed))
-    noise = jax.random.normal(k_noise, (n, network.dim), jnp.float32)
+    scale = _variant(record["method"], record.get("settings", []))[2].noise_scale
+    noise = scale * jax.random.normal(k_noise, (n, network.dim), jnp.float32)
     cond = None
     if network.num_classes is not None:
         cond = jnp.arange(n, dtype=jnp.int32) % network.num_classes
@@ -315,7 +323,10 @@ def sample_run(
         label = f"{shown}, {k} step{'s' * (k > 1)}"
         if kind == "velocity":
             label = f"{shown}, {k} Euler step{'s' * (k > 1)}"
-        drawn = sample_batch(model, noise, steps=k, kind=kind, key=k_renoise, cond=cond)
+        drawn = sample_batch(
+            model, noise, steps=k, kind=kind, key=k_renoise, cond=cond,
+            noise_scale=scale,
+        )  # fmt: skip
         panels[label] = _in_units(record, drawn)
     if not panels:
         raise ValueError(f"No sample could be drawn with --steps {list(steps)}.")

@@ -132,6 +132,7 @@ def sample_consistency(
     key: PRNGKeyArray,
     grid: Float[ArrayLike, " _"],
     cond: Cond = None,
+    noise_scale: float = 1.0,
 ) -> Vector:
     """Consistency multistep sampling, for maps trained only to reach data (consistency
     training / distillation, which learn `F(x, s, 0)` alone).
@@ -170,6 +171,8 @@ def sample_consistency(
     - `grid`: a 1-d array strictly decreasing from `1` to `0`.
     - `cond`: conditioning passed on to every model call as `cond=` (when not
       `None`).
+    - `noise_scale`: the standard deviation of the re-noising, the method's
+      [`fmcalc.Method`][]`.noise_scale` (default 1).
 
     **Returns:** the last estimate `x̂_{K-1}`, shaped like `noise`.
     """
@@ -185,7 +188,9 @@ def sample_consistency(
 
     def step(x0_hat, inputs):
         i, t = inputs
-        eps = jax.random.normal(jax.random.fold_in(key, i), noise.shape, noise.dtype)
+        eps = noise_scale * jax.random.normal(
+            jax.random.fold_in(key, i), noise.shape, noise.dtype
+        )
         x = interpolate(x0_hat, eps, t)
         return _jump(model, x, t, zero, cond), None
 
@@ -541,7 +546,7 @@ _SOLVERS: tuple[str, ...] = get_args(_Solver)
 
 
 @eqx.filter_jit
-def _draw(model, noise, cond, keys, steps: int, kind: str, solver: str):
+def _draw(model, noise, cond, keys, steps: int, kind: str, solver: str, scale=1.0):
     def one(e, c, k):
         if kind == "velocity":
             velocity = model_velocity(model)
@@ -552,7 +557,9 @@ def _draw(model, noise, cond, keys, steps: int, kind: str, solver: str):
             return sample_euler(velocity, e, steps=steps, cond=c)
         if kind == "to-data" and steps > 1:
             grid = jnp.linspace(1.0, 0.0, steps + 1, dtype=e.dtype)
-            return sample_consistency(model, e, key=k, grid=grid, cond=c)
+            return sample_consistency(
+                model, e, key=k, grid=grid, cond=c, noise_scale=scale
+            )
         return sample(model, e, steps=steps, cond=c)
 
     return jax.vmap(one)(noise, cond, keys)
@@ -568,6 +575,7 @@ def sample_batch(
     cond: Cond = None,
     chunk: int = 1000,
     solver: _Solver = "euler",
+    noise_scale: float = 1.0,
 ) -> np.ndarray:
     """Samples of a batch of noise, drawn the way a method's map is sampled, in
     chunks: the sampler of `fmcalc sample` and of the benchmarks.
@@ -608,6 +616,8 @@ def sample_batch(
     - `chunk`: the most rows per call.
     - `solver`: the ODE solver of `kind="velocity"`: `"euler"` (default), `"heun"` or
       `"dpm2m"`; other kinds take only `"euler"` (the default), which they ignore.
+    - `noise_scale`: the standard deviation of consistency re-noising, the
+      method's `noise_scale` (default 1); `noise` itself is passed as drawn.
 
     **Returns:** the samples, a NumPy array shaped like `noise`.
 
@@ -647,6 +657,11 @@ def sample_batch(
             f"`steps` (the calls per sample) must be even and at least 2; got "
             f"steps={steps}."
         )
+    if not (np.isfinite(noise_scale) and noise_scale > 0):
+        raise ValueError(
+            f"`sample_batch(noise_scale=...)` must be a positive finite float; got "
+            f"{noise_scale!r}."
+        )
     if jnp.ndim(noise) != 2:
         raise ValueError(
             f"`noise` must be a batch of shape (n, dim); got shape {jnp.shape(noise)}."
@@ -670,6 +685,8 @@ def sample_batch(
     for start in range(0, n, chunk):
         rows = operator.itemgetter(slice(start, start + chunk))
         rows_noise, rows_cond, rows_keys = jax.tree.map(rows, (noise, cond, keys))
-        drawn = _draw(model, rows_noise, rows_cond, rows_keys, steps, kind, solver)
+        drawn = _draw(
+            model, rows_noise, rows_cond, rows_keys, steps, kind, solver, noise_scale
+        )
         parts.append(np.asarray(drawn))
     return np.concatenate(parts)

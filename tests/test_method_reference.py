@@ -73,5 +73,5 @@ def test_register_needs_its_facts():
 
 def test_options_are_the_builders_keywords():
     options = fmcalc.methods.options("lsd")
-    assert list(options) == ["derivative", "times", "split", "loss"]
+    assert list(options) == ["derivative", "times", "split", "loss", "noise_scale"]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in options.values())

@@ -97,9 +97,9 @@ def test_presets_are_checked():
     ):
         methods.get("meanflow", preset="paper")
     with pytest.raises(
-        ValueError, match=r"'lsd' has no preset 'reference'; its presets are none"
+        ValueError, match=r"'fmm' has no preset 'reference'; its presets are none"
     ):
-        methods.get("lsd", preset="reference")
+        methods.get("fmm", preset="reference")
     with pytest.raises(
         TypeError, match=r"preset 'fast' sets \['steps'\], which are not options"
     ):

@@ -2,7 +2,7 @@
 
 from .. import _rules as rules
 from .._expr import FlowMap, Network, S, T, U, X
-from .._losses import AbstractLoss, SquaredError
+from .._losses import AbstractLoss, LogVariance, SquaredError
 from .._method import Term
 from .._times import AbstractTimeSampler, Equal, GridStep, Uniform
 
@@ -20,15 +20,33 @@ x, s, t, u = X, S, T, U
 # specs, the same for the three.
 SELF_DISTILLATION_CODE = (
     "Their code (nmboffi/flow-maps) weighs every term by a learned log-variance, "
-    "`e^{-w(s, t)} L + w(s, t)`, with `w` a Fourier-feature MLP on image networks: "
-    "`loss=fmcalc.LogVariance()` with `w` passed as `aux`; off by default.",
+    "`e^{-w(s, t)} L + w(s, t)`, with `w` a Fourier-feature MLP on image networks "
+    "and `w = 1` on their MLPs: `loss=fmcalc.LogVariance(source='model')` with "
+    "the network wrapped in `fmcalc.nn.WithLogVariance` (weight "
+    "`fmcalc.nn.LogVarianceMLP(key=...)`, zero at the start, or `1.0`); off by "
+    "default.",
     "Their noise has the data's scale, `σ_data N(0, I)` (0.5 for images), where "
-    "fmcalc draws `N(0, I)`. Since `(1 - s) x0 + s σ_data eps = σ_data ((1 - s) x0 "
-    "/ σ_data + s eps)`, the map `F'` trained on `x0 / σ_data` gives theirs as "
-    "`F(x, s, t) = σ_data F'(x / σ_data, s, t)`.",
+    "fmcalc draws `N(0, I)`: `noise_scale=0.5`. Since `(1 - s) x0 + s σ eps = "
+    "σ ((1 - s) x0 / σ + s eps)`, the map `F'` trained on `x0 / σ` at unit noise "
+    "gives theirs as `F(x, s, t) = σ F'(x / σ, s, t)`.",
+    "preset='reference' sets both; their data-dependent scale for point data "
+    "(the data's standard deviation) is `noise_scale=`.",
     "Their diagonal term runs the network with dropout on and the other terms "
-    "with it off; fmcalc's networks have no dropout.",
+    "with it off; fmcalc's networks have no dropout, and there is no option: the "
+    "two agree for a network without dropout.",
 )
+
+SELF_DISTILLATION_SOURCE = (
+    "nmboffi/flow-maps, read as its public import roni-dot/regularized-loss-flow-maps "
+    "at afdaefa (py/common/losses.py)"
+)
+
+SELF_DISTILLATION_REFERENCE = {
+    "loss": LogVariance(source="model"),
+    "noise_scale": 0.5,
+}
+"""The `preset="reference"` of LSD, PSD and ESD: the weighting and the noise of
+their authors' code."""
 
 
 def compared_by_formula(code: str) -> str:
@@ -69,6 +87,8 @@ def shortcut_anchor(grid: int | None, loss: AbstractLoss) -> Term:
 
 __all__ = [
     "SELF_DISTILLATION_CODE",
+    "SELF_DISTILLATION_REFERENCE",
+    "SELF_DISTILLATION_SOURCE",
     "compared_by_formula",
     "shortcut_anchor",
     "F",

@@ -14,6 +14,8 @@ from .._times import (
 )
 from ._common import (
     SELF_DISTILLATION_CODE,
+    SELF_DISTILLATION_REFERENCE,
+    SELF_DISTILLATION_SOURCE,
     F,
     anchor,
     compared_by_formula,
@@ -150,12 +152,16 @@ def splitmeanflow(
     "interval splitting (a uniform split point, or the midpoint).",
     deviations=SELF_DISTILLATION_CODE,
     dieleman_cost=8,
+    compared_with=compared_by_formula(SELF_DISTILLATION_SOURCE),
+    presets={"reference": SELF_DISTILLATION_REFERENCE},
 )
 def psd(
     *,
     midpoint: bool = False,
     times: AbstractTimeSampler = UniformTriangle(),
     split: tuple[float, float] = (0.75, 0.25),
+    loss: AbstractLoss = SquaredError(),
+    noise_scale: float = 1.0,
 ) -> Method:
     """Progressive self-distillation (Boffi et al. 2025): the flow-matching anchor on
     75% of the rows and, on the rest,
@@ -168,8 +174,11 @@ def psd(
     """
     residual = rules.compositional(form="V", u=0.5 if midpoint else U)
     sampler = times if midpoint else WithIntermediate(times)
-    terms = (anchor(), Term("compositional", residual, sampler))
-    return Method("psd", "compositional", "self-distillation", "V", terms, split=split)
+    terms = (anchor(loss=loss), Term("compositional", residual, sampler, loss))
+    return Method(
+        "psd", "compositional", "self-distillation", "V", terms, split=split,
+        noise_scale=noise_scale,
+    )  # fmt: skip
 
 
 @register(

@@ -41,6 +41,8 @@ from .._times import (
 )
 from ._common import (
     SELF_DISTILLATION_CODE,
+    SELF_DISTILLATION_REFERENCE,
+    SELF_DISTILLATION_SOURCE,
     F,
     F_aux,
     F_ema,
@@ -206,12 +208,16 @@ def emd(
         *SELF_DISTILLATION_CODE,
     ),
     dieleman_cost=10,
+    compared_with=compared_by_formula(SELF_DISTILLATION_SOURCE),
+    presets={"reference": SELF_DISTILLATION_REFERENCE},
 )
 def esd(
     *,
     derivative: AbstractDerivative = JVP(),
     times: AbstractTimeSampler = UniformTriangle(),
     split: tuple[float, float] = (0.75, 0.25),
+    loss: AbstractLoss = SquaredError(),
+    noise_scale: float = 1.0,
 ) -> Method:
     """Eulerian self-distillation (Boffi et al. 2025), `"full"` stop-gradient:
 
@@ -223,8 +229,11 @@ def esd(
     residual = rules.eulerian(
         form="F", stop_gradient="spatial", derivative=derivative, velocity=Diagonal()
     )
-    terms = (anchor(), Term("eulerian", residual, times))
-    return Method("esd", "eulerian", "self-distillation", "V", terms, split=split)
+    terms = (anchor(loss=loss), Term("eulerian", residual, times, loss))
+    return Method(
+        "esd", "eulerian", "self-distillation", "V", terms, split=split,
+        noise_scale=noise_scale,
+    )  # fmt: skip
 
 
 @register(

@@ -15,7 +15,19 @@ from .._times import (
     Uniform,
     UniformTriangle,
 )
-from ._common import SELF_DISTILLATION_CODE, F, V, V_ema, anchor, s, t, x
+from ._common import (
+    SELF_DISTILLATION_CODE,
+    SELF_DISTILLATION_REFERENCE,
+    SELF_DISTILLATION_SOURCE,
+    F,
+    V,
+    V_ema,
+    anchor,
+    compared_by_formula,
+    s,
+    t,
+    x,
+)
 from ._registry import register
 
 
@@ -68,6 +80,8 @@ def lmd(
     "point, under a stop-gradient.",
     deviations=SELF_DISTILLATION_CODE,
     dieleman_cost=10,
+    compared_with=compared_by_formula(SELF_DISTILLATION_SOURCE),
+    presets={"reference": SELF_DISTILLATION_REFERENCE},
 )
 def lsd(
     *,
@@ -75,6 +89,7 @@ def lsd(
     times: AbstractTimeSampler = UniformTriangle(),
     split: tuple[float, float] = (0.75, 0.25),
     loss: AbstractLoss = SquaredError(),
+    noise_scale: float = 1.0,
 ) -> Method:
     """Lagrangian self-distillation (Boffi et al. 2025, "How to build a consistency
     model"):
@@ -90,7 +105,10 @@ def lsd(
         form="F", stop_gradient="target", derivative=derivative, velocity=Diagonal()
     )
     terms = (anchor(loss=loss), Term("lagrangian", residual, times, loss))
-    return Method("lsd", "lagrangian", "self-distillation", "V", terms, split=split)
+    return Method(
+        "lsd", "lagrangian", "self-distillation", "V", terms, split=split,
+        noise_scale=noise_scale,
+    )  # fmt: skip
 
 
 @register(

@@ -27,6 +27,7 @@ from .._method import Method, Term, term_loss
 from ..flows._base import AbstractFlow
 from ._checks import tolerance
 from ._flows import asymmetric_mixture
+from ._method_checks import checkable
 from ._precision import full_precision
 from ._unbiased import _flat_grads, hotelling, perturbed
 
@@ -309,13 +310,7 @@ def check_fixed_point(
     **Returns:** a [`fmcalc.testing.FixedPointResult`][].
     """
     flow = asymmetric_mixture() if flow is None else flow
-    if step is None:
-        step = method.settled_step
-        if step is None:
-            raise ValueError(
-                f"Method {method.name!r} has a schedule that never settles; pass "
-                "the training step to check at, `step=...`."
-            )
+    step = checkable(method, "check_fixed_point", step)
     k_data, k_batch = jax.random.split(key)
     x0 = flow.sample(k_data, n)
     dim = x0.shape[-1]

@@ -13,6 +13,7 @@ from .._method import Method
 from ..flows._base import AbstractFlow
 from ._fixed_point import _marginal
 from ._flows import asymmetric_mixture
+from ._method_checks import checkable
 from ._precision import full_precision
 from ._unbiased import AffinePerturbation, perturbed
 
@@ -143,13 +144,7 @@ def check_stability(
     """
     if flow is None:
         flow = asymmetric_mixture(rtol=1e-9, atol=1e-9)
-    if step is None:
-        step = method.settled_step
-        if step is None:
-            raise ValueError(
-                f"Method {method.name!r} has a schedule that never settles; pass "
-                "the training step to check at, `step=...`."
-            )
+    step = checkable(method, "check_stability", step)
     k_data, k_batch = jax.random.split(key)
     x0 = flow.sample(k_data, n)
     dtype = x0.dtype

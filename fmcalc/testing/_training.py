@@ -18,6 +18,7 @@ from .._times import Equal, FixedSource, FixedTarget, KarrasGrid
 from ..flows._base import AbstractFlow
 from ..nn import MLP
 from ._flows import asymmetric_mixture
+from ._method_checks import checkable
 
 
 def _worst(*errors: float) -> float:
@@ -284,6 +285,7 @@ def check_training(
     """
     from .. import methods, train
 
+    checkable(method, "check_training", step=0)
     start = time.perf_counter()
     if flow is None:
         flow = asymmetric_mixture(broad=True)
