@@ -2,6 +2,8 @@
 options, cost and deviations, from `fmcalc.methods.doc` and `fmcalc methods NAME`."""
 
 import inspect
+import pathlib
+import re
 
 import pytest
 
@@ -75,3 +77,20 @@ def test_options_are_the_builders_keywords():
     options = fmcalc.methods.options("lsd")
     assert list(options) == ["derivative", "times", "split", "loss", "noise_scale"]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in options.values())
+
+
+def test_a_comparison_names_a_test_that_exists_and_builds_the_preset():
+    """`compared_with` names the test that makes the comparison; that file exists
+    and builds the method's reference preset."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    compared = 0
+    for name in fmcalc.methods.names():
+        text = fmcalc.methods.info(name).compared_with
+        if text is None:
+            continue
+        compared += 1
+        paths = re.findall(r"tests/\w+\.py", text)
+        assert paths, f"{name}: {text!r} names no test"
+        source = "".join((root / path).read_text() for path in paths)
+        assert 'preset="reference"' in source and f'"{name}"' in source, (name, paths)
+    assert compared >= 5

@@ -36,6 +36,7 @@ SELF_DISTILLATION_CODE = (
     "two agree for a network without dropout.",
 )
 
+SELF_DISTILLATION_TEST = "tests/test_self_distillation_reference.py"
 SELF_DISTILLATION_SOURCE = (
     "nmboffi/flow-maps, read as its public import roni-dot/regularized-loss-flow-maps "
     "at afdaefa (py/common/losses.py)"
@@ -49,13 +50,14 @@ SELF_DISTILLATION_REFERENCE = {
 their authors' code."""
 
 
-def compared_by_formula(code: str) -> str:
+def compared_by_formula(
+    code: str, test: str = "tests/test_reference_options.py"
+) -> str:
     """`MethodInfo.compared_with` for a spec whose reference preset was checked
-    against the formulas of `code`."""
+    against the formulas of `code` by `test`."""
     return (
         f"{code}: under preset='reference' the loss and its gradient equal the "
-        "formulas of that code, recomputed row by row in float64 "
-        "(tests/test_reference_options.py)"
+        f"formulas of that code, recomputed row by row in float64 ({test})"
     )
 
 
@@ -89,6 +91,7 @@ __all__ = [
     "SELF_DISTILLATION_CODE",
     "SELF_DISTILLATION_REFERENCE",
     "SELF_DISTILLATION_SOURCE",
+    "SELF_DISTILLATION_TEST",
     "compared_by_formula",
     "shortcut_anchor",
     "F",

@@ -16,6 +16,7 @@ from ._common import (
     SELF_DISTILLATION_CODE,
     SELF_DISTILLATION_REFERENCE,
     SELF_DISTILLATION_SOURCE,
+    SELF_DISTILLATION_TEST,
     F,
     anchor,
     compared_by_formula,
@@ -152,7 +153,7 @@ def splitmeanflow(
     "interval splitting (a uniform split point, or the midpoint).",
     deviations=SELF_DISTILLATION_CODE,
     dieleman_cost=8,
-    compared_with=compared_by_formula(SELF_DISTILLATION_SOURCE),
+    compared_with=compared_by_formula(SELF_DISTILLATION_SOURCE, SELF_DISTILLATION_TEST),
     presets={"reference": SELF_DISTILLATION_REFERENCE},
 )
 def psd(

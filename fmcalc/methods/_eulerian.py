@@ -43,6 +43,7 @@ from ._common import (
     SELF_DISTILLATION_CODE,
     SELF_DISTILLATION_REFERENCE,
     SELF_DISTILLATION_SOURCE,
+    SELF_DISTILLATION_TEST,
     F,
     F_aux,
     F_ema,
@@ -208,7 +209,7 @@ def emd(
         *SELF_DISTILLATION_CODE,
     ),
     dieleman_cost=10,
-    compared_with=compared_by_formula(SELF_DISTILLATION_SOURCE),
+    compared_with=compared_by_formula(SELF_DISTILLATION_SOURCE, SELF_DISTILLATION_TEST),
     presets={"reference": SELF_DISTILLATION_REFERENCE},
 )
 def esd(

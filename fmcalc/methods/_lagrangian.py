@@ -19,6 +19,7 @@ from ._common import (
     SELF_DISTILLATION_CODE,
     SELF_DISTILLATION_REFERENCE,
     SELF_DISTILLATION_SOURCE,
+    SELF_DISTILLATION_TEST,
     F,
     V,
     V_ema,
@@ -80,7 +81,7 @@ def lmd(
     "point, under a stop-gradient.",
     deviations=SELF_DISTILLATION_CODE,
     dieleman_cost=10,
-    compared_with=compared_by_formula(SELF_DISTILLATION_SOURCE),
+    compared_with=compared_by_formula(SELF_DISTILLATION_SOURCE, SELF_DISTILLATION_TEST),
     presets={"reference": SELF_DISTILLATION_REFERENCE},
 )
 def lsd(
