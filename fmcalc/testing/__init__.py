@@ -24,7 +24,7 @@ from ._fixed_point import (
     descent_alignment as descent_alignment,
     uses_conditional_velocity as uses_conditional_velocity,
 )
-from ._flows import asymmetric_mixture as asymmetric_mixture
+from ._flows import KIT_STEPS as KIT_STEPS, asymmetric_mixture as asymmetric_mixture
 from ._stability import (
     StabilityResult as StabilityResult,
     check_stability as check_stability,

@@ -26,7 +26,7 @@ from .._expr import (
 from .._method import Method, Term, term_loss
 from ..flows._base import AbstractFlow
 from ._checks import tolerance
-from ._flows import asymmetric_mixture
+from ._flows import KIT_STEPS, asymmetric_mixture
 from ._method_checks import checkable
 from ._precision import full_precision
 from ._unbiased import _flat_grads, hotelling, perturbed
@@ -293,7 +293,8 @@ def check_fixed_point(
 
     - `method`: the [`fmcalc.Method`][].
     - `flow`: an analytic flow (data, exact map and exact velocity); default
-      [`fmcalc.testing.asymmetric_mixture`][]`()`.
+      [`fmcalc.testing.asymmetric_mixture`][]`(steps=512)`, its map solved in
+      [`fmcalc.testing.KIT_STEPS`][] RK4 steps.
     - `key`: PRNG key (fix it: the check is then deterministic).
     - `n`: the number of data rows.
     - `model`: the model (default `perturbed(flow, dim)`, the exact map with
@@ -309,7 +310,7 @@ def check_fixed_point(
 
     **Returns:** a [`fmcalc.testing.FixedPointResult`][].
     """
-    flow = asymmetric_mixture() if flow is None else flow
+    flow = asymmetric_mixture(steps=KIT_STEPS) if flow is None else flow
     step = checkable(method, "check_fixed_point", step)
     k_data, k_batch = jax.random.split(key)
     x0 = flow.sample(k_data, n)

@@ -12,7 +12,7 @@ from jaxtyping import PRNGKeyArray
 from .._method import Method
 from ..flows._base import AbstractFlow
 from ._fixed_point import _marginal
-from ._flows import asymmetric_mixture
+from ._flows import KIT_STEPS, asymmetric_mixture
 from ._method_checks import checkable
 from ._precision import full_precision
 from ._unbiased import AffinePerturbation, perturbed
@@ -127,9 +127,10 @@ def check_stability(
     **Arguments:**
 
     - `method`: the [`fmcalc.Method`][].
-    - `flow`: an analytic flow; default [`fmcalc.testing.asymmetric_mixture`][],
-      its solve at `rtol = atol = 1e-9` (the differences in `θ` need a smooth `G`,
-      not the last digits of the map).
+    - `flow`: an analytic flow; default
+      [`fmcalc.testing.asymmetric_mixture`][]`(steps=512)`, its map solved in
+      [`fmcalc.testing.KIT_STEPS`][] fixed RK4 steps (the differences in `θ` need
+      a smooth `G`, not the last digits of the map).
     - `key`: PRNG key (data and batch; fix it for a deterministic check).
     - `n`: the number of data rows.
     - `teacher`, `aux`: the other networks (defaults above).
@@ -143,7 +144,7 @@ def check_stability(
     **Returns:** a [`fmcalc.testing.StabilityResult`][].
     """
     if flow is None:
-        flow = asymmetric_mixture(rtol=1e-9, atol=1e-9)
+        flow = asymmetric_mixture(steps=KIT_STEPS)
     step = checkable(method, "check_stability", step)
     k_data, k_batch = jax.random.split(key)
     x0 = flow.sample(k_data, n)
