@@ -1,6 +1,7 @@
 """`check_training`: a short run on the broad asymmetric mixture tells a loss that
 trains from one that only has the right fixed point."""
 
+import inspect
 import warnings
 
 import jax
@@ -19,6 +20,7 @@ slow = pytest.mark.slow
 pytestmark = pytest.mark.xdist_group("check_training")
 F = FlowMap(Network())
 FD = FiniteDifference(1e-3, "central")
+JUMP_BAR = inspect.signature(check_training).parameters["min_jump_gradient"].default
 
 
 def _lsd_with_ema_teacher(wrong: bool) -> fmcalc.Method:
@@ -119,3 +121,77 @@ def test_a_stopped_run_prints_without_numpy_warnings():
         warnings.simplefilter("error")
         text = str(stopped)
     assert "FAIL: training stopped (non-finite loss)" in text
+
+
+# The map never trained off the diagonal ---------------------------------------
+
+
+def _never_jumps() -> dict[str, fmcalc.Method]:
+    """Specs whose loss never reaches the map off the diagonal (`t ≠ s`) with a
+    gradient, or reaches it only a finite difference's step away."""
+    diagonal = fmcalc.Equal(fmcalc.Uniform())
+    lagrangian = D(F, at=(X, S, T), along=(0, 0, 1))
+    target = Diagonal(Network())(sg(F(X, S, T)), T)
+    prediction_frozen = fmcalc.Term(
+        "lagrangian", sg(lagrangian) - target, fmcalc.UniformTriangle()
+    )
+    anchor = fmcalc.Term("anchor", fmcalc.flow_matching(), diagonal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fmcalc.FmcalcWarning)
+        frozen = fmcalc.Method(
+            "frozen-jumps", "lagrangian", "self-distillation", "V",
+            (anchor, prediction_frozen), split=(0.75, 0.25),
+        )  # fmt: skip
+    return {
+        "lsd on the diagonal": methods.get("lsd", times=diagonal),
+        "lsd on the diagonal, forward differences of 0.01": methods.get(
+            "lsd", times=diagonal, derivative=FiniteDifference(1e-2, "forward")
+        ),
+        "meanflow on the diagonal": methods.get("meanflow", times=diagonal),
+        "esd on the diagonal": methods.get("esd", times=diagonal),
+        "psd on the diagonal": methods.get("psd", times=diagonal, midpoint=True),
+        "jumps only under stop-gradient": frozen,
+    }
+
+
+def _reach(method: fmcalc.Method) -> float:
+    from fmcalc.nn import MLP
+    from fmcalc.testing import asymmetric_mixture, jump_gradient
+
+    flow = asymmetric_mixture(broad=True, steps=64)
+    model = MLP(2, width=64, depth=3, skip=True, key=jax.random.key(0))
+    x0 = flow.sample(jax.random.key(1), 256)
+    return jump_gradient(
+        method.for_run(3000), model, x0, key=jax.random.key(2),
+        teacher=flow.velocity, aux=flow,
+    )  # fmt: skip
+
+
+@slow
+@pytest.mark.parametrize("name", sorted(_never_jumps()))
+def test_a_spec_that_never_trains_jumps_has_no_jump_gradient(name):
+    reach = _reach(_never_jumps()[name])
+    assert reach < JUMP_BAR / 10, reach
+
+
+@slow
+def test_every_registry_map_clears_the_jump_bar_tenfold():
+    """The margin of the bar: every registry method that learns a map sends at
+    least 10 times `min_jump_gradient` of its gradient off the diagonal."""
+    for name in methods.names():
+        method = methods.get(name)
+        if method.rule == "diagonal":
+            continue
+        reach = _reach(method)
+        assert reach >= 10 * JUMP_BAR, (name, reach)
+
+
+@slow
+def test_check_training_fails_a_spec_that_never_trains_jumps(right):
+    result = check_training(
+        _never_jumps()["lsd on the diagonal"], key=jax.random.key(0)
+    )
+    assert not result.passed
+    assert result.jump_gradient == 0.0
+    assert "trains a velocity, not jumps" in str(result)
+    assert right.jump_gradient >= 10 * right.min_jump_gradient

@@ -48,6 +48,7 @@ from ._training import (
     check_training as check_training,
     euler_samples as euler_samples,
     exact_samples as exact_samples,
+    jump_gradient as jump_gradient,
     jump_samples as jump_samples,
     paired_error as paired_error,
 )

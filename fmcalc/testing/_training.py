@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
@@ -51,9 +52,18 @@ class TrainingResult(NamedTuple):
       steps), else `None`.
     - `seconds`: the wall time of the check (the flow-matching run included unless
       it was cached).
-    - `passed`: training finished and `max(one_step, two_step) <= margin · trivial`
+    - `jump_gradient`: how much of the loss's gradient reaches the map off the
+      diagonal, before training: `‖g_h‖ / (‖g_h‖ + ‖g_V‖)` for the gradients of the
+      loss with respect to a random linear head `h` added as
+      `V(x, s, t) + (t - s)² h(x, s, t)` (no change on the diagonal, nor in its first
+      derivatives there) and to the network `V`. A loss that never evaluates the map
+      off the diagonal with a gradient gives 0, one that trains only a finite
+      difference's step `ε` away from it gives `O(ε²)`; `NaN` for a `"diagonal"`
+      rule, which learns a velocity by design.
+    - `min_jump_gradient`: its bar.
+    - `passed`: training finished, `max(one_step, two_step) <= margin · trivial`
       and `<= multiple · flow_matching` (the 2-jump error left out where it is
-      `NaN`).
+      `NaN`), and `jump_gradient >= min_jump_gradient` (unless it is `NaN`).
     """
 
     method: str
@@ -68,6 +78,8 @@ class TrainingResult(NamedTuple):
     seconds: float
     passed: bool
     velocity_only: tuple[float, float] = (float("nan"), float("nan"))
+    jump_gradient: float = float("nan")
+    min_jump_gradient: float = 0.0
 
     def __str__(self) -> str:
         worst = _worst(self.one_step, self.two_step)
@@ -86,6 +98,12 @@ class TrainingResult(NamedTuple):
                     f"{worst:.3g} is above {self.multiple:g} x flow matching's "
                     f"{self.flow_matching:.3g}"
                 )
+            if self.jump_gradient < self.min_jump_gradient:
+                reasons.append(
+                    f"the loss barely reaches the map off the diagonal (jump "
+                    f"gradient {self.jump_gradient:.2g} < {self.min_jump_gradient:g}):"
+                    " it trains a velocity, not jumps"
+                )
             verdict = "FAIL: " + "; ".join(reasons)
         one, two = self.velocity_only
         return (
@@ -93,7 +111,8 @@ class TrainingResult(NamedTuple):
             f"{self.one_step:.3g} (1 jump), {self.two_step:.3g} (2 jumps); flow "
             f"matching {self.flow_matching:.3g} (128 Euler steps), {one:.3g} and "
             f"{two:.3g} as a map (1 and 2 jumps, trained on the diagonal only); "
-            f"data mean {self.trivial:.3g} -> {verdict} ({self.seconds:.0f} s)"
+            f"data mean {self.trivial:.3g}; jump gradient {self.jump_gradient:.2g} "
+            f"-> {verdict} ({self.seconds:.0f} s)"
         )
 
 
@@ -202,6 +221,64 @@ def paired_error(
     return float(np.mean(distance))
 
 
+class _JumpHead(eqx.Module):
+    """`V(x, s, t) + (t - s)² h([x, s, t])`: the network, changed off the diagonal
+    only, by a linear head."""
+
+    network: Callable
+    head: eqx.nn.Linear
+
+    def __call__(self, x, s, t, *, cond=None):
+        z = jnp.concatenate([x, jnp.stack([s, t]).astype(x.dtype)])
+        return self.network(x, s, t, cond=cond) + (t - s) ** 2 * self.head(z)
+
+
+def jump_gradient(
+    method: Method,
+    model: Callable,
+    x0: Float[Array, "n dim"],
+    *,
+    key: PRNGKeyArray,
+    teacher: Callable | None = None,
+    aux: Callable | None = None,
+) -> float:
+    """The share of a loss's gradient that reaches the map off the diagonal:
+    [`fmcalc.testing.TrainingResult`][]`.jump_gradient`, on one batch of `x0` with
+    the method's curricula at their end.
+
+    **Arguments:**
+
+    - `method`: the [`fmcalc.Method`][].
+    - `model`: the network `V`, called as `model(x, s, t, cond=None)`.
+    - `x0`: a batch of data, shape `(n, dim)`.
+    - `key`: PRNG key (the head's initialisation and the batch).
+    - `teacher`, `aux`: the other networks the method reads.
+
+    **Returns:** `‖g_h‖ / (‖g_h‖ + ‖g_V‖)`, a float in `[0, 1]` (0 for a loss
+    without gradient).
+    """
+    k_head, k_batch = jax.random.split(key)
+    dim = x0.shape[-1]
+    head = eqx.nn.Linear(dim + 2, dim, dtype=x0.dtype, key=k_head)
+    joined = _JumpHead(model, head)
+    params, static = eqx.partition(joined, eqx.is_array)
+    ema = eqx.combine(jax.lax.stop_gradient(params), static)
+    batch = method.batch(k_batch, x0)
+    step = method.settled_step or 0
+
+    def loss(joined):
+        networks = dict(teacher=teacher, ema=ema, aux=aux, step=step)
+        return method.loss(joined, batch, **networks)[0]
+
+    grads = eqx.filter_jit(eqx.filter_grad(loss))(joined)
+    norm = lambda tree: float(  # noqa: E731
+        np.sqrt(sum(np.sum(np.square(a)) for a in jax.tree.leaves(tree)))
+    )
+    on_head, on_network = norm(grads.head), norm(grads.network)
+    total = on_head + on_network
+    return on_head / total if total > 0 else 0.0
+
+
 _BASELINES: dict[str, tuple[float, float, float]] = {}
 
 
@@ -236,6 +313,7 @@ def check_training(
     n: int = 2000,
     margin: float = 0.6,
     multiple: float = 20.0,
+    min_jump_gradient: float = 1e-4,
     teacher: Callable | None = None,
     aux: Callable | None = None,
 ) -> TrainingResult:
@@ -277,6 +355,11 @@ def check_training(
     - `margin`: the worse of the 1- and 2-jump errors must be at most `margin`
       times the data mean's...
     - `multiple`: ...and at most `multiple` times flow matching's.
+    - `min_jump_gradient`: the least share of the loss's gradient that must reach
+      the map off the diagonal before training
+      ([`fmcalc.testing.TrainingResult`][]`.jump_gradient`; the registry's methods
+      and the specs that never train jumps, with their values, are in
+      `tests/test_training_check.py`).
     - `teacher`, `aux`: override the exact teacher and `aux` map.
 
     **Returns:** a [`fmcalc.testing.TrainingResult`][]. Flow matching's run is
@@ -330,6 +413,13 @@ def check_training(
         teacher=flow.velocity if teacher is None else teacher,
         aux=flow if aux is None else aux,
     )
+    reach = float("nan")
+    if method.rule != "diagonal":
+        x0 = flow.sample(jax.random.fold_in(k_noise, 2), batch_size)
+        reach = jump_gradient(
+            method.for_run(steps), model, x0, key=jax.random.fold_in(k_noise, 3),
+            **nets,
+        )  # fmt: skip
     try:
         trained = _train(method.for_run(steps), model, flow, **budget, **nets)
     except stopped as error:
@@ -346,6 +436,7 @@ def check_training(
         failure is None
         and worst <= margin * trivial
         and worst <= multiple * flow_matching
+        and not reach < min_jump_gradient
     )
     return TrainingResult(
         method.name,
@@ -360,4 +451,6 @@ def check_training(
         time.perf_counter() - start,
         passed,
         tuple(velocity_only),
+        reach,
+        min_jump_gradient,
     )
