@@ -402,12 +402,13 @@ def test_slerp_of_a_zero_vector_fails_under_jit():
 
 def test_resample_copies_by_weight():
     samples = jnp.arange(8.0).reshape(4, 2)
-    even = apps.Particles(samples, jnp.zeros(4), jnp.ones(1))
+    even = apps.Particles(samples, jnp.zeros(4), jnp.ones(1), jnp.zeros(()))
     drawn = apps.resample(even, key=jax.random.key(0))
     assert jnp.array_equal(jnp.sort(drawn[:, 0]), samples[:, 0])
     one = apps.Particles(
-        samples, jnp.asarray([-jnp.inf, 0.0, -jnp.inf, -jnp.inf]), jnp.ones(1)
-    )
+        samples, jnp.asarray([-jnp.inf, 0.0, -jnp.inf, -jnp.inf]), jnp.ones(1),
+        jnp.zeros(()),
+    )  # fmt: skip
     assert jnp.array_equal(
         apps.resample(one, 6, key=jax.random.key(0)), jnp.tile(samples[1], (6, 1))
     )
@@ -507,14 +508,14 @@ BAD = {
     "the key first, as before": (
         lambda: apps.resample(  # pyright: ignore
             jax.random.key(0),
-            apps.Particles(jnp.zeros((4, 2)), jnp.zeros(4), jnp.ones(1)),
+            apps.Particles(jnp.zeros((4, 2)), jnp.zeros(4), jnp.ones(1), jnp.zeros(())),
         ),
         TypeError,
         r"takes the particles first and the key as `key=`",
     ),
     "no samples": (
         lambda: apps.resample(
-            apps.Particles(jnp.zeros((4, 2)), jnp.zeros(4), jnp.ones(1)),
+            apps.Particles(jnp.zeros((4, 2)), jnp.zeros(4), jnp.ones(1), jnp.zeros(())),
             0,
             key=jax.random.key(0),
         ),
@@ -608,3 +609,32 @@ def test_bad_inputs_raise_clear_errors(case):
     make, error, message = BAD[case]
     with without_runtime_typechecks(), pytest.raises(error, match=message):
         make()
+
+
+@pytest.mark.slow
+def test_the_normaliser_estimates_agree_with_the_closed_form():
+    """`log Z = log E[exp(λ r)]`: the closed form equals a large Monte Carlo mean
+    over exact samples; importance sampling and sequential Monte Carlo estimate it
+    within four standard errors (the estimates' own spread over the weights); SMC
+    without resampling or re-noising is importance sampling, estimate included."""
+    for flow in (STEERED, MIXTURE):
+        x = data(flow, 400_000, seed=7)
+        mean = jnp.mean(jnp.exp(1.0 * each(REWARD)(x)))
+        assert apps.log_normalizer(flow, REWARD, 1.0) == pytest.approx(
+            float(jnp.log(mean)), abs=5e-3
+        )
+    assert apps.log_normalizer(STEERED, REWARD, 0.0) == pytest.approx(0.0, abs=1e-12)
+    exact = apps.log_normalizer(STEERED, REWARD, 1.0)
+    eps, key = noise(seed=8), jax.random.key(9)
+    drawn = apps.importance_sample(STEERED, REWARD, eps, strength=1.0, steps=4)
+    w = jnp.exp(drawn.log_weights - jnp.max(drawn.log_weights))
+    error = jnp.std(w) / jnp.mean(w) / jnp.sqrt(N)  # of the estimate of log Z
+    assert abs(float(drawn.log_normalizer) - exact) <= 4 * float(error)
+    same = apps.smc(
+        STEERED, REWARD, eps, key=key, strength=1.0, renoise=False,
+        resample_below=0.0,
+    )  # fmt: skip
+    assert abs(float(same.log_normalizer - drawn.log_normalizer)) <= 1e-12
+    particles = apps.smc(STEERED, REWARD, eps, key=key, strength=1.0)
+    assert jnp.min(particles.ess) < N / 2  # it resampled along the way
+    assert abs(float(particles.log_normalizer) - exact) <= 4 * float(error)

@@ -44,5 +44,6 @@ from ._steer import (
 from ._tilt import (
     QuadraticReward as QuadraticReward,
     expected_reward as expected_reward,
+    log_normalizer as log_normalizer,
     tilt as tilt,
 )

@@ -206,6 +206,13 @@ class Particles(eqx.Module):
     - `log_weights`: their unnormalised log importance weights, shape `(n,)`.
     - `ess`: the effective sample size `(Σ w)² / Σ w²` at each reweighting before any
       resampling, shape `(steps,)` (one entry for importance sampling).
+    - `log_normalizer`: the estimate of `log Z`, `Z = E[exp(λ r(x))]` under what the
+      map samples: the log of the product, over the stretches between
+      resamplings, of the mean weight of each stretch (the standard sequential
+      Monte Carlo estimate; for importance sampling the log of the mean weight).
+      `Z` is estimated without bias, `log Z` with a bias that vanishes as `n`
+      grows; [`fmcalc.apps.log_normalizer`][] is the exact value for a Gaussian
+      (mixture) and a quadratic reward.
 
     Averages under the target are `Σ_i w_i f(samples_i) / Σ_i w_i`;
     [`fmcalc.apps.resample`][] turns the particles into equally weighted samples.
@@ -214,11 +221,16 @@ class Particles(eqx.Module):
     samples: Float[Array, "n dim"]
     log_weights: Float[Array, " n"]
     ess: Float[Array, " steps"]
+    log_normalizer: Float[Array, ""]
 
     @property
     def weights(self) -> Float[Array, " n"]:
         """The normalised weights, summing to 1."""
         return jax.nn.softmax(self.log_weights)
+
+
+def _log_mean(log_weights):
+    return jax.nn.logsumexp(log_weights) - jnp.log(log_weights.shape[0])
 
 
 def _ess(log_weights):
@@ -309,7 +321,9 @@ def importance_sample(
 
     samples = jax.vmap(one)(noise)
     log_weights = jnp.asarray(strength, noise.dtype) * jax.vmap(reward)(samples)
-    return Particles(samples, log_weights, _ess(log_weights)[None])
+    return Particles(
+        samples, log_weights, _ess(log_weights)[None], _log_mean(log_weights)
+    )
 
 
 def smc(
@@ -347,8 +361,9 @@ def smc(
     general framework for inference-time scaling and steering of diffusion
     models"), not twisted SMC (Wu et al. 2023, "Practical and asymptotically exact
     conditional sampling in diffusion models"), whose proposal is tilted as well.
-    The log-weights are not normalised over the run, so they give no estimate of
-    the normalising constant `Z`. They telescope to `λ r(x_K)`, since every
+    The mean weight of each stretch between resamplings multiplies into an
+    estimate of the normalising constant `Z = E[exp(λ r(x))]`
+    (`Particles.log_normalizer`). The log-weights telescope to `λ r(x_K)`, since every
     look-ahead is the identity at `t = 0`, so the weighted particles are consistent
     for *any* look-ahead whenever each move keeps the map's marginals (both moves do
     for an exact map): the look-ahead only decides how early particles are selected,
@@ -399,6 +414,7 @@ def smc(
     predicted = ahead(x, times[0])
     scores = strength * jax.vmap(reward)(predicted)
     log_weights = scores
+    log_z = jnp.zeros((), noise.dtype)
     history = []
     for i in range(times.shape[0] - 1):
         t, t_next = times[i], times[i + 1]
@@ -410,6 +426,7 @@ def smc(
         x, predicted, scores = (
             jnp.where(again, a[index], a) for a in (x, predicted, scores)
         )
+        log_z = log_z + jnp.where(again, _log_mean(log_weights), 0.0)
         log_weights = jnp.where(again, jnp.zeros_like(log_weights), log_weights)
         if renoise:
             data = predicted if shared else _jump_all(model, x, t, 0, cond)
@@ -421,4 +438,5 @@ def smc(
         new_scores = strength * jax.vmap(reward)(predicted)
         log_weights = log_weights + new_scores - scores
         scores = new_scores
-    return Particles(x, log_weights, jnp.stack(history))
+    log_z = log_z + _log_mean(log_weights)
+    return Particles(x, log_weights, jnp.stack(history), log_z)

@@ -83,38 +83,9 @@ def _check_reward(reward, dim: int) -> None:
         )
 
 
-def tilt(
-    flow: Gaussian | GaussianMixture,
-    reward: QuadraticReward,
-    strength: float,
-) -> Gaussian | GaussianMixture:
-    """The tilted distribution `p(x) exp(λ r(x)) / Z` of a Gaussian (mixture) `p` and
-    a quadratic reward, exactly: the same kind of flow, so its exact velocity, flow
-    map, samples and log-density are there to measure steering against.
-
-    With `r(x) = -‖A (x - c)‖² / 2`, `M = λ AᵀA`, each component `w_k N(mu_k, Sigma_k)`
-    becomes `w'_k N(mu'_k, Sigma'_k)` with
-
-    - `Sigma'_k = (Sigma_k⁻¹ + M)⁻¹ = Sigma_k (I + M Sigma_k)⁻¹`,
-    - `mu'_k = (I + Sigma_k M)⁻¹ (mu_k + Sigma_k M c)`,
-    - `w'_k ∝ w_k E_k[exp(λ r)] = w_k det(I + Sigma_k M)^(-1/2)
-      exp(-(mu_k - c)ᵀ M (I + Sigma_k M)⁻¹ (mu_k - c) / 2)`.
-
-    Computed in float64 with numpy (so `strength` is a concrete number) and returned
-    in the flow's dtype; a mixture keeps its labels and solver options. Tilted weights
-    below the dtype's smallest normal number are raised to it, so that every
-    component stays valid.
-
-    **Arguments:**
-
-    - `flow`: a [`fmcalc.flows.Gaussian`][] or [`fmcalc.flows.GaussianMixture`][].
-    - `reward`: a [`fmcalc.apps.QuadraticReward`][].
-    - `strength`: `λ`; `0` returns the same distribution. A negative `λ` pushes mass
-      away from `c` and is allowed while every tilted covariance stays positive
-      definite.
-
-    **Returns:** a flow of the same kind as `flow`.
-    """
+def _tilted(flow, reward, strength):
+    """The tilted components in float64: unnormalised log-weights
+    `log(w_k E_k[exp(λ r)])`, means and covariances, and the flow's dtype."""
     weights, means, eigvals, eigvecs = _components(flow)
     _check_reward(reward, means.shape[1])
     strength = float(strength)
@@ -153,11 +124,63 @@ def tilt(
             - 0.5 * np.linalg.slogdet(identity + sigma @ m)[1]
             - 0.5 * gap @ m @ solve @ gap
         )
+    return np.asarray(new_weights), new_means, new_covs, dtype
+
+
+def log_normalizer(
+    flow: Gaussian | GaussianMixture, reward: QuadraticReward, strength: float
+) -> float:
+    """The exact `log Z`, `Z = E_p[exp(λ r(x))]`, of a Gaussian (mixture) `p` and a
+    quadratic reward: `log Σ_k w_k E_k[exp(λ r)]` with the components' closed forms
+    of [`fmcalc.apps.tilt`][]. What
+    [`fmcalc.apps.Particles`][]`.log_normalizer` estimates.
+
+    **Arguments:** as [`fmcalc.apps.tilt`][].
+
+    **Returns:** a Python float.
+    """
+    log_w = _tilted(flow, reward, strength)[0]
+    top = float(np.max(log_w))
+    return top + float(np.log(np.sum(np.exp(log_w - top))))
+
+
+def tilt(
+    flow: Gaussian | GaussianMixture,
+    reward: QuadraticReward,
+    strength: float,
+) -> Gaussian | GaussianMixture:
+    """The tilted distribution `p(x) exp(λ r(x)) / Z` of a Gaussian (mixture) `p` and
+    a quadratic reward, exactly: the same kind of flow, so its exact velocity, flow
+    map, samples and log-density are there to measure steering against.
+
+    With `r(x) = -‖A (x - c)‖² / 2`, `M = λ AᵀA`, each component `w_k N(mu_k, Sigma_k)`
+    becomes `w'_k N(mu'_k, Sigma'_k)` with
+
+    - `Sigma'_k = (Sigma_k⁻¹ + M)⁻¹ = Sigma_k (I + M Sigma_k)⁻¹`,
+    - `mu'_k = (I + Sigma_k M)⁻¹ (mu_k + Sigma_k M c)`,
+    - `w'_k ∝ w_k E_k[exp(λ r)] = w_k det(I + Sigma_k M)^(-1/2)
+      exp(-(mu_k - c)ᵀ M (I + Sigma_k M)⁻¹ (mu_k - c) / 2)`.
+
+    Computed in float64 with numpy (so `strength` is a concrete number) and returned
+    in the flow's dtype; a mixture keeps its labels and solver options. Tilted weights
+    below the dtype's smallest normal number are raised to it, so that every
+    component stays valid.
+
+    **Arguments:**
+
+    - `flow`: a [`fmcalc.flows.Gaussian`][] or [`fmcalc.flows.GaussianMixture`][].
+    - `reward`: a [`fmcalc.apps.QuadraticReward`][].
+    - `strength`: `λ`; `0` returns the same distribution. A negative `λ` pushes mass
+      away from `c` and is allowed while every tilted covariance stays positive
+      definite.
+
+    **Returns:** a flow of the same kind as `flow`.
+    """
+    log_w, new_means, new_covs, dtype = _tilted(flow, reward, strength)
     if isinstance(flow, Gaussian):
         return Gaussian(
             jnp.asarray(new_means[0], dtype), jnp.asarray(new_covs[0], dtype)
         )
-    log_w = np.asarray(new_weights)
     w = np.exp(log_w - log_w.max())
     w = np.maximum(w / w.sum(), float(jnp.finfo(dtype).tiny))
     solver = flow.solver
