@@ -638,3 +638,19 @@ def test_the_normaliser_estimates_agree_with_the_closed_form():
     particles = apps.smc(STEERED, REWARD, eps, key=key, strength=1.0)
     assert jnp.min(particles.ess) < N / 2  # it resampled along the way
     assert abs(float(particles.log_normalizer) - exact) <= 4 * float(error)
+
+
+def test_every_key_is_a_keyword():
+    """One convention across the namespace: a PRNG key is the keyword `key=`."""
+    import inspect
+
+    with_key = []
+    for name in apps.__all__ if hasattr(apps, "__all__") else dir(apps):
+        value = getattr(apps, name)
+        if name.startswith("_") or not inspect.isfunction(value):
+            continue
+        parameters = inspect.signature(value).parameters
+        if "key" in parameters:
+            with_key.append(name)
+            assert parameters["key"].kind is inspect.Parameter.KEYWORD_ONLY, name
+    assert {"steer", "smc", "resample"} <= set(with_key)

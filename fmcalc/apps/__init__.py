@@ -13,6 +13,12 @@ inverse maps, each checked against exact answers from the analytic flows.
   [`fmcalc.apps.augmented_field`][].
 - **Inverse maps.** [`fmcalc.apps.round_trip_error`][], [`fmcalc.apps.slerp`][] and
   [`fmcalc.apps.interpolation`][] encode data to noise, edit there and decode.
+
+**Batching and keys.** As in fmcalc's samplers, a function whose examples do not
+interact takes one example and is batched with `jax.vmap` (`steer`, with one key
+per example, as [`fmcalc.sample_consistency`][]); a function whose particles
+interact takes the whole population, shape `(n, dim)` (`importance_sample`, `smc`,
+`resample`). A PRNG key is always the keyword `key=`, after the arrays.
 """
 
 from ._inverse import (
