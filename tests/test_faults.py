@@ -205,3 +205,51 @@ def test_a_bare_array_file_is_refused(tmp_path):
         eqx.tree_serialise_leaves(f, jnp.zeros(3))
     with pytest.raises(train.CheckpointError, match="bare array file"):
         train.load_checkpoint(path, _state(model))
+
+
+_REFUSED_DIRECTORY = """
+import os, resource, signal, sys
+import jax
+import fmcalc
+from fmcalc import train
+from fmcalc.nn import MLP
+from fmcalc.train._orbax import save
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+run = sys.argv[1]
+data = jax.random.normal(jax.random.key(1), (64, 2))
+result = train.fit(
+    fmcalc.methods.get("lsd"), MLP(2, width=32, depth=2, key=jax.random.key(0)),
+    data, key=jax.random.key(2), steps=2, batch_size=16,
+    options=train.Options(progress=False),
+)
+save(run, result.state, {}, None)
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))
+try:
+    save(run, result.state, {}, None)
+except train.CheckpointError as error:
+    print("REFUSED", error.path == run, error.damaged, str(error))
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+print("STEP", train.checkpoint_header(run)["step"])
+save(run, result.state, {}, None)
+print("SAVES", sorted(name for name in os.listdir(run)))
+"""
+
+
+@pytest.mark.slow
+def test_a_refused_directory_save_is_a_checkpoint_error(tmp_path):
+    """A file-size limit hit while orbax writes a checkpoint directory: a
+    `CheckpointError` naming the directory and the cause, the earlier save still
+    read, and the next save writes over the unfinished one."""
+    run = tmp_path / "run"
+    process = subprocess.run(
+        [sys.executable, "-c", _REFUSED_DIRECTORY, str(run)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    out = process.stdout
+    assert "REFUSED True False Could not save the checkpoint directory" in out, out
+    assert "File too large (errno 27); the earlier saves [0] are kept" in out
+    assert "STEP 2" in out
+    assert "SAVES ['0', '1']" in out

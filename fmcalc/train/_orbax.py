@@ -16,6 +16,7 @@ per-process handler.
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -112,7 +113,10 @@ def _orbax():
 def _manager(path: str, keep: int = 2):
     ocp, grain = _orbax()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=False, create=True
+        max_to_keep=keep,
+        enable_async_checkpointing=False,
+        create=True,
+        cleanup_tmp_directories=True,
     )
     handlers = {
         **{part: ocp.StandardCheckpointHandler() for part in (*_PARTS, "key")},
@@ -177,9 +181,37 @@ def save(
         items["data"] = grain.checkpoint.CheckpointSave(_Position(position))
     with _manager(path, keep) as manager:
         latest = manager.latest_step()
-        manager.save(
-            0 if latest is None else latest + 1, args=ocp.args.Composite(**items)
-        )
+        number = 0 if latest is None else latest + 1
+        try:
+            manager.save(number, args=ocp.args.Composite(**items))
+        except Exception as error:  # noqa: BLE001 - orbax reports a refused write as any error
+            raise _unwritable(path, number, error) from error
+
+
+def _unwritable(path: str, number: int, error: Exception) -> CheckpointError:
+    """A save that the storage refused (disk full, file-size limit, no
+    permission), with the earlier saves kept. Its unfinished directory is left to
+    orbax, which ignores it and removes it when the directory is next opened."""
+    text = str(error)
+    found = re.search(r": ([^:\[\]]+) \[os_error_code='(\d+)'\]", text)
+    cause = (
+        f"{found.group(1)} (errno {found.group(2)})"
+        if found
+        else (text.splitlines() or [type(error).__name__])[0][:300]
+    )
+    kept = sorted(
+        int(name) for name in os.listdir(path) if name.isdigit() and name != str(number)
+    )
+    where = (
+        f"the earlier saves {kept} are kept" if kept else "no earlier save was there"
+    )
+    return CheckpointError(
+        f"Could not save the checkpoint directory {path!r}: {cause}; {where}. "
+        "Free space or raise the limit, or pass another path.",
+        path=path,
+        problems=[cause],
+        damaged=False,
+    )
 
 
 def saves(path: str) -> list[int]:
