@@ -51,13 +51,16 @@ their authors' code."""
 
 
 def compared_by_formula(
-    code: str, test: str = "tests/test_reference_options.py"
+    code: str,
+    test: str = "tests/test_reference_options.py",
+    under: str = "preset='reference'",
 ) -> str:
-    """`MethodInfo.compared_with` for a spec whose reference preset was checked
-    against the formulas of `code` by `test`."""
+    """`MethodInfo.compared_with` for a spec whose loss `under` a setting (its
+    reference preset, or its defaults) was checked against the formulas of `code`
+    by `test`."""
     return (
-        f"{code}: under preset='reference' the loss and its gradient equal the "
-        f"formulas of that code, recomputed row by row in float64 ({test})"
+        f"{code}: {under}, the loss and its gradient equal the formulas of that "
+        f"code, recomputed row by row in float64 ({test})"
     )
 
 

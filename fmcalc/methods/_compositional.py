@@ -29,6 +29,10 @@ from ._registry import register
 
 
 _SHORTCUT_CODE = "kvfrans/shortcut-models at 6010043 (targets_shortcut.py)"
+_FMM_CODE = (
+    "jc-bao/flow_map_matching_public at 27a4ada, a runnable fork of the 2024 code "
+    "(py/common/losses.py `lagrangian`, run.sh)"
+)
 
 
 @register(
@@ -190,8 +194,18 @@ def psd(
     summary="Train from scratch, marginal-from-conditional: map x_s to t and "
     "differentiate the way back at its end; that velocity at x_s is matched to "
     "eps - x0.",
-    deviations=("The paper's invertibility term is omitted, as in the code.",),
+    deviations=(
+        "The paper's invertibility term is omitted, as in the code.",
+        f"Their code ({_FMM_CODE}) runs time from noise (0) to data (1) and "
+        "parameterises the map as `X_{s,t}(x) = x + (t - s)(φ - x)`: the network's "
+        "output `φ` is `x - V` in fmcalc's convention, so `V(x, s, t) = x - "
+        "φ(x, 1 - s, 1 - t)` makes the two losses equal. Its curricula "
+        "(`box_anneal`, `diagonal_anneal`) are off in its run script, as here.",
+    ),
     dieleman_cost=9,
+    compared_with=compared_by_formula(
+        _FMM_CODE, "tests/test_fmm_reference.py", "at its defaults"
+    ),
 )
 def fmm(
     *,
