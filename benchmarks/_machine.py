@@ -104,3 +104,17 @@ def machine() -> dict[str, Any]:
 
 # The tree as the benchmark that imports this module found it, before it ran.
 AT_START = git()
+
+
+def clean_machine(allow_dirty: bool) -> dict[str, Any]:
+    """`machine()`, after refusing a tree with uncommitted changes unless
+    `allow_dirty` (the run is then recorded as dirty): a benchmark's rows must be
+    traceable to a commit."""
+    found = machine()
+    if found["git"]["dirty"] and not allow_dirty:
+        raise SystemExit(
+            "The working tree has uncommitted changes, so the results could not be "
+            "traced to a commit: commit them, or pass --allow-dirty (recorded as "
+            "dirty with the results)."
+        )
+    return found

@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _machine import ROOT, machine
+from _machine import ROOT, clean_machine
 
 import fmcalc
 import fmcalc.nn
@@ -689,13 +689,7 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
     if args.render:
         _render.write_report(read_rows(path), args.out, **report)
         return 0
-    record = machine()
-    if record["git"]["dirty"] and not args.allow_dirty:
-        raise SystemExit(
-            "The working tree has uncommitted changes, so the rows could not be "
-            "traced to a commit: commit them, or pass --allow-dirty (recorded as "
-            "dirty in every row and in the report)."
-        )
+    record = clean_machine(args.allow_dirty)
     if not args.resume and path.exists():
         raise SystemExit(
             f"{path} exists: pass --resume to add to it, or choose another --out."

@@ -41,7 +41,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _machine import machine, provenance
+from _machine import clean_machine, provenance
 from _metrics import energy_distance
 
 import fmcalc
@@ -235,12 +235,18 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--out", type=pathlib.Path, default=OUT)
     parser.add_argument("--render", action="store_true")
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="measure from a working tree with uncommitted changes (recorded)",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "lookahead.json"
     if args.render:
         found = json.loads(path.read_text())
     else:
+        found_machine = clean_machine(args.allow_dirty)
         jax.config.update("jax_enable_x64", True)
         start = time.time()
         rows = measure(args.seeds, args.samples)
@@ -258,7 +264,7 @@ def main(argv=None) -> None:
                     "jumps": JUMPS,
                     "rk4_steps": RK4_STEPS,
                 },
-                "machine": machine(),
+                "machine": found_machine,
             },
         }
         path.write_text(json.dumps(found, indent=1) + "\n")

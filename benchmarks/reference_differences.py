@@ -29,7 +29,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _machine import machine
+from _machine import clean_machine
 
 import fmcalc
 from fmcalc import methods
@@ -174,12 +174,7 @@ def main(argv=None) -> None:
     if args.render:
         found = json.loads(path.read_text())
     else:
-        git = machine()["git"]
-        if git["dirty"] and not args.allow_dirty:
-            raise SystemExit(
-                "The working tree has uncommitted changes, so the measurement would "
-                "not be traced to a commit: commit them, or pass --allow-dirty."
-            )
+        git = clean_machine(args.allow_dirty)["git"]
         commit = (git["commit"] or "unknown")[:7] + (" (dirty)" if git["dirty"] else "")
         found = {
             "record": {

@@ -38,7 +38,7 @@ import frontier
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _machine import machine
+from _machine import clean_machine
 
 import fmcalc
 
@@ -181,12 +181,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "rows.jsonl"
     if not args.render:
-        record = machine()
-        if record["git"]["dirty"] and not args.allow_dirty:
-            raise SystemExit(
-                "The working tree has uncommitted changes: commit them, or pass "
-                "--allow-dirty (recorded in every row)."
-            )
+        record = clean_machine(args.allow_dirty)
         argv = sys.argv[1:] if argv is None else argv
         command = frontier.command_line("benchmarks/shortcut_levels.py", argv)
         done = {

@@ -88,3 +88,17 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_record(command: str, commit: str = "abc1234", dirty: bool = False) -> dict:
+    """A benchmark run's record as `_machine.provenance` reads it: the command, a
+    minute of time and a two-core machine at `commit`."""
+    return {
+        "command": command,
+        "seconds": 60.0,
+        "machine": {
+            "git": {"commit": commit, "dirty": dirty},
+            "processor": "x86_64",
+            "cpu_count": 2,
+        },
+    }

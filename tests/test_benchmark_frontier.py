@@ -7,7 +7,7 @@ import pathlib
 
 import numpy as np
 import pytest
-from helpers import BENCHMARKS, load_benchmark
+from helpers import BENCHMARKS, load_benchmark, run_record
 
 
 render = load_benchmark("_render")
@@ -349,16 +349,20 @@ def test_resume_refuses_rows_of_other_settings(tmp_path, monkeypatch):
 
 
 def test_a_run_from_a_dirty_tree_is_refused_unless_allowed(tmp_path, monkeypatch):
-    real = frontier.machine
+    import _machine
+
+    real = _machine.machine
 
     def machine(dirty):
         return lambda: real() | {"git": {"commit": "abc1234", "dirty": dirty}}
 
-    monkeypatch.setattr(frontier, "machine", machine(True))
+    # Every benchmark that writes rows asks `_machine.clean_machine`.
+    monkeypatch.setattr(_machine, "machine", machine(True))
     argv = ["--quick", "--datasets", "ring", "--out", str(tmp_path)]
     with pytest.raises(SystemExit, match="uncommitted changes"):
         frontier.main(argv)
     assert not (tmp_path / "rows.jsonl").exists()
+    assert _machine.clean_machine(allow_dirty=True)["git"]["dirty"] is True
     # The report marks rows that were allowed to run from a dirty tree.
     rows = [_row("lsd", s, machine={"git": {"commit": "abc1234", "dirty": True},
                                     "platform": "test", "cpu_count": 2})
@@ -541,15 +545,7 @@ def test_a_baseline_that_is_not_finite_at_its_most_evaluations_is_named():
 def test_provenance_says_when_a_run_came_from_uncommitted_changes():
     import _machine
 
-    record = {
-        "command": "python benchmarks/apps.py",
-        "seconds": 60.0,
-        "machine": {
-            "git": {"commit": "abc1234", "dirty": False},
-            "processor": "x86_64",
-            "cpu_count": 2,
-        },
-    }
+    record = run_record("python benchmarks/apps.py")
     clean = _machine.provenance(record)
     assert "commit `abc1234`;" in clean and "uncommitted" not in clean
     record["machine"]["git"]["dirty"] = True

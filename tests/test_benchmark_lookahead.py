@@ -3,7 +3,7 @@
 import pathlib
 
 import pytest
-from helpers import load_benchmark
+from helpers import load_benchmark, run_record
 
 
 lookahead = load_benchmark("lookahead")
@@ -34,15 +34,7 @@ def test_the_report_counts_the_cells(tmp_path: pathlib.Path):
         _row("flow map", 0, 0.05, 32), _row("Tweedie", 0, 0.02, 32),
         _row("flow map", 1, 0.01, 32), _row("Tweedie", 1, 0.03, 32),
     ]  # fmt: skip
-    record = {
-        "command": "python benchmarks/lookahead.py",
-        "seconds": 60.0,
-        "machine": {
-            "git": {"commit": "abc", "dirty": False},
-            "processor": "cpu",
-            "cpu_count": 2,
-        },
-    }
+    record = run_record("python benchmarks/lookahead.py")
     text = lookahead.render({"rows": rows, "record": record}, tmp_path)
     assert "better in 1, worse in 0 and tied in 1" in text
     assert "| m | 1 | 8 |" in text and "| better |" in text

@@ -7,8 +7,6 @@ import pathlib
 import re
 import subprocess
 
-import pytest
-
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -104,8 +102,11 @@ def test_a_record_whose_commit_lacks_its_script_is_caught():
 
 
 def test_every_committed_record_names_a_commit_with_its_code():
-    if _git("rev-parse", "--is-shallow-repository").stdout.strip() == "true":
-        pytest.skip("a shallow clone lacks the history the records point into")
+    shallow = _git("rev-parse", "--is-shallow-repository").stdout.strip()
+    assert shallow == "false", (
+        "the records point into the repository's history, which a shallow clone "
+        "lacks: clone without --depth, or run `git fetch --unshallow`"
+    )
     found = committed_records()
     assert len(found) >= 10
     problems = [
