@@ -184,3 +184,19 @@ def test_fit_trains_the_weight_with_the_network():
     assert np.isfinite(np.asarray(w)).all()
     assert np.abs(np.asarray(w)).max() > 1e-4, "the log-variance did not move"
     assert np.isfinite(result.losses).all()
+
+
+def test_a_cast_network_keeps_its_learned_weight():
+    """Under mixed precision the networks are wrapped to compute in 16 bits; the
+    log-variance is read through the wrapper, in that dtype, and returned in the
+    dtype of the times."""
+    weight = LogVarianceMLP(width=8, key=jax.random.key(0))
+    moved = eqx.tree_at(lambda w: w.layers[-1].bias, weight, jnp.asarray(0.75))
+    model = WithLogVariance(MLP(2, width=8, depth=1, key=jax.random.key(1)), moved)
+    cast = fmcalc.train.Precision(jnp.bfloat16)(model)
+    s, t = jnp.asarray(0.5), jnp.asarray(0.25)
+    w = cast.log_variance(s, t)
+    assert w.dtype == s.dtype
+    assert w == pytest.approx(float(model.log_variance(s, t)), abs=2e-2)
+    plain = fmcalc.train.Precision(jnp.bfloat16)(model.network)
+    assert getattr(plain, "log_variance", None) is None
