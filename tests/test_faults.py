@@ -230,6 +230,7 @@ try:
     save(run, result.state, {}, None)
 except train.CheckpointError as error:
     print("REFUSED", error.path == run, error.damaged, str(error))
+print("LEFT", sorted(os.listdir(run)))
 resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
 print("STEP", train.checkpoint_header(run)["step"])
 save(run, result.state, {}, None)
@@ -241,7 +242,9 @@ print("SAVES", sorted(name for name in os.listdir(run)))
 def test_a_refused_directory_save_is_a_checkpoint_error(tmp_path):
     """A file-size limit hit while orbax writes a checkpoint directory: a
     `CheckpointError` naming the directory and the cause, the earlier save still
-    read, and the next save writes over the unfinished one."""
+    read, the unfinished one removed before the error is raised (writes still in
+    flight would race with orbax's own clean-up on the next save), and the next
+    save succeeds."""
     run = tmp_path / "run"
     process = subprocess.run(
         [sys.executable, "-c", _REFUSED_DIRECTORY, str(run)],
@@ -251,5 +254,6 @@ def test_a_refused_directory_save_is_a_checkpoint_error(tmp_path):
     out = process.stdout
     assert "REFUSED True False Could not save the checkpoint directory" in out, out
     assert "File too large (errno 27); the earlier saves [0] are kept" in out
+    assert "LEFT ['0']" in out, out
     assert "STEP 2" in out
     assert "SAVES ['0', '1']" in out

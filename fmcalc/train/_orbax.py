@@ -15,8 +15,11 @@ per-process handler.
 
 import dataclasses
 import functools
+import glob
 import os
 import re
+import shutil
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -185,13 +188,36 @@ def save(
         try:
             manager.save(number, args=ocp.args.Composite(**items))
         except Exception as error:  # noqa: BLE001 - orbax reports a refused write as any error
+            _discard(path, number)
             raise _unwritable(path, number, error) from error
+
+
+def _discard(path: str, number: int, settle: float = 0.2, limit: float = 10.0) -> None:
+    """Remove the unfinished save `number` of a refused save, until it has stayed
+    gone for `settle` seconds (or `limit` seconds have passed).
+
+    Orbax raises on the first failed write while the others are still in flight
+    and may recreate their folders; left to orbax's clean-up when the directory is
+    next opened, their removal races with those writes and that save fails too."""
+    pattern = os.path.join(
+        glob.escape(os.path.abspath(path)), f"{number}.orbax-checkpoint-tmp*"
+    )
+    start = quiet = time.monotonic()
+    while time.monotonic() - start < limit:
+        unfinished = glob.glob(pattern)
+        for tree in unfinished:
+            shutil.rmtree(tree, ignore_errors=True)
+        now = time.monotonic()
+        if unfinished:
+            quiet = now
+        elif now - quiet >= settle:
+            return
+        time.sleep(0.02)
 
 
 def _unwritable(path: str, number: int, error: Exception) -> CheckpointError:
     """A save that the storage refused (disk full, file-size limit, no
-    permission), with the earlier saves kept. Its unfinished directory is left to
-    orbax, which ignores it and removes it when the directory is next opened."""
+    permission), with the earlier saves kept and the unfinished one removed."""
     text = str(error)
     found = re.search(r": ([^:\[\]]+) \[os_error_code='(\d+)'\]", text)
     cause = (
