@@ -160,8 +160,11 @@ def separated_ranking(values: dict[str, dict]) -> list[list[str]]:
     return groups
 
 
-def checks(rows: list[dict], headline: tuple[str, ...], plan: dict) -> list[tuple]:
-    """`(name, ok, text)` for every acceptance check of the rows."""
+def checks(
+    rows: list[dict], headline: tuple[str, ...], plan: dict, tuned: dict | None = None
+) -> list[tuple]:
+    """`(name, ok, text)` for every acceptance check of the rows; with `tuned` (the
+    chosen trials, `tuned.json`), also that every tuned run used its method's."""
     out = []
     errors = [r for r in rows if "error" in r]
     out.append(
@@ -232,7 +235,44 @@ def checks(rows: list[dict], headline: tuple[str, ...], plan: dict) -> list[tupl
             else "beaten by a method outside the subset: " + ", ".join(beaten),
         )
     )
+    if tuned is not None:
+        stale = superseded(rows, tuned)
+        out.append(
+            (
+                "tuned settings",
+                not stale,
+                "every tuned run trained with its method's chosen trial (`tuned.json`)"
+                if not stale
+                else f"{len(stale)} cells ran with a trial that is no longer the "
+                "chosen one, or untuned: "
+                + ", ".join(stale[:12])
+                + (" ..." if len(stale) > 12 else ""),
+            )
+        )
     return out
+
+
+def superseded(rows: list[dict], tuned: dict) -> list[str]:
+    """`method on data set (budget; trial run, chosen)` for each cell of tuned
+    runs (protocol 2, not the untuned control) whose trial is not the one `tuned`
+    now chooses for its method."""
+    found = {}
+    for row in rows:
+        if row.get("protocol", 1) < 2 or row["method"] == CONTROL or "error" in row:
+            continue
+        chosen = tuned.get(row["method"])
+        if chosen != row.get("trial"):
+            ran = _trial_text(row.get("trial"))
+            now = _trial_text(chosen) if chosen else "not tuned"
+            cell = f"{row['method']} on {row['dataset']} b{row['budget']:g}"
+            found[cell] = f"{cell} ({ran}; chosen {now})"
+    return list(found.values())
+
+
+def _trial_text(trial: dict | None) -> str:
+    if not trial:
+        return "defaults"
+    return f"lr×{trial['lr']:g} horizon×{trial['horizon']:g} share {trial['share']:g}"
 
 
 def outside_winners(rows: list[dict], headline: tuple[str, ...]) -> list[str]:
@@ -274,8 +314,9 @@ PROTOCOLS = {
     "steps)`, one learning rate for every method, a teacher share of a half, the "
     "exact-teacher ablation at twice the student steps, flow matching sampled with "
     "Euler only",
-    2: "curricula sized for the run, an EMA horizon, tuned settings (nine trials "
-    "per method), the exact-teacher ablation at the learned row's student steps, "
+    2: "curricula sized for the run, an EMA horizon, tuned settings (the same "
+    "trials for every method, `tuning.md`), the exact-teacher ablation at the "
+    "learned row's student steps, "
     "flow matching sampled with Euler, Heun and DPM-Solver++(2M)",
 }
 
@@ -755,9 +796,10 @@ def summary(rows: list[dict]) -> list[str]:
 
 
 def write_report(
-    rows: list[dict], out: pathlib.Path, *, plan=None, headline=()
+    rows: list[dict], out: pathlib.Path, *, plan=None, headline=(), tuned=None
 ) -> None:
-    """`frontier.md` and one figure per data set into `out`, from `rows`."""
+    """`frontier.md` and one figure per data set into `out`, from `rows` (and the
+    chosen trials `tuned`, which the checks compare the runs with)."""
     by_dataset = collections.OrderedDict()
     for row in rows:
         by_dataset.setdefault(row["dataset"], []).append(row)
@@ -789,7 +831,7 @@ def write_report(
         lines += dataset_section(name, mine, figure)
     if plan is not None:
         lines += ["## Checks", ""]
-        for check, ok, text in checks(rows, headline, plan):
+        for check, ok, text in checks(rows, headline, plan, tuned):
             lines.append(f"- {'ok' if ok else 'FAIL'}: {check}: {text}")
     (out / "frontier.md").write_text("\n".join(lines) + "\n")
 

@@ -6,7 +6,7 @@ python benchmarks/frontier.py [--datasets ...] [--methods ...] [--seeds 0 1 2]
                               [--size full|cpu] [--out DIR] [--resume] [--quick]
 python benchmarks/frontier.py --out DIR --render   # the report from DIR/rows.jsonl
 python benchmarks/frontier.py --tune --datasets aniso2d --size cpu --out DIR
-                              # nine trials per method -> DIR/tuned.json, tuning.md
+                              # twelve trials per method -> DIR/tuned.json, tuning.md
 ```
 
 Runs are refused from a working tree with uncommitted changes unless
@@ -130,19 +130,21 @@ class Trial:
         return f"lr×{self.lr:g} horizon×{self.horizon:g} teacher share {self.share:g}"
 
 
-# The same number of trials for every method: learning rate × {0.5, 1, 2} by EMA
-# horizon × {0.5, 1, 2}, nine trials. A method with a learned teacher tunes its
-# share too, over {0.25, 0.5, 0.75}, in the same nine trials: a Latin square, in
-# which every share meets every learning rate and every horizon once.
-SCALES = (0.5, 1.0, 2.0)
+# The same number of trials for every method: learning rate × {0.5, 1, 2, 4} by
+# EMA horizon × {0.5, 1, 2}, twelve trials (with nine, up to ×2, ten of twelve
+# methods chose the largest rate). A method with a learned teacher tunes its share
+# too, over {0.25, 0.5, 0.75}, in the same twelve trials: every share meets every
+# learning rate and every horizon.
+LEARNING_RATES = (0.5, 1.0, 2.0, 4.0)
+HORIZONS = (0.5, 1.0, 2.0)
 SHARES = (0.25, 0.5, 0.75)
 
 
 def trials(uses_teacher: bool) -> list[Trial]:
     return [
         Trial(lr, horizon, SHARES[(i + j) % 3] if uses_teacher else 0.5)
-        for i, lr in enumerate(SCALES)
-        for j, horizon in enumerate(SCALES)
+        for i, lr in enumerate(LEARNING_RATES)
+        for j, horizon in enumerate(HORIZONS)
     ]
 
 
@@ -642,7 +644,7 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
     parser.add_argument(
         "--tune",
         action="store_true",
-        help=f"run every method's {len(SCALES) ** 2} trials at budget 1 on seed "
+        help=f"run every method's {len(trials(False))} trials at budget 1 on seed "
         f"{TUNING_SEED} into OUT/tuning.jsonl, and write the chosen trials to "
         "OUT/tuned.json",
     )
@@ -679,7 +681,9 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
     path = args.out / ("tuning.jsonl" if args.tune else "rows.jsonl")
     plan = {name: tuple(args.budgets or PLAN[name]) for name in (args.datasets or PLAN)}
     headline = tuple(dict.fromkeys((BASELINE, *(args.methods or HEADLINE))))
-    report = dict(plan=plan, headline=headline)
+    tuned_path = args.tuned or args.out / "tuned.json"
+    chosen_trials = json.loads(tuned_path.read_text()) if tuned_path.exists() else None
+    report = dict(plan=plan, headline=headline, tuned=chosen_trials)
     if args.render and args.tune:
         rows = read_rows(path)
         chosen = choose(rows)
@@ -694,12 +698,7 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
         raise SystemExit(
             f"{path} exists: pass --resume to add to it, or choose another --out."
         )
-    tuned_path = args.tuned or args.out / "tuned.json"
-    tuned = (
-        {}
-        if args.tune or not tuned_path.exists()
-        else json.loads(tuned_path.read_text())
-    )
+    tuned = {} if args.tune or chosen_trials is None else chosen_trials
     done = {key_of(row) for row in read_rows(path)}
     table = QUICK if args.quick else CPU if args.size == "cpu" else FULL
     names = args.datasets or list(QUICK if args.quick else PLAN)
@@ -814,7 +813,11 @@ def main(argv=None, *, program: str = "benchmarks/frontier.py") -> int:
         print(f"wrote {args.out / 'tuned.json'} and {args.out / 'tuning.md'}")
         return 0
     if args.quick:
-        report = dict(plan={n: (1.0,) for n in names}, headline=tuple(methods))
+        report = dict(
+            plan={n: (1.0,) for n in names},
+            headline=tuple(methods),
+            tuned=tuned or None,
+        )
     _render.write_report(read_rows(path), args.out, **report)
     print(f"wrote {args.out / 'frontier.md'}")
     return 0

@@ -142,12 +142,17 @@ def test_budgets_charge_the_teacher_its_share():
     assert (own, teacher) == (250, 0)  # four times the cost: a quarter of the steps
 
 
-def test_every_method_gets_nine_trials_and_a_teacher_share_meets_each_setting():
+def test_every_method_gets_the_same_trials_and_a_teacher_share_meets_each_setting():
     plain, distilled = frontier.trials(False), frontier.trials(True)
-    assert len(plain) == len(distilled) == 9
+    grid = len(frontier.LEARNING_RATES) * len(frontier.HORIZONS)
+    assert len(plain) == len(distilled) == grid == 12
+    assert {(t.lr, t.horizon) for t in plain} == {(t.lr, t.horizon) for t in distilled}
     assert {t.share for t in plain} == {0.5}
-    for field in ("lr", "horizon"):
-        for value in frontier.SCALES:
+    for field, values in (
+        ("lr", frontier.LEARNING_RATES),
+        ("horizon", frontier.HORIZONS),
+    ):
+        for value in values:
             shares = {t.share for t in distilled if getattr(t, field) == value}
             assert shares == set(frontier.SHARES), (field, value)
 
@@ -224,6 +229,31 @@ def test_a_method_outside_the_headline_that_beats_it_fails_the_check():
     results = {n: (ok, t) for n, ok, t in render.checks(better, headline, _plan())}
     ok, text = results["headline subset"]
     assert not ok and "esd (ring, budget 1, 1 step)" in text
+
+
+def test_a_run_with_a_superseded_or_missing_trial_fails_the_tuned_check():
+    """Once a wider tuning chooses another trial, the runs made with the old one
+    are named, as are tuned runs of a method `tuned.json` does not hold; the
+    untuned control is exempt."""
+    old, new = {"lr": 2.0, "horizon": 1.0, "share": 0.5}, {"lr": 4.0, "horizon": 1.0,
+                                                            "share": 0.5}  # fmt: skip
+    rows = [_row(m, s, protocol=2, trial=old) for m in ("flow-matching", "lsd")
+            for s in range(3)]  # fmt: skip
+    rows += [_row(render.CONTROL, s, protocol=2, trial={}) for s in range(3)]
+    headline = ("flow-matching", "lsd")
+    current = {"flow-matching": old, "lsd": old}
+    results = {n: ok for n, ok, _ in render.checks(rows, headline, _plan(), current)}
+    assert results["tuned settings"]
+    for tuned, needle in (
+        ({"flow-matching": old, "lsd": new}, "lsd on ring b1 (lr×2 horizon×1 share "
+                                             "0.5; chosen lr×4"),
+        ({"flow-matching": old}, "lsd on ring b1 (lr×2 horizon×1 share 0.5; chosen "
+                                 "not tuned)"),
+    ):  # fmt: skip
+        results = {n: (ok, t) for n, ok, t in render.checks(rows, headline, _plan(),
+                                                              tuned)}  # fmt: skip
+        ok, text = results["tuned settings"]
+        assert not ok and needle in text and "1 cells" in text, text
 
 
 def test_report_marks_medians_below_the_real_floor(tmp_path):
