@@ -578,6 +578,20 @@ def test_ema_horizon_longer_than_the_run_warns(tmp_path):
             _fit(fmcalc.methods.get("shortcut"), steps=100, checkpoint=tmp_path)
 
 
+@pytest.mark.parametrize("steps", [331, 1000, 4999])
+def test_ema_horizon_of_a_fifth_of_the_run_is_quiet_and_more_warns(tmp_path, steps):
+    shortcut = fmcalc.methods.get("shortcut")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fmcalc.EMAHorizonWarning)
+        with pytest.raises(ValueError, match="is a directory"):
+            _fit(shortcut, steps=steps, checkpoint=tmp_path, ema=train.EMA(horizon=0.2))
+    with pytest.warns(fmcalc.EMAHorizonWarning, match=r"a decay <= \S+, or more"):
+        with pytest.raises(ValueError, match="is a directory"):
+            _fit(
+                shortcut, steps=steps, checkpoint=tmp_path, ema=train.EMA(horizon=0.21)
+            )
+
+
 def test_ema_horizon_of_a_method_without_ema_is_quiet(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", fmcalc.EMAHorizonWarning)

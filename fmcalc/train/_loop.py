@@ -76,14 +76,16 @@ def _warn_ema_horizon(method: Method, ema: EMA | None, steps: int) -> None:
     decay = ema.decay_for(steps)
     horizon = math.inf if decay == 1 else 1 / (1 - decay)
     terms = [term.name for term in method.terms if "ema" in term.networks]
-    if horizon <= steps / 5 or not terms:
+    # A horizon of exactly a fifth (`EMA(horizon=0.2)`) is not more than one,
+    # whatever the round-off in `decay`.
+    if horizon <= steps / 5 * (1 + 1e-9) or not terms:
         return
     warn_from_user(
         f"An EMA decay of {decay:.6g} averages over about {horizon:.0f} steps, more "
         f"than a fifth of the {steps}-step run, and method {method.name!r} reads the "
         f"EMA network in term(s) {terms}: their targets would lag the online network "
         f"for most of training. Use `ema=fmcalc.train.EMA(horizon=0.1)` (a tenth of "
-        f"the run), a decay <= {1 - 5 / steps:.4g}, or more steps.",
+        f"the run), a decay <= {1 - 5 / steps:.6g}, or more steps.",
         EMAHorizonWarning,
     )
 
