@@ -219,7 +219,8 @@ class Adaptive(AbstractLoss):
     `log(L + c)` for `p = 1` and of `(L + c)^{1-p} / (1 - p)` otherwise. `p = 0` is
     plain squared error. Settings of Geng et al. (2025): ImageNet `c = 0.01, p = 1`;
     CIFAR-10 `c = 1e-3, p = 0.75`. FACM's consistency term uses `p = 0.5`; AlphaFlow
-    and iMF use `p = 1` with the mean over dimensions (`reduction="mean"`).
+    uses `p = 1` with the mean over dimensions (`reduction="mean"`), and iMF `p = 1`,
+    `c = 0.01` with the sum.
 
     **This weighting moves the fixed point of marginal-from-conditional learning.**
     With a target built from the conditional velocity `eps - x0`, plain squared

@@ -625,9 +625,10 @@ class Method(eqx.Module):
         - `derivative=`: replaces the derivative strategy in every residual;
         - `loss=`: replaces every term's per-example loss;
         - `times=`: replaces every term's time sampler;
-        - any field of the method (`split=`, `label_dropout=`, `name=`, ...).
+        - any field of the method (`terms=`, `split=`, `label_dropout=`, `name=`,
+          ...); `derivative=`, `loss=` and `times=` then apply to the new terms.
         """
-        terms = self.terms
+        terms = changes.pop("terms", self.terms)
         derivative = changes.pop("derivative", None)
         if derivative is not None:
             if not isinstance(derivative, AbstractDerivative):

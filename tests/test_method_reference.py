@@ -96,3 +96,30 @@ def test_a_comparison_names_a_test_that_exists_and_builds_the_method():
         if fmcalc.methods.info(name).presets.get("reference"):
             assert 'preset="reference"' in source, (name, paths)
     assert compared >= 5
+
+
+def test_code_read_but_not_run_is_said_so_on_the_page():
+    """A method whose authors' code (or a named stand-in) was read but whose loss no
+    test recomputes says so, naming what was read; a method with neither is one of
+    the few not compared at all."""
+    neither = set()
+    for name in fmcalc.methods.names():
+        facts = fmcalc.methods.info(name)
+        if facts.compared_with is None and facts.read_code is None:
+            neither.add(name)
+        elif facts.compared_with is None:
+            assert re.search(r"at [0-9a-f]{7}", facts.read_code), (
+                name,
+                facts.read_code,
+            )
+            page = " ".join(fmcalc.methods.doc(name).split())
+            assert "Read, not run:" in page and "no test recomputes" in page, name
+    assert neither == {"flow-matching", "lmd", "emd", "pfmm", "ct", "cd", "freeflow"}
+
+
+def test_sct_takes_a_loss_and_keeps_its_default():
+    assert fmcalc.methods.get("sct") == fmcalc.methods.get(
+        "sct", loss=fmcalc.SquaredError()
+    )
+    weighted = fmcalc.methods.get("sct", loss=fmcalc.LogVariance(source="model"))
+    assert isinstance(weighted.terms[0].loss, fmcalc.LogVariance)

@@ -552,3 +552,13 @@ def test_replace_keeps_everything_else():
     moved = method.replace(split=(0.5, 0.5), label_dropout=0.1)
     assert moved.split == (0.5, 0.5) and moved.label_dropout == 0.1
     assert dataclasses.replace(moved, split=method.split).terms == method.terms
+
+
+def test_replace_takes_new_terms_and_moves_their_axes():
+    method = methods.get("psd")
+    (first, *_) = method.terms
+    moved = method.replace(terms=(first,), split=None)
+    assert moved.terms == (first,) and moved.name == method.name
+    squared = method.replace(terms=(first,), split=None, loss=fmcalc.SquaredError())
+    assert squared.terms[0].loss == fmcalc.SquaredError()
+    assert squared.terms[0].residual == first.residual

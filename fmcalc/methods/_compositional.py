@@ -113,6 +113,9 @@ def shortcut(
     )  # fmt: skip
 
 
+_SPLITMEANFLOW_CODE = "tiaotiaohu-777/SplitMeanFlow at 6404d90 (src/splitmeanflow.py)"
+
+
 @register(
     "splitmeanflow",
     full_name="SplitMeanFlow",
@@ -125,8 +128,21 @@ def shortcut(
     deviations=(
         "Public re-implementations choose the branch per step with probability "
         "1/2; here each batch gives half its rows to each (the same expectation).",
+        "The authors published no training code. The implementation compared with "
+        f"({_SPLITMEANFLOW_CODE}, not the authors') runs both terms on every row, "
+        "each weighing 1 (`.replace(split=None)`); averages over dimensions "
+        "(`.replace(loss=SquaredError(reduction='mean'))`); takes the split "
+        "targets from an EMA of the student, where fmcalc uses the online network "
+        "under a stop-gradient (a hand-built `compositional(target_network="
+        "Network('ema'))`); and drops labels for the student only (no option).",
     ),
     dieleman_cost=9,
+    compared_with=compared_by_formula(
+        _SPLITMEANFLOW_CODE,
+        "tests/test_authors_formulas.py",
+        "with both terms on every row, the mean over dimensions and the target "
+        "network equal to the student",
+    ),
 )
 def splitmeanflow(
     *,

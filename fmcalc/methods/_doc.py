@@ -130,6 +130,12 @@ def doc(name: str, format: Literal["text", "markdown"] = "text") -> str:
 
 
 def _compared(facts: MethodInfo) -> str:
+    if facts.compared_with is None and facts.read_code is not None:
+        return (
+            f"Read, not run: {facts.read_code}. The deviations above list what "
+            "differs from it, each with the setting that removes it where fmcalc "
+            "has one; no test recomputes its loss."
+        )
     if facts.compared_with is None:
         return (
             "Not compared with the authors' code: the deviations above come from "

@@ -138,8 +138,17 @@ def cd(
         "The DSM and GAN terms are omitted.",
         "Counts 8 FPE against Dieleman's 7: the gradient also flows back through "
         "the EMA map at the loss point, F_ema(F(x, s, t), t, 0), into its input.",
+        "Their code compares the two points with LPIPS (no squared-error option; "
+        "no fmcalc counterpart), at σ_min = 0.002 rather than at t = 0; draws the "
+        "intermediate point k Karras-grid steps away (k drawn once per step), "
+        "where fmcalc moves a fixed fraction 0.1 of the gap; draws times uniformly "
+        "over grid indices; and solves with Heun in σ, which `HeunMap` (Heun in "
+        "fmcalc's time) matches only to second order. Where the gradient flows, "
+        "through the EMA map's input included, agrees.",
     ),
     dieleman_cost=7,
+    read_code="sony/ctm at 87cca3b (code/cm/karras_diffusion.py `ctm_losses`, "
+    "`get_ctm_estimate`, `get_ctm_target`, `heun_solver`)",
 )
 def ctm(
     *,
@@ -248,8 +257,19 @@ def esd(
         "The tangent warm-up reaches r = 1; the unofficial code stops at 0.99, which "
         "keeps a flow-matching pull towards straight maps.",
         "There is no official training code; the times follow the unofficial code.",
+        "Both unofficial codes average over dimensions "
+        "(`.replace(loss=SquaredError(reduction='mean'))`) and cap the warm-up at "
+        "0.99 (`warmup=LinearWarmup(0.0, 0.99, 1980)`); one of them "
+        "(revsic/flowmodels at bae2246) takes the surrogate in F space, which "
+        "weighs fmcalc's update by s - t (a hand-built residual); the other "
+        "(tec-works/FlowWithMe at 5a5cea5) draws the gap first "
+        "(`times=GapFirst(LogitNormal(-0.6, 1.6), Uniform())`) and an autoguidance "
+        "scale per row that also conditions the student (no option).",
     ),
     dieleman_cost=6,
+    read_code="no code from the authors is public; read instead, not the authors': "
+    "tec-works/FlowWithMe at 5a5cea5 (main.py `get_ayf_emd_loss`) and "
+    "revsic/flowmodels at bae2246 (alignyourflow.py)",
 )
 def ayf_emd(
     *,
@@ -290,8 +310,20 @@ def ayf_emd(
         "A fixed finite-difference step h; SoFlow anneals it (from 0.1 to 0.002 of "
         "s - t).",
         "Its adaptive weight is off by default (`loss=fmcalc.Adaptive(...)`).",
+        "Their code steps its difference back towards the target time through F, "
+        "by a step relative to the gap (annealed, floored at 1e-4) with the "
+        "coefficient t - u, where fmcalc steps by h towards noise (an O(h) bias "
+        "either way; a hand-built residual gives theirs); weighs both terms "
+        "adaptively with the mean over dimensions "
+        "(`Adaptive(1.0, 0.01, reduction='mean')`), the consistency term's "
+        "gradient halved; clamps the times instead of sorting them, so about 14 % "
+        "of consistency rows sit 1e-4 from the diagonal (no sampler); splits by "
+        "`int(0.75 n)` rows; and guides with velocity mixing on ImageNet (no "
+        "option).",
     ),
     dieleman_cost=7,
+    read_code="zlab-princeton/SoFlow at 3b60d60 (models.py `get_velocity_loss`, "
+    "`get_consistency_loss`, `get_middle_time`; train.py)",
 )
 def soflow(
     *,
@@ -334,8 +366,18 @@ def soflow(
     deviations=(
         "Counts 9 FPE against Dieleman's 8: the anchor and the consistency term each "
         "have their own rows and times, so the teacher runs at both points.",
+        "Their code averages both terms over dimensions, where fmcalc sums (no "
+        "`loss=` option; `.replace(terms=...)` with `SquaredError(reduction="
+        "'mean')` and `Adaptive(0.5, 1e-3, reduction='mean')`); takes the cosine "
+        "per pixel over channels, where fmcalc takes it over the whole vector "
+        "(equal for flat data); shares one data row, noise, time and teacher call "
+        "between the two terms (the same expected loss; no option); and guides "
+        "its teacher, 1.75 up to s = 0.875 (`velocity=Guided(Teacher(), 1.75, "
+        "low=0.0, high=0.875)`).",
     ),
     dieleman_cost=8,
+    read_code="ali-vilab/FACM at 9be03f7 (losses.py `FACMLoss.__call__`, train.py, "
+    "scripts/train.sh)",
 )
 def facm(
     *,
@@ -455,6 +497,9 @@ def _robust_shift(loss: AbstractLoss) -> str | None:
     )
 
 
+_IMF_CODE = "Lyy-iiis/imeanflow at bf60cd7 (imf.py `iMeanFlow.forward`)"
+
+
 @register(
     "imf",
     full_name="Improved MeanFlow",
@@ -463,10 +508,26 @@ def _robust_shift(loss: AbstractLoss) -> str | None:
     summary="Train from scratch: a compound velocity, V minus a stop-gradient JVP "
     "along the model's own diagonal, trained by flow matching.",
     deviations=(
-        "The auxiliary velocity head is the model's own diagonal V(x, s, s).",
-        "The network sees (s, t); iMF's network is not conditioned on s.",
+        "The auxiliary velocity head is the model's own diagonal V(x, s, s). Their "
+        f"code ({_IMF_CODE}) trains a separate head for the tangent, with a "
+        "flow-matching term of its own on every row; with one head that term is a "
+        "second `Term` of flow matching at t = s on the same rows (the test builds "
+        "it), and a separately trained head has no option.",
+        "The network sees (s, t); iMF's network is not conditioned on s (a model "
+        "wrapper `V(x, s, t) = φ(x, s - t)` gives theirs).",
+        "Their code always trains with guidance (a scale drawn per row, folded into "
+        "the target and the tangent, the network conditioned on it); for one fixed "
+        "scale ω the target is `MeanFlowGuidance(omega=1, kappa=1 - 1/ω)`, the "
+        "per-row scale has no option. It drops labels in a leading block "
+        "(`label_dropout_rows='leading'`) and counts `int(n / 2)` diagonal rows "
+        "(`SortedPair(..., equal_count='floor')`; equal for even batches).",
     ),
     dieleman_cost=5,
+    compared_with=compared_by_formula(
+        _IMF_CODE,
+        "tests/test_authors_formulas.py",
+        "at its defaults, unguided, with the tangent's head the model's diagonal",
+    ),
 )
 def imf(
     *,

@@ -3,7 +3,7 @@ written with the same primitives as the taxonomy's methods."""
 
 from .._derivative import JVP, AbstractDerivative
 from .._expr import ConditionalVelocity, D, Normalize, Param, sg
-from .._losses import AbstractLoss, PseudoHuber, TimeWeighted
+from .._losses import AbstractLoss, PseudoHuber, SquaredError, TimeWeighted
 from .._method import Method, Term
 from .._schedules import AbstractSchedule, Exponential, LinearWarmup
 from .._times import AbstractTimeSampler, FixedTarget, LogitNormal
@@ -21,9 +21,22 @@ from ._registry import register
     deviations=(
         "The network predicts V in fmcalc's linear interpolant, not TrigFlow's "
         "parameterisation.",
-        "Its learned weight is off by default (`loss=fmcalc.LogVariance()` with "
-        "`w(s, t)` as `aux`).",
+        "Its learned weight is off by default (`loss=fmcalc.LogVariance("
+        "source='model')` with a `fmcalc.nn.WithLogVariance` network, or "
+        "`LogVariance()` with `w(s, t)` as `aux`).",
+        "No code from the authors is public. The implementation read (not the "
+        "authors') normalises the TrigFlow tangent, so its c acts as c/((1 - s)ρ_s) "
+        "in fmcalc's units and its update vanishes near pure noise; its residual "
+        "is in F units (a time factor); during the warm-up its r multiplies a "
+        "different part of the tangent (equal once r = 1); and it averages over "
+        "dimensions (`loss=SquaredError(reduction='mean')`), learns a log-variance "
+        "weight, and by default adds a prior weight (1 - s)/s. Hand-built "
+        "residuals with `Normalize` and a time factor give each of these.",
     ),
+    read_code="no code from the authors is public; read instead, not the authors': "
+    "NVlabs/FastGen at 34f30e8 (fastgen/methods/consistency_model/sCM.py "
+    "`SCMModel._compute_scm_loss`), checked against revsic/flowmodels at bae2246 "
+    "(sct.py)",
 )
 def sct(
     *,
@@ -31,6 +44,7 @@ def sct(
     c: float | None = 0.1,
     warmup: AbstractSchedule = LinearWarmup(0.0, 1.0, 10_000),
     times: AbstractTimeSampler = FixedTarget(LogitNormal(-1.0, 1.4)),
+    loss: AbstractLoss = SquaredError(),
 ) -> Method:
     """Continuous-time consistency training (sCT; Lu & Song 2025), to data (`t = 0`):
 
@@ -51,7 +65,7 @@ def sct(
     step = g if c is None else Normalize(g, c)
     residual = V(x, s, t) - sg(V(x, s, t) - step)
     biased = None if c is None else "tangent normalisation g / (‖g‖ + c)"
-    term = Term("consistency", residual, times, biased=biased)
+    term = Term("consistency", residual, times, loss, biased=biased)
     return Method(
         "sct", "eulerian", "self-distillation", "V", (term,), schedules={"r": warmup}
     )
@@ -71,7 +85,17 @@ def _inverse_source(s, t):
     deviations=(
         "r follows a schedule (default a geometric decay); ECT halves r every stage "
         "and multiplies it by n(σ) = 1 + 8 sigmoid(-σ).",
+        "Their code's step is a fraction of σ, not of s, and is clamped at the "
+        "data, so early stages target x0 itself at most noise levels (a "
+        "hand-built residual with `TimeFunction` and `Clip` gives it); it weighs "
+        "by 1/(σ - σ_u) = (1 - s)(1 - u)/(s - u), where fmcalc weighs by 1/s "
+        "(`TimeWeighted(loss, w)` with the stage's w); its pseudo-Huber constant "
+        "is 0, the plain norm, which `PseudoHuber` refuses (c = 1e-12 agrees to "
+        "about 1e-12); and it shares dropout masks between the prediction and "
+        "the target (fmcalc's networks have none).",
     ),
+    read_code="locuslab/ect at 4311059 (training/loss.py `ECMLoss`, "
+    "training/networks.py `ECMPrecond`, run_ecm.sh)",
 )
 def ect(
     *,
@@ -85,8 +109,9 @@ def ect(
 
     consistency training between `s` and `u = (1 - r) s` on the same noise, with
     the online network under stop-gradient as the target (no EMA) and `r` shrinking
-    over training. Their weight `1/(t - r)` is `1/(r s)`: within a stage `∝ 1/s`, the
-    default pseudo-Huber weighting. EDM's `log σ ~ N(-1.1, 2.0)` is
+    over training. Their weight `1/(σ - σ_u)`, in σ units, is
+    `(1 - s)(1 - u)/(s - u)` in ours; the default weighs by `1/s`, which is its
+    `1/(r s)` at a fixed ratio in s, with pseudo-Huber. EDM's `log σ ~ N(-1.1, 2.0)` is
     `LogitNormal(-1.1, 2.0)` in our time (`s = σ / (1 + σ)`).
     """
     r = Param("ratio")

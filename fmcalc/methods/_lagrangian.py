@@ -130,6 +130,9 @@ def lsd(
         "(both logit-normal(-0.8, 1), sorted).",
     ),
     dieleman_cost=6,
+    read_code="no code from the authors is public, and neither public AYF "
+    "implementation (tec-works/FlowWithMe at 5a5cea5, revsic/flowmodels at bae2246) "
+    "has the Lagrangian form; the spec follows the paper",
 )
 def ayf_lmd(
     *,
@@ -159,6 +162,9 @@ def ayf_lmd(
     )
 
 
+_TVM_CODE = "lumalabs/tvm at 82e8e5d (training/loss.py `TVMLoss`, training/wrapper.py)"
+
+
 @register(
     "tvm",
     full_name="Terminal velocity matching",
@@ -167,10 +173,28 @@ def ayf_lmd(
     "velocity as the target, plus flow matching at an independent time, both on "
     "every row.",
     deviations=(
-        "The CFG scaling by 1/w and the guidance-conditioned network are left to "
-        "the model.",
+        "Guidance: their residuals are scaled by 1/w and their network is "
+        "conditioned on it (left to the model), and their flow-matching target "
+        "mixes in the EMA's unguided velocity, `w v + (1 - w) V_ema(x, s', s' | ∅)` "
+        "(`flow_matching(velocity=MeanFlowGuidance(omega=w, kappa=0, "
+        "network=Network('ema')))` in a hand-built term); the label-dependent "
+        "weight 1/w² has no option. Unguided, their code needs `cfg=1` (it "
+        "otherwise draws w per row).",
+        f"Their code ({_TVM_CODE}) averages over dimensions, where fmcalc sums "
+        "(`.replace(loss=SquaredError(reduction='mean'))`); shares one noise and "
+        "data row between the two terms, where fmcalc draws fresh noise per term "
+        "(the same expected loss; no option); truncates the target-time law at "
+        "1 - gap, where `GapFirst` rescales it (no option); zeroes the Lagrangian "
+        "term where s = t (gap-first times never draw it); zeroes non-finite rows; "
+        "and keeps two EMAs, 0.99 as the target and 0.9999 to sample, where `fit` "
+        "keeps one.",
     ),
     dieleman_cost=10,
+    compared_with=compared_by_formula(
+        _TVM_CODE,
+        "tests/test_authors_formulas.py",
+        "unguided, with the mean over dimensions and one noise for both terms",
+    ),
 )
 def tvm(
     *,
@@ -211,7 +235,11 @@ def tvm(
         "the default backpropagates through it (`stop_gradient=` gives the others).",
         "The distribution-level corrector, an auxiliary denoiser trained on "
         "generated samples, is not part of this spec (it needs a second noise "
-        "sample per row); no training code is public.",
+        "sample per row); no training code is public (ShangyuanTong/FreeFlow holds "
+        "sampling code only), so the spec follows the paper: its predictor weighs "
+        "the residual by 1/(‖R‖²/d + ε) (`loss=fmcalc.Adaptive(1.0, ε, "
+        "reduction='mean')`, ε not stated) and splits the batch 3:1 with the "
+        "corrector, with an adaptive balance; its teacher is guided.",
     ),
     dieleman_cost=12,
 )
@@ -256,8 +284,17 @@ def freeflow(
         "LPIPS is replaced by the squared error.",
         "Their backward difference on a 250-point Karras grid is a finite difference "
         "of step 1e-3 at times uniform in [0.002, 1].",
+        "Their code starts the map at σ_max = 80 (`times=FixedSource(..., "
+        "source=80/81)`, with zero data rows), takes the second point of the "
+        "difference at the neighbouring grid point towards data, where fmcalc "
+        "steps towards noise (no option), averages over dimensions in its `l2` "
+        "option (`.replace(loss=SquaredError(reduction='mean'))`), and draws "
+        "random class labels for ImageNet (pass them as `cond`). Its implied "
+        "denoiser has the same value in its σ coordinates as in fmcalc's.",
     ),
     dieleman_cost=7,
+    read_code="pantheon5100/pid_diffusion at b99605b (cm/karras_diffusion.py "
+    "`OneShotDenoiser.ode_losses`, `denoise`)",
 )
 def pid(
     *,

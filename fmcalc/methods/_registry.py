@@ -33,6 +33,9 @@ class MethodInfo(NamedTuple):
     - `compared_with`: the authors' code the spec was compared with (repository,
       commit and file) and how, or `None` where no comparison was made; the
       deviations then come from reading the paper and public code.
+    - `read_code`: the code that was read but not run against the spec (repository,
+      commit and files; noted where it is not the authors'), when no test
+      recomputes its loss; the deviations list what the reading found.
     """
 
     name: str
@@ -43,6 +46,7 @@ class MethodInfo(NamedTuple):
     dieleman_cost: int | None = None
     presets: Mapping[str, Mapping[str, Any]] = types.MappingProxyType({})
     compared_with: str | None = None
+    read_code: str | None = None
 
 
 # `[`fmcalc.X`][]`, a cross-reference of the documentation, is `fmcalc.X` in a terminal.
@@ -62,6 +66,7 @@ def register(
     dieleman_cost: int | None = None,
     presets: Mapping[str, Mapping[str, Any]] | None = None,
     compared_with: str | None = None,
+    read_code: str | None = None,
 ):
     """Register a method builder under `name` (a decorator), with the facts
     [`fmcalc.methods.info`][] returns.
@@ -70,8 +75,9 @@ def register(
 
     - `name`: the registry name.
     - `full_name`, `citation`, `summary`, `deviations`, `dieleman_cost`,
-      `presets`, `compared_with`: see [`fmcalc.methods.MethodInfo`][]. A preset's
-      keys must be options of the builder.
+      `presets`, `compared_with`, `read_code`: see
+      [`fmcalc.methods.MethodInfo`][]. A preset's keys must be options of the
+      builder.
 
     The builder takes keyword-only options with defaults and returns an
     [`fmcalc.Method`][]; its docstring gives the loss in fmcalc's convention and
@@ -131,7 +137,7 @@ def register(
         }
         _INFO[name] = MethodInfo(
             name, full_name, citation, summary, tuple(deviations), dieleman_cost,
-            types.MappingProxyType(frozen), compared_with,
+            types.MappingProxyType(frozen), compared_with, read_code,
         )  # fmt: skip
         return builder
 

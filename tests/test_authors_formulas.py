@@ -1,0 +1,205 @@
+"""Registry methods against the loss of their authors' code (or, where the authors
+published none, of the public implementation their pages name), recomputed row by
+row in float64 from formulas written out from the paper and that code's behaviour,
+in their conventions: the settings under which fmcalc's loss and gradient equal
+them, and so what each listed difference is made of.
+
+- TVM: lumalabs/tvm at 82e8e5d (training/loss.py `TVMLoss`, training/wrapper.py).
+- iMF: Lyy-iiis/imeanflow at bf60cd7 (imf.py `iMeanFlow.forward`).
+- SplitMeanFlow: tiaotiaohu-777/SplitMeanFlow at 6404d90 (src/splitmeanflow.py), not
+  the authors' (they published none)."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fmcalc
+from fmcalc import methods
+from fmcalc.nn import MLP
+
+
+sg = jax.lax.stop_gradient
+
+
+def _assert_same(ours, theirs, model):
+    """fmcalc's loss `ours(model)` and the formula `theirs(model)`: equal values
+    and parameter gradients."""
+    loss, grads = eqx.filter_value_and_grad(ours)(model)
+    expected, expected_grads = eqx.filter_value_and_grad(theirs)(model)
+    np.testing.assert_allclose(loss, expected, rtol=1e-12)
+    for a, b in zip(
+        jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def _mlp(key):
+    return MLP(3, width=32, depth=2, key=jax.random.key(key))
+
+
+# --------------------------------------------------------------------------- TVM
+
+
+class _SourceAndGap(eqx.Module):
+    """TVM's network sees the source time and the gap: `V(x, s, t) = φ(x, s, s - t)`
+    (unguided, so its output scale `w` is 1)."""
+
+    phi: MLP
+
+    def __call__(self, x, s, t, *, cond=None):
+        return self.phi(x, s, s - t)
+
+
+@pytest.mark.slow
+def test_tvm_with_mean_reduction_is_their_loss_on_shared_noise():
+    """Their row, unguided (`cfg=1`): `F(τ) = x_s + (τ - s) φ(x_s, s, s - τ)`,
+    `‖∂_τ F(t) - φ_ema(sg F(t), t, 0)‖²` plus flow matching at an independent
+    time `s'` on the *same* noise and data, each averaged over dimensions. fmcalc
+    draws fresh noise per term (a listed difference), so the batch here shares it."""
+    method = methods.get("tvm").replace(loss=fmcalc.SquaredError(reduction="mean"))
+    model, ema = _SourceAndGap(_mlp(1)), _SourceAndGap(_mlp(5))
+    n = 24
+    x0 = jax.random.normal(jax.random.key(2), (n, 3))
+    drawn = method.batch(jax.random.key(3), x0)
+    s, t, s_fm, eps = drawn.s[:n], drawn.t[:n], drawn.s[n:], drawn.eps[:n]
+    assert bool(jnp.all(drawn.t[n:] == s_fm)) and bool(jnp.all(s > t))
+    twice = lambda a, b: jnp.concatenate([a, b])  # noqa: E731
+    batch = fmcalc.Batch(twice(x0, x0), twice(eps, eps), twice(s, s_fm), twice(t, s_fm))
+
+    def row(model, x0, eps, s, t, s_fm):
+        x = (1 - s) * x0 + s * eps
+        end, d_t = jax.jvp(
+            lambda tau: x + (tau - s) * model.phi(x, s, s - tau),
+            (t,),
+            (jnp.ones_like(t),),
+        )
+        terminal = jnp.mean((d_t - ema.phi(sg(end), t, jnp.zeros_like(t))) ** 2)
+        x_fm = (1 - s_fm) * x0 + s_fm * eps
+        velocity = model.phi(x_fm, s_fm, jnp.zeros_like(s_fm))
+        return terminal + jnp.mean((velocity - (eps - x0)) ** 2)
+
+    _assert_same(
+        lambda m: method.loss(m, batch, ema=ema)[0],
+        lambda m: jnp.mean(jax.vmap(lambda *a: row(m, *a))(x0, eps, s, t, s_fm)),
+        model,
+    )
+
+
+# --------------------------------------------------------------------------- iMF
+
+
+class _GapOnly(eqx.Module):
+    """iMF's network sees the gap `h = s - t` (and guidance tokens, absent here)."""
+
+    phi: MLP
+
+    def __call__(self, x, s, t, *, cond=None):
+        return self.phi(x, s - t, jnp.zeros_like(s))
+
+
+def _adaptive(r):
+    """Their adaptive loss: the sum of squares over its stop-gradient plus 0.01."""
+    return jnp.sum(r**2) / sg(jnp.sum(r**2) + 0.01)
+
+
+def _imf_row(model, x0, eps, s, t):
+    """Their main term, unguided (`ω = 1`), with the tangent's head read as the
+    model's own diagonal: `W = V(x, s, t) + (s - t) sg[dV/ds along (V(x, s, s), 1)]`
+    against `eps - x0`; and their head's flow-matching term."""
+    x, v = (1 - s) * x0 + s * eps, eps - x0
+    tangent = sg(model(x, s, s))
+    value, d_s = jax.jvp(
+        lambda z, a: model(z, a, t), (x, s), (tangent, jnp.ones_like(s))
+    )
+    return _adaptive(value + (s - t) * sg(d_s) - v), _adaptive(model(x, s, s) - v)
+
+
+@pytest.mark.slow
+def test_imf_at_its_defaults_is_their_main_term_and_with_a_head_term_their_loss():
+    method = methods.get("imf")
+    model = _GapOnly(_mlp(1))
+    x0 = jax.random.normal(jax.random.key(2), (32, 3))
+    batch = method.batch(jax.random.key(3), x0)
+    assert int(jnp.sum(batch.s == batch.t)) == 16  # half the rows on the diagonal
+    rows = (batch.x0, batch.eps, batch.s, batch.t)
+
+    def theirs(model, both):
+        main, head = jax.vmap(lambda *a: _imf_row(model, *a))(*rows)
+        return jnp.mean(main + head) if both else jnp.mean(main)
+
+    _assert_same(lambda m: method.loss(m, batch)[0], lambda m: theirs(m, False), model)
+    # Their second term trains the tangent's head by flow matching on every row:
+    # with one head it is a flow-matching term on the same rows, at t = s.
+    (term,) = method.terms
+    head = fmcalc.Term("head", fmcalc.flow_matching(), term.times, term.loss)
+    both = fmcalc.Method(
+        "imf-with-head", "eulerian", "marginal-from-conditional", "V", (term, head),
+        biased="the adaptive weight",
+    )  # fmt: skip
+    twice = lambda a, b: jnp.concatenate([a, b])  # noqa: E731
+    paired = fmcalc.Batch(
+        twice(batch.x0, batch.x0), twice(batch.eps, batch.eps),
+        twice(batch.s, batch.s), twice(batch.t, batch.s),
+    )  # fmt: skip
+    _assert_same(lambda m: both.loss(m, paired)[0], lambda m: theirs(m, True), model)
+
+
+# ----------------------------------------------------------------- SplitMeanFlow
+
+
+class _FromNoise(eqx.Module):
+    """Their student `u(z, p, r)`, with time running from noise (0) to data (1) and
+    `u ≈ x0 - eps`: fmcalc's `V(x, s, t) = -u(x, 1 - s, 1 - t)`."""
+
+    phi: MLP
+
+    def __call__(self, x, s, t, *, cond=None):
+        return -self.phi(x, 1 - s, 1 - t)
+
+
+@pytest.mark.slow
+def test_splitmeanflow_on_every_row_with_mean_reduction_is_their_loss():
+    """Their two terms on every row, each averaged over dimensions: the boundary
+    `u(z, p, p) = teacher(z, p)`, and the split at their `s_th` (our `u`) with the
+    target network equal to the student (their EMA, a listed difference)."""
+    method = methods.get("splitmeanflow").replace(
+        split=None, loss=fmcalc.SquaredError(reduction="mean")
+    )
+    model, teacher_net = _FromNoise(_mlp(1)), _mlp(7)
+
+    def teacher(x, t, *, cond=None):
+        return -teacher_net(x, 1 - t, 1 - t)
+
+    n = 12
+    x0 = jax.random.normal(jax.random.key(2), (n, 3))
+    batch = method.batch(jax.random.key(3), x0)
+    assert batch.u is not None
+    s, t, u = batch.s[n:], batch.t[n:], batch.u[n:]
+    assert bool(jnp.all(batch.s[:n] == batch.t[:n])) and bool(
+        jnp.all((t < u) & (u < s))
+    )
+
+    def split_row(phi, x0, eps, s, t, u):
+        p_t, p_r, p_s = 1 - s, 1 - t, 1 - u
+        lam = (u - s) / (t - s)
+        z = (1 - p_t) * eps + p_t * x0
+        first = phi(z, p_t, p_s)
+        second = phi(z + (p_s - p_t) * first, p_s, p_r)
+        target = sg((1 - lam) * second + lam * first)
+        return jnp.mean((phi(z, p_t, p_r) - target) ** 2)
+
+    def boundary_row(phi, x0, eps, s):
+        p = 1 - s
+        z = (1 - p) * eps + p * x0
+        return jnp.mean((phi(z, p, p) - teacher_net(z, p, p)) ** 2)
+
+    def theirs(model):
+        head = (batch.x0[:n], batch.eps[:n], batch.s[:n])
+        tail = (batch.x0[n:], batch.eps[n:], s, t, u)
+        boundary = jax.vmap(lambda *a: boundary_row(model.phi, *a))(*head)
+        split = jax.vmap(lambda *a: split_row(model.phi, *a))(*tail)
+        return (jnp.sum(boundary) + jnp.sum(split)) / n
+
+    _assert_same(lambda m: method.loss(m, batch, teacher=teacher)[0], theirs, model)
