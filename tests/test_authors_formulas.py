@@ -7,7 +7,9 @@ them, and so what each listed difference is made of.
 - TVM: lumalabs/tvm at 82e8e5d (training/loss.py `TVMLoss`, training/wrapper.py).
 - iMF: Lyy-iiis/imeanflow at bf60cd7 (imf.py `iMeanFlow.forward`).
 - SplitMeanFlow: tiaotiaohu-777/SplitMeanFlow at 6404d90 (src/splitmeanflow.py), not
-  the authors' (they published none)."""
+  the authors' (they published none).
+- AYF-EMD: tec-works/FlowWithMe at 5a5cea5 (main.py), not the authors' (they
+  published none)."""
 
 import equinox as eqx
 import jax
@@ -203,3 +205,45 @@ def test_splitmeanflow_on_every_row_with_mean_reduction_is_their_loss():
         return (jnp.sum(boundary) + jnp.sum(split)) / n
 
     _assert_same(lambda m: method.loss(m, batch, teacher=teacher)[0], theirs, model)
+
+
+# ------------------------------------------------------------------------ AYF-EMD
+
+
+@pytest.mark.slow
+def test_ayf_emd_with_their_times_warmup_and_mean_is_the_flowwithme_loss():
+    """No code from the authors is public; tec-works/FlowWithMe at 5a5cea5 (main.py
+    `get_ayf_emd_loss`), unguided: gap-first times, the warm-up `min(0.99, k/2000)`,
+    and the mean over dimensions of `‖V - sg[V - g/(‖g‖ + 0.1)]‖²`, with
+    `g = V - v + r (s - t) dV/ds` along the teacher's `v`, all under stop-gradient."""
+    method = methods.get(
+        "ayf-emd",
+        times=fmcalc.GapFirst(fmcalc.LogitNormal(-0.6, 1.6), fmcalc.Uniform()),
+        warmup=fmcalc.schedules.LinearWarmup(0.0, 0.99, 1980),
+    ).replace(loss=fmcalc.SquaredError(reduction="mean"))
+    model, teacher_net = _mlp(1), _mlp(7)
+
+    def teacher(x, t, *, cond=None):
+        return teacher_net(x, t, t)
+
+    step = 700
+    ratio = min(0.99, step / 2000)
+    batch = method.batch(
+        jax.random.key(3), jax.random.normal(jax.random.key(2), (32, 3))
+    )
+
+    def row(model, x0, eps, s, t):
+        x = (1 - s) * x0 + s * eps
+        v = teacher(x, s)
+        value, d_s = jax.jvp(lambda z, a: model(z, a, t), (x, s), (v, jnp.ones_like(s)))
+        g = sg(value - v + ratio * (s - t) * d_s)
+        target = sg(value) - g / (jnp.linalg.norm(g) + 0.1)
+        return jnp.mean((model(x, s, t) - target) ** 2)
+
+    _assert_same(
+        lambda m: method.loss(m, batch, teacher=teacher, step=step)[0],
+        lambda m: jnp.mean(
+            jax.vmap(lambda *a: row(m, *a))(batch.x0, batch.eps, batch.s, batch.t)
+        ),
+        model,
+    )

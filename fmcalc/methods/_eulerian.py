@@ -267,9 +267,15 @@ def esd(
         "scale per row that also conditions the student (no option).",
     ),
     dieleman_cost=6,
-    read_code="no code from the authors is public; read instead, not the authors': "
-    "tec-works/FlowWithMe at 5a5cea5 (main.py `get_ayf_emd_loss`) and "
-    "revsic/flowmodels at bae2246 (alignyourflow.py)",
+    compared_with=compared_by_formula(
+        "tec-works/FlowWithMe at 5a5cea5 (main.py `get_ayf_emd_loss`), not the "
+        "authors' (they published none)",
+        "tests/test_authors_formulas.py",
+        "with `times=GapFirst(LogitNormal(-0.6, 1.6), Uniform())`, "
+        "`warmup=LinearWarmup(0.0, 0.99, 1980)`, the mean over dimensions and an "
+        "unguided teacher",
+    ),
+    read_code="revsic/flowmodels at bae2246 (alignyourflow.py), not the authors'",
 )
 def ayf_emd(
     *,
