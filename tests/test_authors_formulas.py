@@ -8,8 +8,11 @@ them, and so what each listed difference is made of.
 - iMF: Lyy-iiis/imeanflow at bf60cd7 (imf.py `iMeanFlow.forward`).
 - SplitMeanFlow: tiaotiaohu-777/SplitMeanFlow at 6404d90 (src/splitmeanflow.py), not
   the authors' (they published none).
+- FACM: ali-vilab/FACM at 9be03f7 (losses.py `FACMLoss`).
 - AYF-EMD: tec-works/FlowWithMe at 5a5cea5 (main.py), not the authors' (they
   published none)."""
+
+import dataclasses
 
 import equinox as eqx
 import jax
@@ -247,3 +250,88 @@ def test_ayf_emd_with_their_times_warmup_and_mean_is_the_flowwithme_loss():
         ),
         model,
     )
+
+
+# --------------------------------------------------------------------------- FACM
+
+
+class _OneTime(eqx.Module):
+    """FACM's network takes one time, `τ = 1 - s` for the map to data and `2 - τ`
+    for the velocity, and predicts `x0 - eps`: `V(x, s, t) = -φ(x, 1 + s)` on the
+    diagonal and `-φ(x, 1 - s)` to data."""
+
+    phi: MLP
+
+    def net(self, x, time):
+        return self.phi(x, time, jnp.zeros_like(time))
+
+    def __call__(self, x, s, t, *, cond=None):
+        return -self.net(x, jnp.where(t == s, 1 + s, 1 - s))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("teacher_scale", [1.0, 5.0])  # the clamp idle, then active
+def test_facm_with_mean_losses_on_shared_rows_is_their_loss(teacher_scale):
+    """ali-vilab/FACM at 9be03f7 (losses.py `FACMLoss`), in their time `τ = 1 - s`:
+    the anchor `mean((P - v)²) + 1 - cos(P, v)` of the velocity branch, plus
+    `cos(πτ/2) e / sg(√(e + 1e-3))` with `e` the mean square of the map branch
+    against `sg[N] - (1 - √τ) clip(sg[N] - v - (1 - τ) sg[dN/dτ], ±1)`, both on the
+    same rows, noise, time and teacher velocity `v`."""
+    method = methods.get("facm")
+    anchor, consistency = method.terms
+    method = method.replace(
+        terms=(
+            dataclasses.replace(
+                anchor,
+                loss=fmcalc.Sum(fmcalc.SquaredError(reduction="mean"), fmcalc.Cosine()),
+            ),
+            dataclasses.replace(
+                consistency,
+                loss=fmcalc.TimeWeighted(
+                    fmcalc.Adaptive(0.5, 1e-3, reduction="mean"),
+                    consistency.loss.weight,
+                ),
+            ),
+        )
+    )
+    model, teacher_net = (
+        _OneTime(_mlp(1)),
+        MLP(3, width=16, depth=1, key=jax.random.key(4)),
+    )
+
+    def teacher(x, s, *, cond=None):
+        return teacher_scale * teacher_net(x, s, s)
+
+    n = 24
+    x0 = jax.random.normal(jax.random.key(2), (n, 3))
+    drawn = method.batch(jax.random.key(3), x0)
+    eps, s = drawn.eps[n:], drawn.s[n:]
+    twice = lambda a, b: jnp.concatenate([a, b])  # noqa: E731
+    batch = fmcalc.Batch(twice(x0, x0), twice(eps, eps), twice(s, s), twice(s, 0 * s))
+
+    def row(model, x0, eps, s):
+        tau = 1 - s
+        x = tau * x0 + (1 - tau) * eps
+        v = -teacher(x, s)  # their velocity points to data
+        p = model.net(x, 2 - tau)
+        cosine = jnp.dot(p, v) / (jnp.linalg.norm(p) * jnp.linalg.norm(v))
+        flow = jnp.mean((p - v) ** 2) + 1 - cosine
+        value, d_tau = jax.jvp(model.net, (x, tau), (v, jnp.ones_like(tau)))
+        gap = sg(value) - (v + (1 - tau) * sg(d_tau))
+        target = sg(value) - (1 - jnp.sqrt(tau)) * jnp.clip(gap, -1, 1)
+        e = jnp.mean((value - target) ** 2)
+        return jnp.cos(tau * jnp.pi / 2) * e / sg(jnp.sqrt(e + 1e-3)), flow
+
+    def theirs(model):
+        mapped, flow = jax.vmap(lambda *a: row(model, *a))(x0, eps, s)
+        return jnp.mean(mapped) + jnp.mean(flow)
+
+    def clamped(x0, eps, s):
+        tau = 1 - s
+        x = tau * x0 + (1 - tau) * eps
+        v = -teacher(x, s)
+        value, d_tau = jax.jvp(model.net, (x, tau), (v, jnp.ones_like(tau)))
+        return jnp.any(jnp.abs(value - v - (1 - tau) * d_tau) > 1)
+
+    assert bool(jnp.any(jax.vmap(clamped)(x0, eps, s))) == (teacher_scale > 1)
+    _assert_same(lambda m: method.loss(m, batch, teacher=teacher)[0], theirs, model)

@@ -382,8 +382,13 @@ def soflow(
         "low=0.0, high=0.875)`).",
     ),
     dieleman_cost=8,
-    read_code="ali-vilab/FACM at 9be03f7 (losses.py `FACMLoss.__call__`, train.py, "
-    "scripts/train.sh)",
+    compared_with=compared_by_formula(
+        "ali-vilab/FACM at 9be03f7 (losses.py `FACMLoss.__call__`, train.py, "
+        "scripts/train.sh)",
+        "tests/test_authors_formulas.py",
+        "with both losses averaged over dimensions, one shared row per data point "
+        "and flat data, an unguided teacher, the clamp idle and active",
+    ),
 )
 def facm(
     *,
