@@ -8,6 +8,7 @@ them, and so what each listed difference is made of.
 - iMF: Lyy-iiis/imeanflow at bf60cd7 (imf.py `iMeanFlow.forward`).
 - SplitMeanFlow: tiaotiaohu-777/SplitMeanFlow at 6404d90 (src/splitmeanflow.py), not
   the authors' (they published none).
+- ECT: locuslab/ect at 4311059 (training/loss.py `ECMLoss`), by a spec built here.
 - FACM: ali-vilab/FACM at 9be03f7 (losses.py `FACMLoss`).
 - AYF-EMD: tec-works/FlowWithMe at 5a5cea5 (main.py), not the authors' (they
   published none)."""
@@ -335,3 +336,82 @@ def test_facm_with_mean_losses_on_shared_rows_is_their_loss(teacher_scale):
 
     assert bool(jnp.any(jax.vmap(clamped)(x0, eps, s))) == (teacher_scale > 1)
     _assert_same(lambda m: method.loss(m, batch, teacher=teacher)[0], theirs, model)
+
+
+# ---------------------------------------------------------------------------- ECT
+
+_ECT_C = 0.03  # their pseudo-Huber constant for this test (their default 0 is the norm)
+
+
+def _ect_fraction(decay, s):
+    """ECT's step as a fraction of σ = s / (1 - s): `d (1 + 8 sigmoid(-σ))`, at
+    most 1 (then the target is the data itself)."""
+    sigma = s / (1 - s)
+    return jnp.clip(decay * (1 + 8 * jax.nn.sigmoid(-sigma)), 0.0, 1.0)
+
+
+def _ect_spec(decay: float) -> fmcalc.Method:
+    """ECT's loss at one stage, built from fmcalc's primitives: the target point
+    `σ_u = (1 - f) σ` is `u = (1 - f) s / (1 - f s)` in fmcalc's time, and the
+    weight `1 / (σ - σ_u)` is `(1 - s) / (f s)`."""
+    V = fmcalc.Network()
+    F = fmcalc.FlowMap(V)
+    x, s, t = fmcalc.X, fmcalc.S, fmcalc.T
+    sigmoid = fmcalc.TimeFunction("sigmoid", -s / (1 - s))
+    fraction = fmcalc.Clip(fmcalc.Param("decay") * (1 + 8 * sigmoid), 0.0, 1.0)
+    u = (1 - fraction) * s / (1 - fraction * s)
+    v = fmcalc.ConditionalVelocity()(x, s)
+    residual = F(x, s, t) - fmcalc.sg(F(x + (u - s) * v, u, t))
+
+    def weight(s, t):
+        return (1 - s) / (s * _ect_fraction(decay, s))
+
+    loss = fmcalc.TimeWeighted(fmcalc.PseudoHuber(c=_ECT_C), weight)
+    times = fmcalc.FixedTarget(fmcalc.LogitNormal(-1.1, 2.0))
+    term = fmcalc.Term("consistency", residual, times, loss, biased="a finite step")
+    return fmcalc.Method(
+        "ect-stage", "eulerian", "self-distillation", "F", (term,),
+        schedules={"decay": fmcalc.schedules.Constant(decay)},
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ect_at_a_stage_is_a_spec_of_fmcalc_primitives():
+    """locuslab/ect at 4311059 (training/loss.py `ECMLoss`) at stage 1 (`d = 1/4`),
+    in σ: the denoiser `D(x0 + σ eps, σ)` against the stop-gradient one at
+    `σ_u = max(0, σ (1 - d n(σ)))` (the data where that is 0), pseudo-Huber over
+    dimensions, weighed by `1 / (σ - σ_u)`. The registry's `ect` differs (its page
+    lists how); this spec is what reproduces it."""
+    decay = 0.25
+    method = _ect_spec(decay)
+    model = _mlp(1)
+    batch = method.batch(
+        jax.random.key(3), jax.random.normal(jax.random.key(2), (32, 3))
+    )
+    at_data = int(jnp.sum(_ect_fraction(decay, batch.s) >= 1))
+    assert 0 < at_data < 32  # both branches of the clamp are met
+
+    def denoiser(model, z, sigma):
+        s = sigma / (1 + sigma)
+        y = z / (1 + sigma)
+        return y - s * model(y, s, jnp.zeros_like(s))
+
+    def row(model, x0, eps, s):
+        sigma = s / (1 - s)
+        sigma_u = sigma * (1 - _ect_fraction(decay, s))
+        online = denoiser(model, x0 + sigma * eps, sigma)
+        target = sg(denoiser(model, x0 + sigma_u * eps, sigma_u))
+        target = jnp.where(sigma_u > 0, target, x0)
+        huber = jnp.sqrt(jnp.sum((online - target) ** 2) + _ECT_C**2) - _ECT_C
+        return huber / (sigma - sigma_u)
+
+    _assert_same(
+        lambda m: method.loss(m, batch)[0],
+        lambda m: jnp.mean(
+            jax.vmap(lambda *a: row(m, *a))(batch.x0, batch.eps, batch.s)
+        ),
+        model,
+    )
+    # The registry's spec, on the same rows, is another loss (its page says how).
+    registry = methods.get("ect").loss(model, batch)[0]
+    assert abs(registry / method.loss(model, batch)[0] - 1) > 0.1

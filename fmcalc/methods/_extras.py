@@ -7,7 +7,7 @@ from .._losses import AbstractLoss, PseudoHuber, SquaredError, TimeWeighted
 from .._method import Method, Term
 from .._schedules import AbstractSchedule, Exponential, LinearWarmup
 from .._times import AbstractTimeSampler, FixedTarget, LogitNormal
-from ._common import F, V, s, t, x
+from ._common import F, V, compared_by_formula, s, t, x
 from ._registry import register
 
 
@@ -94,8 +94,14 @@ def _inverse_source(s, t):
         "about 1e-12); and it shares dropout masks between the prediction and "
         "the target (fmcalc's networks have none).",
     ),
-    read_code="locuslab/ect at 4311059 (training/loss.py `ECMLoss`, "
-    "training/networks.py `ECMPrecond`, run_ecm.sh)",
+    compared_with=compared_by_formula(
+        "locuslab/ect at 4311059 (training/loss.py `ECMLoss`, training/networks.py "
+        "`ECMPrecond`, run_ecm.sh)",
+        "tests/test_authors_formulas.py",
+        "not the registry's spec but one that test builds from fmcalc's "
+        "primitives at a fixed stage (their step in σ, its clamp at the data, "
+        "their weight, pseudo-Huber with c = 0.03)",
+    ),
 )
 def ect(
     *,
