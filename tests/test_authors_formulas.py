@@ -9,6 +9,8 @@ them, and so what each listed difference is made of.
 - SplitMeanFlow: tiaotiaohu-777/SplitMeanFlow at 6404d90 (src/splitmeanflow.py), not
   the authors' (they published none).
 - ECT: locuslab/ect at 4311059 (training/loss.py `ECMLoss`), by a spec built here.
+- sCT: NVlabs/FastGen at 34f30e8 (sCM.py), not the authors' (they published none),
+  by a spec built here.
 - FACM: ali-vilab/FACM at 9be03f7 (losses.py `FACMLoss`).
 - AYF-EMD: tec-works/FlowWithMe at 5a5cea5 (main.py), not the authors' (they
   published none)."""
@@ -414,4 +416,92 @@ def test_ect_at_a_stage_is_a_spec_of_fmcalc_primitives():
     )
     # The registry's spec, on the same rows, is another loss (its page says how).
     registry = methods.get("ect").loss(model, batch)[0]
+    assert abs(registry / method.loss(model, batch)[0] - 1) > 0.1
+
+
+# ---------------------------------------------------------------------------- sCT
+
+_SIGMA_DATA = 0.5
+
+
+def _sct_spec(ratio: float) -> fmcalc.Method:
+    """sCT's loss in TrigFlow (`x_τ = cos τ x0 + sin τ σ_d eps`) written in fmcalc's
+    time `s = σ / (1 + σ)`, `σ = σ_d tan τ`: with `ρ = √(σ_d² (1 - s)² + s²)`, the
+    residual in TrigFlow's units is `(ρ / σ_d)(V - sg[V - κ g / (‖k g‖ + c)])`,
+    `κ = σ_d / ρ`, `k = (1 - s) ρ`, and the warm-up weighs the tangent's parts as
+    `g = (a + r (1 - a))(V - v) - r (t - s) dV/ds`, `a = σ_d² (1 - s) / ρ²`."""
+    V = fmcalc.Network()
+    x, s, t = fmcalc.X, fmcalc.S, fmcalc.T
+    rho = fmcalc.TimeFunction("sqrt", _SIGMA_DATA**2 * (1 - s) * (1 - s) + s * s)
+    kappa = fmcalc.Constant(_SIGMA_DATA) / rho
+    a = _SIGMA_DATA**2 * (1 - s) / (rho * rho)
+    r = fmcalc.Param("r")
+    v = fmcalc.ConditionalVelocity()(x, s)
+    dV = fmcalc.D(V, at=(x, s, t), along=(v, 1, 0), by=fmcalc.JVP())
+    g = (a + r * (1 - a)) * (V(x, s, t) - v) - r * (t - s) * dV
+    step = kappa * fmcalc.Normalize((1 - s) * rho * g, 0.1)
+    residual = (rho / _SIGMA_DATA) * (V(x, s, t) - fmcalc.sg(V(x, s, t) - step))
+    loss = fmcalc.LogVariance(reduction="mean", source="model")
+    times = fmcalc.FixedTarget(fmcalc.LogitNormal(-1.0, 1.4))
+    term = fmcalc.Term("consistency", residual, times, loss, biased="normalisation")
+    return fmcalc.Method(
+        "sct-trigflow", "eulerian", "self-distillation", "V", (term,),
+        schedules={"r": fmcalc.schedules.Constant(ratio)},
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ratio", [0.3, 1.0])  # during the warm-up and after it
+def test_sct_in_trigflow_is_a_spec_of_fmcalc_primitives(ratio):
+    """Lu & Song's loss as NVlabs/FastGen at 34f30e8 (sCM.py, not the authors', who
+    published none) computes it without its own additions: in TrigFlow, `F_θ` from
+    the same network, the tangent `-cos²τ (σ_d F⁻ - dx/dτ) - r (cos τ sin τ x_τ +
+    σ_d dF⁻/dτ)` normalised by `‖·‖ + 0.1`, and
+    `e^{-w} mean((F_θ - F⁻ - ĝ)²) + w` with a learned log-variance `w`."""
+    from fmcalc.nn import LogVarianceMLP, WithLogVariance
+
+    method = _sct_spec(ratio)
+    weight = LogVarianceMLP(width=16, key=jax.random.key(5))
+    last = jax.tree.map(
+        lambda z: 0.3 * jax.random.normal(jax.random.key(6), z.shape), weight.layers[-1]
+    )
+    model = WithLogVariance(_mlp(1), eqx.tree_at(lambda w: w.layers[-1], weight, last))
+    data = _SIGMA_DATA * jax.random.normal(jax.random.key(2), (32, 3))
+    batch = method.batch(jax.random.key(3), data)
+
+    def trigflow(model, z, tau):
+        sigma = _SIGMA_DATA * jnp.tan(tau)
+        s = sigma / (1 + sigma)
+        y = z / (jnp.cos(tau) + _SIGMA_DATA * jnp.sin(tau))
+        to_data = y - s * model(y, s, jnp.zeros_like(s))
+        return (jnp.cos(tau) * z - to_data) / (_SIGMA_DATA * jnp.sin(tau))
+
+    def row(model, x0, eps, s):
+        tau = jnp.arctan(s / (1 - s) / _SIGMA_DATA)
+        cos, sin = jnp.cos(tau), jnp.sin(tau)
+        x_tau = cos * x0 + sin * _SIGMA_DATA * eps
+        dx_dtau = cos * _SIGMA_DATA * eps - sin * x0
+        value, d_tau = sg(
+            jax.jvp(
+                lambda z, a: trigflow(model, z, a), (x_tau, tau),
+                (cos * sin * dx_dtau, cos * sin),
+            )
+        )  # fmt: skip
+        g = -(cos**2) * (_SIGMA_DATA * value - dx_dtau) - ratio * (
+            cos * sin * x_tau + _SIGMA_DATA * d_tau
+        )
+        g = g / (jnp.linalg.norm(g) + 0.1)
+        w = model.log_variance(s, jnp.zeros_like(s))
+        error = jnp.mean((trigflow(model, x_tau, tau) - value - g) ** 2)
+        return jnp.exp(-w) * error + w
+
+    _assert_same(
+        lambda m: method.loss(m, batch)[0],
+        lambda m: jnp.mean(
+            jax.vmap(lambda *a: row(m, *a))(batch.x0, batch.eps, batch.s)
+        ),
+        model,
+    )
+    # The registry's sct, on the same rows, is another loss (its page says how).
+    registry = methods.get("sct").loss(model, batch, step=10**6)[0]
     assert abs(registry / method.loss(model, batch)[0] - 1) > 0.1

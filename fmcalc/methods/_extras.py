@@ -33,10 +33,16 @@ from ._registry import register
         "weight, and by default adds a prior weight (1 - s)/s. Hand-built "
         "residuals with `Normalize` and a time factor give each of these.",
     ),
-    read_code="no code from the authors is public; read instead, not the authors': "
-    "NVlabs/FastGen at 34f30e8 (fastgen/methods/consistency_model/sCM.py "
-    "`SCMModel._compute_scm_loss`), checked against revsic/flowmodels at bae2246 "
-    "(sct.py)",
+    compared_with=compared_by_formula(
+        "NVlabs/FastGen at 34f30e8 (fastgen/methods/consistency_model/sCM.py "
+        "`SCMModel._compute_scm_loss`), not the authors' (they published none), "
+        "without its own additions (a prior weight and √dim scalings)",
+        "tests/test_authors_formulas.py",
+        "not the registry's spec but one that test builds from fmcalc's "
+        "primitives (TrigFlow's units, its normalisation and warm-up, the mean "
+        "over dimensions and a learned log-variance), during the warm-up and after",
+    ),
+    read_code="revsic/flowmodels at bae2246 (sct.py), not the authors'",
 )
 def sct(
     *,
