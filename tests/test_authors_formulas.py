@@ -11,6 +11,7 @@ them, and so what each listed difference is made of.
 - ECT: locuslab/ect at 4311059 (training/loss.py `ECMLoss`), by a spec built here.
 - sCT: NVlabs/FastGen at 34f30e8 (sCM.py), not the authors' (they published none),
   by a spec built here.
+- PID: pantheon5100/pid_diffusion at b99605b (cm/karras_diffusion.py).
 - FACM: ali-vilab/FACM at 9be03f7 (losses.py `FACMLoss`).
 - AYF-EMD: tec-works/FlowWithMe at 5a5cea5 (main.py), not the authors' (they
   published none)."""
@@ -505,3 +506,83 @@ def test_sct_in_trigflow_is_a_spec_of_fmcalc_primitives(ratio):
     # The registry's sct, on the same rows, is another loss (its page says how).
     registry = methods.get("sct").loss(model, batch, step=10**6)[0]
     assert abs(registry / method.loss(model, batch)[0] - 1) > 0.1
+
+
+# ---------------------------------------------------------------------------- PID
+
+_SIGMA_MAX, _PID_STEP = 80.0, 1e-3
+
+
+def _sigma(time):
+    return time / (1 - time)
+
+
+class _Denoised(eqx.Module):
+    """PID's student: a field `N(c_in z, ¼ log σ_t)` of the scaled source `z = 80 eps`
+    and the target's noise level, with `y(σ) = (σ / 80) z + (1 - σ / 80) N` in the
+    variance-exploding convention; in fmcalc's, `V(x, s, t) = (x - N) / s`."""
+
+    phi: MLP
+
+    def field(self, z, sigma):
+        scale = 1 / jnp.sqrt(_SIGMA_DATA**2 + _SIGMA_MAX**2)
+        return self.phi(scale * z, 0.25 * jnp.log(sigma), jnp.zeros_like(sigma))
+
+    def __call__(self, x, s, t, *, cond=None):
+        return (x - self.field((1 + _sigma(s)) * x, _sigma(t))) / s
+
+
+class _EDMTeacher(eqx.Module):
+    """An EDM-preconditioned denoiser `D(x_σ, σ)`; fmcalc's teacher velocity at
+    `x_t = x_σ / (1 + σ)` is `(x_t - D) / t`."""
+
+    phi: MLP
+
+    def denoise(self, z, sigma):
+        c = 1 / jnp.sqrt(sigma**2 + _SIGMA_DATA**2)
+        out = self.phi(c * z, 0.25 * jnp.log(sigma), jnp.zeros_like(sigma))
+        return _SIGMA_DATA**2 * c**2 * z + sigma * _SIGMA_DATA * c * out
+
+    def __call__(self, x, t, *, cond=None):
+        return (x - self.denoise((1 + _sigma(t)) * x, _sigma(t))) / t
+
+
+@pytest.mark.slow
+def test_pid_from_sigma_max_with_mean_reduction_is_their_l2_loss():
+    """pantheon5100/pid_diffusion at b99605b (cm/karras_diffusion.py
+    `OneShotDenoiser.ode_losses`), with its `l2` distance (the mean over
+    dimensions) and its second point at σ(t + h) instead of the next grid point:
+    the implied denoiser `(σ_i y_j - σ_j y_i) / (σ_i - σ_j)` against the teacher's
+    denoiser at the student's output `y_i`, from the source `z = 80 eps`."""
+    source = _SIGMA_MAX / (1 + _SIGMA_MAX)
+    method = methods.get(
+        "pid", times=fmcalc.FixedSource(fmcalc.Uniform(0.002, 0.999), source=source)
+    ).replace(loss=fmcalc.SquaredError(reduction="mean"))
+    model, teacher = _Denoised(_mlp(1)), _EDMTeacher(_mlp(7))
+    batch = method.batch(jax.random.key(3), jnp.zeros((24, 3)))  # no data: from noise
+    assert bool(jnp.all(batch.s == source))
+
+    def row(model, eps, t):
+        z = _SIGMA_MAX * eps
+
+        def y(sigma):
+            ratio = sigma / _SIGMA_MAX
+            return ratio * z + (1 - ratio) * model.field(z, sigma)
+
+        a, b = _sigma(t), _sigma(t + _PID_STEP)
+        y_a, y_b = y(a), y(b)
+        implied = (a * y_b - b * y_a) / (a - b)
+        return jnp.mean((implied - sg(teacher.denoise(y_a, a))) ** 2)
+
+    loss, grads = eqx.filter_value_and_grad(
+        lambda m: method.loss(m, batch, teacher=teacher)[0]
+    )(model)
+    expected, expected_grads = eqx.filter_value_and_grad(
+        lambda m: jnp.mean(jax.vmap(lambda *r: row(m, *r))(batch.eps, batch.t))
+    )(model)
+    # The difference quotient divides round-off by the step: looser than elsewhere.
+    np.testing.assert_allclose(loss, expected, rtol=1e-10)
+    for g, e in zip(
+        jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True
+    ):
+        np.testing.assert_allclose(g, e, rtol=1e-8, atol=1e-13)

@@ -293,8 +293,14 @@ def freeflow(
         "denoiser has the same value in its σ coordinates as in fmcalc's.",
     ),
     dieleman_cost=7,
-    read_code="pantheon5100/pid_diffusion at b99605b (cm/karras_diffusion.py "
-    "`OneShotDenoiser.ode_losses`, `denoise`)",
+    compared_with=compared_by_formula(
+        "pantheon5100/pid_diffusion at b99605b (cm/karras_diffusion.py "
+        "`OneShotDenoiser.ode_losses`, `denoise`)",
+        "tests/test_authors_formulas.py",
+        "from σ_max with their `l2` distance (the mean over dimensions), their "
+        "networks' parameterisation, and the second point at t + h instead of "
+        "their next grid point",
+    ),
 )
 def pid(
     *,
