@@ -11,6 +11,7 @@ them, and so what each listed difference is made of.
 - ECT: locuslab/ect at 4311059 (training/loss.py `ECMLoss`), by a spec built here.
 - sCT: NVlabs/FastGen at 34f30e8 (sCM.py), not the authors' (they published none),
   by a spec built here.
+- SoFlow: zlab-princeton/SoFlow at 3b60d60 (models.py), by a spec built here.
 - PID: pantheon5100/pid_diffusion at b99605b (cm/karras_diffusion.py).
 - FACM: ali-vilab/FACM at 9be03f7 (losses.py `FACMLoss`).
 - AYF-EMD: tec-works/FlowWithMe at 5a5cea5 (main.py), not the authors' (they
@@ -586,3 +587,99 @@ def test_pid_from_sigma_max_with_mean_reduction_is_their_l2_loss():
         jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True
     ):
         np.testing.assert_allclose(g, e, rtol=1e-8, atol=1e-13)
+
+
+# ------------------------------------------------------------------------- SoFlow
+
+
+def _soflow_spec() -> fmcalc.Method:
+    """SoFlow's loss at a fixed step ratio `r = 0.1` (their first step), from
+    fmcalc's primitives: the difference quotient `(F(x, s, t) - F(x_u, u, t)) /
+    (s - u)` back towards the target through the map, both terms weighed
+    adaptively with the mean over dimensions, the consistency term at half
+    weight."""
+    V = fmcalc.Network()
+    F = fmcalc.FlowMap(V)
+    x, s, t, u = fmcalc.X, fmcalc.S, fmcalc.T, fmcalc.U
+    v = fmcalc.ConditionalVelocity()(x, s)
+    quotient = (F(x, s, t) - F(x + (u - s) * v, u, t)) / (s - u)
+    residual = V(x, s, t) - fmcalc.sg(V(x, s, t) + quotient)
+    adaptive = fmcalc.Adaptive(1.0, 0.01, reduction="mean")
+    pairs = fmcalc.SortedPair(
+        fmcalc.LogitNormal(0.2, 0.8), fmcalc.LogitNormal(-1.0, 0.8)
+    )
+    anchor_times = fmcalc.Equal(fmcalc.LogitNormal(-0.2, 1.0))
+    consistency_times = fmcalc.WithIntermediate(pairs, fraction=0.1)
+    terms = (
+        fmcalc.Term("anchor", fmcalc.flow_matching(), anchor_times, adaptive),
+        fmcalc.Term("consistency", residual, consistency_times, adaptive,
+                    weight=0.5, biased="a finite step"),
+    )  # fmt: skip
+    return fmcalc.Method(
+        "soflow-code", "eulerian", "self-distillation", "V", terms,
+        split=(0.75, 0.25), biased="the adaptive weight",
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_soflow_gradient_is_that_of_their_surrogate():
+    """zlab-princeton/SoFlow at 3b60d60 (models.py `get_velocity_loss`,
+    `get_consistency_loss`): flow matching weighed adaptively, and on the
+    consistency rows the surrogate `-mean(V · sg[q / (mean(q²) + 0.01)])` of the
+    quotient `q`; their times (the consistency pair clamped 1e-4 apart, `u` a tenth
+    of the way to `t`) are passed as the batch. Their surrogate's value is not a
+    squared error, so the values compare only through the adaptive form."""
+    method = _soflow_spec()
+    n, fm_rows = 16, 12
+    keys = jax.random.split(jax.random.key(0), 6)
+    x0 = jax.random.normal(keys[0], (n, 3))
+    eps = jax.random.normal(keys[1], (n, 3))
+    s_fm = jax.nn.sigmoid(-0.2 + jax.random.normal(keys[2], (fm_rows,)))
+    s_cm = jax.nn.sigmoid(0.2 + 0.8 * jax.random.normal(keys[3], (n - fm_rows,)))
+    s_cm = jnp.maximum(s_cm, 1e-4)
+    t_cm = jax.nn.sigmoid(-1.0 + 0.8 * jax.random.normal(keys[4], (n - fm_rows,)))
+    t_cm = jnp.minimum(t_cm, s_cm - 1e-4)
+    u_cm = jnp.minimum(s_cm + 0.1 * (t_cm - s_cm), s_cm - 1e-4)
+    batch = fmcalc.Batch(
+        x0, eps, jnp.concatenate([s_fm, s_cm]), jnp.concatenate([s_fm, t_cm]),
+        jnp.concatenate([s_fm, u_cm]),
+    )  # fmt: skip
+    model = _mlp(5)
+
+    def flow(model, x0, eps, s):
+        x, v = (1 - s) * x0 + s * eps, eps - x0
+        d = model(x, s, s) - v
+        return jnp.mean(d**2) / sg(jnp.mean(d**2) + 0.01)
+
+    def quotient(model, x0, eps, s, t, u):
+        x, v = (1 - s) * x0 + s * eps, eps - x0
+        jump = lambda y, a: y + (t - a) * model(y, a, t)  # noqa: E731
+        return x, (jump(x, s) - sg(jump(x + (u - s) * v, u))) / (s - u)
+
+    def surrogate(model, *row):
+        x, q = quotient(model, *row)
+        s, t = row[2], row[3]
+        return -jnp.mean(model(x, s, t) * sg(q / (jnp.mean(q**2) + 0.01)))
+
+    def adaptive(model, *row):
+        _, q = quotient(model, *row)
+        return 0.5 * jnp.mean(q**2) / sg(jnp.mean(q**2) + 0.01)
+
+    head = (x0[:fm_rows], eps[:fm_rows], s_fm)
+    tail = (x0[fm_rows:], eps[fm_rows:], s_cm, t_cm, u_cm)
+
+    def theirs(model, consistency):
+        anchor = jnp.sum(jax.vmap(lambda *r: flow(model, *r))(*head))
+        rest = jnp.sum(jax.vmap(lambda *r: consistency(model, *r))(*tail))
+        return (anchor + rest) / n
+
+    loss, grads = eqx.filter_value_and_grad(lambda m: method.loss(m, batch)[0])(model)
+    expected_grads = eqx.filter_grad(lambda m: theirs(m, surrogate))(model)
+    np.testing.assert_allclose(loss, theirs(model, adaptive), rtol=1e-12)
+    for a, b in zip(
+        jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    # The registry's soflow, on the same rows, is another loss (its page says how).
+    registry = methods.get("soflow").loss(model, batch)[0]
+    assert abs(registry / loss - 1) > 0.1

@@ -328,8 +328,16 @@ def ayf_emd(
         "option).",
     ),
     dieleman_cost=7,
-    read_code="zlab-princeton/SoFlow at 3b60d60 (models.py `get_velocity_loss`, "
-    "`get_consistency_loss`, `get_middle_time`; train.py)",
+    compared_with=compared_by_formula(
+        "zlab-princeton/SoFlow at 3b60d60 (models.py `get_velocity_loss`, "
+        "`get_consistency_loss`, `get_middle_time`; train.py)",
+        "tests/test_authors_formulas.py",
+        "not the registry's spec but one that test builds from fmcalc's "
+        "primitives (their difference quotient at a fixed step ratio, adaptive "
+        "weights with the mean over dimensions, the consistency term at half "
+        "weight), on their times; the gradient, as their consistency loss is a "
+        "surrogate whose value is not a squared error",
+    ),
 )
 def soflow(
     *,
