@@ -102,3 +102,21 @@ def run_record(command: str, commit: str = "abc1234", dirty: bool = False) -> di
             "cpu_count": 2,
         },
     }
+
+
+def assert_same_loss_and_grads(
+    ours, theirs, model, *, rtol=1e-12, grad_rtol=1e-10, grad_atol=1e-14
+):
+    """`ours(model)` and `theirs(model)`, two scalar losses of the same model: equal
+    values to `rtol` and equal parameter gradients to `grad_rtol`/`grad_atol`.
+    Returns `ours`'s gradients, for a test that checks more of them."""
+    import equinox as eqx
+
+    loss, grads = eqx.filter_value_and_grad(ours)(model)
+    expected, expected_grads = eqx.filter_value_and_grad(theirs)(model)
+    np.testing.assert_allclose(loss, expected, rtol=rtol)
+    for a, b in zip(
+        jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=grad_rtol, atol=grad_atol)
+    return grads

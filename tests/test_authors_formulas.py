@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_same_loss_and_grads
 
 import fmcalc
 from fmcalc import methods
@@ -31,18 +32,6 @@ from fmcalc.nn import MLP
 
 
 sg = jax.lax.stop_gradient
-
-
-def _assert_same(ours, theirs, model):
-    """fmcalc's loss `ours(model)` and the formula `theirs(model)`: equal values
-    and parameter gradients."""
-    loss, grads = eqx.filter_value_and_grad(ours)(model)
-    expected, expected_grads = eqx.filter_value_and_grad(theirs)(model)
-    np.testing.assert_allclose(loss, expected, rtol=1e-12)
-    for a, b in zip(
-        jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
 
 
 def _mlp(key):
@@ -90,7 +79,7 @@ def test_tvm_with_mean_reduction_is_their_loss_on_shared_noise():
         velocity = model.phi(x_fm, s_fm, jnp.zeros_like(s_fm))
         return terminal + jnp.mean((velocity - (eps - x0)) ** 2)
 
-    _assert_same(
+    assert_same_loss_and_grads(
         lambda m: method.loss(m, batch, ema=ema)[0],
         lambda m: jnp.mean(jax.vmap(lambda *a: row(m, *a))(x0, eps, s, t, s_fm)),
         model,
@@ -139,7 +128,9 @@ def test_imf_at_its_defaults_is_their_main_term_and_with_a_head_term_their_loss(
         main, head = jax.vmap(lambda *a: _imf_row(model, *a))(*rows)
         return jnp.mean(main + head) if both else jnp.mean(main)
 
-    _assert_same(lambda m: method.loss(m, batch)[0], lambda m: theirs(m, False), model)
+    assert_same_loss_and_grads(
+        lambda m: method.loss(m, batch)[0], lambda m: theirs(m, False), model
+    )
     # Their second term trains the tangent's head by flow matching on every row:
     # with one head it is a flow-matching term on the same rows, at t = s.
     (term,) = method.terms
@@ -153,7 +144,9 @@ def test_imf_at_its_defaults_is_their_main_term_and_with_a_head_term_their_loss(
         twice(batch.x0, batch.x0), twice(batch.eps, batch.eps),
         twice(batch.s, batch.s), twice(batch.t, batch.s),
     )  # fmt: skip
-    _assert_same(lambda m: both.loss(m, paired)[0], lambda m: theirs(m, True), model)
+    assert_same_loss_and_grads(
+        lambda m: both.loss(m, paired)[0], lambda m: theirs(m, True), model
+    )
 
 
 # ----------------------------------------------------------------- SplitMeanFlow
@@ -212,7 +205,9 @@ def test_splitmeanflow_on_every_row_with_mean_reduction_is_their_loss():
         split = jax.vmap(lambda *a: split_row(model.phi, *a))(*tail)
         return (jnp.sum(boundary) + jnp.sum(split)) / n
 
-    _assert_same(lambda m: method.loss(m, batch, teacher=teacher)[0], theirs, model)
+    assert_same_loss_and_grads(
+        lambda m: method.loss(m, batch, teacher=teacher)[0], theirs, model
+    )
 
 
 # ------------------------------------------------------------------------ AYF-EMD
@@ -248,7 +243,7 @@ def test_ayf_emd_with_their_times_warmup_and_mean_is_the_flowwithme_loss():
         target = sg(value) - g / (jnp.linalg.norm(g) + 0.1)
         return jnp.mean((model(x, s, t) - target) ** 2)
 
-    _assert_same(
+    assert_same_loss_and_grads(
         lambda m: method.loss(m, batch, teacher=teacher, step=step)[0],
         lambda m: jnp.mean(
             jax.vmap(lambda *a: row(m, *a))(batch.x0, batch.eps, batch.s, batch.t)
@@ -339,7 +334,9 @@ def test_facm_with_mean_losses_on_shared_rows_is_their_loss(teacher_scale):
         return jnp.any(jnp.abs(value - v - (1 - tau) * d_tau) > 1)
 
     assert bool(jnp.any(jax.vmap(clamped)(x0, eps, s))) == (teacher_scale > 1)
-    _assert_same(lambda m: method.loss(m, batch, teacher=teacher)[0], theirs, model)
+    assert_same_loss_and_grads(
+        lambda m: method.loss(m, batch, teacher=teacher)[0], theirs, model
+    )
 
 
 # ---------------------------------------------------------------------------- ECT
@@ -409,7 +406,7 @@ def test_ect_at_a_stage_is_a_spec_of_fmcalc_primitives():
         huber = jnp.sqrt(jnp.sum((online - target) ** 2) + _ECT_C**2) - _ECT_C
         return huber / (sigma - sigma_u)
 
-    _assert_same(
+    assert_same_loss_and_grads(
         lambda m: method.loss(m, batch)[0],
         lambda m: jnp.mean(
             jax.vmap(lambda *a: row(m, *a))(batch.x0, batch.eps, batch.s)
@@ -497,7 +494,7 @@ def test_sct_in_trigflow_is_a_spec_of_fmcalc_primitives(ratio):
         error = jnp.mean((trigflow(model, x_tau, tau) - value - g) ** 2)
         return jnp.exp(-w) * error + w
 
-    _assert_same(
+    assert_same_loss_and_grads(
         lambda m: method.loss(m, batch)[0],
         lambda m: jnp.mean(
             jax.vmap(lambda *a: row(m, *a))(batch.x0, batch.eps, batch.s)
@@ -575,18 +572,15 @@ def test_pid_from_sigma_max_with_mean_reduction_is_their_l2_loss():
         implied = (a * y_b - b * y_a) / (a - b)
         return jnp.mean((implied - sg(teacher.denoise(y_a, a))) ** 2)
 
-    loss, grads = eqx.filter_value_and_grad(
-        lambda m: method.loss(m, batch, teacher=teacher)[0]
-    )(model)
-    expected, expected_grads = eqx.filter_value_and_grad(
-        lambda m: jnp.mean(jax.vmap(lambda *r: row(m, *r))(batch.eps, batch.t))
-    )(model)
     # The difference quotient divides round-off by the step: looser than elsewhere.
-    np.testing.assert_allclose(loss, expected, rtol=1e-10)
-    for g, e in zip(
-        jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True
-    ):
-        np.testing.assert_allclose(g, e, rtol=1e-8, atol=1e-13)
+    assert_same_loss_and_grads(
+        lambda m: method.loss(m, batch, teacher=teacher)[0],
+        lambda m: jnp.mean(jax.vmap(lambda *r: row(m, *r))(batch.eps, batch.t)),
+        model,
+        rtol=1e-10,
+        grad_rtol=1e-8,
+        grad_atol=1e-13,
+    )
 
 
 # ------------------------------------------------------------------------- SoFlow

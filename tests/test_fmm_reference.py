@@ -5,8 +5,8 @@ py/common/losses.py `lagrangian`, py/common/flow_map.py, run.sh)."""
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from helpers import assert_same_loss_and_grads
 
 from fmcalc import methods
 from fmcalc.nn import MLP
@@ -51,12 +51,6 @@ def test_fmm_loss_is_the_formula_of_its_authors_code():
         rows = (batch.x0, batch.eps, batch.s, batch.t)
         return jnp.mean(jax.vmap(lambda *a: row(phi, *a))(*rows))
 
-    loss, grads = eqx.filter_value_and_grad(
-        lambda phi: method.loss(_Theirs(phi), batch)[0]
-    )(phi)
-    expected, expected_grads = eqx.filter_value_and_grad(by_formula)(phi)
-    np.testing.assert_allclose(loss, expected, rtol=1e-12)
-    for a, b in zip(
-        jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    assert_same_loss_and_grads(
+        lambda phi: method.loss(_Theirs(phi), batch)[0], by_formula, phi
+    )
