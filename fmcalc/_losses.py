@@ -9,6 +9,7 @@ weight of the times alone does not.
 """
 
 import abc
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -507,6 +508,26 @@ class Sum(AbstractLoss):
             for loss in self.losses
         ]
         return sum(values[1:], start=values[0])
+
+
+def with_reduction(loss: AbstractLoss, reduction: Reduction) -> AbstractLoss:
+    """`loss` with every squared norm inside it reduced over dimensions by
+    `reduction` (`"sum"` or `"mean"`), through `Sum` and `TimeWeighted`; `Cosine`, a
+    ratio of norms, is the same under either. A loss with no `reduction` of its own
+    raises `TypeError` rather than being left as it was."""
+    _check_reduction("with_reduction", reduction)
+    if isinstance(loss, Sum):
+        return Sum(*(with_reduction(part, reduction) for part in loss.losses))
+    if isinstance(loss, TimeWeighted):
+        return TimeWeighted(with_reduction(loss.loss, reduction), loss.weight)
+    if isinstance(loss, Cosine):
+        return loss
+    if "reduction" not in {field.name for field in dataclasses.fields(loss)}:
+        raise TypeError(
+            f"Cannot set reduction={reduction!r} on {loss!r}: it has no `reduction` "
+            "field. Give the loss one, or set it on the term's loss by hand."
+        )
+    return dataclasses.replace(loss, reduction=reduction)  # pyright: ignore[reportCallIssue]
 
 
 def mask_nonfinite(

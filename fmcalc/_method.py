@@ -27,7 +27,13 @@ from ._expr import (
     Variable,
     walk,
 )
-from ._losses import AbstractLoss, SquaredError, drop_labels, weight_source
+from ._losses import (
+    AbstractLoss,
+    SquaredError,
+    drop_labels,
+    weight_source,
+    with_reduction,
+)
 from ._schedules import AbstractSchedule, Compressed
 from ._times import AbstractTimeSampler, Equal, FixedSource, FixedTarget, KarrasGrid
 from ._validate import check_residual
@@ -625,6 +631,9 @@ class Method(eqx.Module):
         - `derivative=`: replaces the derivative strategy in every residual;
         - `loss=`: replaces every term's per-example loss;
         - `times=`: replaces every term's time sampler;
+        - `reduction=`: `"sum"` or `"mean"`, the reduction over dimensions of every
+          term's loss ([`fmcalc.SquaredError`][]'s `reduction`, also inside
+          [`fmcalc.Sum`][] and [`fmcalc.TimeWeighted`][]);
         - any field of the method (`terms=`, `split=`, `label_dropout=`, `name=`,
           ...); `derivative=`, `loss=` and `times=` then apply to the new terms.
         """
@@ -650,6 +659,12 @@ class Method(eqx.Module):
                 terms = tuple(
                     dataclasses.replace(term, **{field: value}) for term in terms
                 )
+        reduction = changes.pop("reduction", None)
+        if reduction is not None:
+            terms = tuple(
+                dataclasses.replace(term, loss=with_reduction(term.loss, reduction))
+                for term in terms
+            )
         return dataclasses.replace(self, terms=terms, **changes)
 
 

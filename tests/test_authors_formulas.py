@@ -17,8 +17,6 @@ them, and so what each listed difference is made of.
 - AYF-EMD: tec-works/FlowWithMe at 5a5cea5 (main.py), not the authors' (they
   published none)."""
 
-import dataclasses
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -57,7 +55,7 @@ def test_tvm_with_mean_reduction_is_their_loss_on_shared_noise():
     `‖∂_τ F(t) - φ_ema(sg F(t), t, 0)‖²` plus flow matching at an independent
     time `s'` on the *same* noise and data, each averaged over dimensions. fmcalc
     draws fresh noise per term (a listed difference), so the batch here shares it."""
-    method = methods.get("tvm").replace(loss=fmcalc.SquaredError(reduction="mean"))
+    method = methods.get("tvm", preset="reference")
     model, ema = _SourceAndGap(_mlp(1)), _SourceAndGap(_mlp(5))
     n = 24
     x0 = jax.random.normal(jax.random.key(2), (n, 3))
@@ -167,9 +165,7 @@ def test_splitmeanflow_on_every_row_with_mean_reduction_is_their_loss():
     """Their two terms on every row, each averaged over dimensions: the boundary
     `u(z, p, p) = teacher(z, p)`, and the split at their `s_th` (our `u`) with the
     target network equal to the student (their EMA, a listed difference)."""
-    method = methods.get("splitmeanflow").replace(
-        split=None, loss=fmcalc.SquaredError(reduction="mean")
-    )
+    method = methods.get("splitmeanflow", preset="reference")
     model, teacher_net = _FromNoise(_mlp(1)), _mlp(7)
 
     def teacher(x, t, *, cond=None):
@@ -219,11 +215,7 @@ def test_ayf_emd_with_their_times_warmup_and_mean_is_the_flowwithme_loss():
     `get_ayf_emd_loss`), unguided: gap-first times, the warm-up `min(0.99, k/2000)`,
     and the mean over dimensions of `‖V - sg[V - g/(‖g‖ + 0.1)]‖²`, with
     `g = V - v + r (s - t) dV/ds` along the teacher's `v`, all under stop-gradient."""
-    method = methods.get(
-        "ayf-emd",
-        times=fmcalc.GapFirst(fmcalc.LogitNormal(-0.6, 1.6), fmcalc.Uniform()),
-        warmup=fmcalc.schedules.LinearWarmup(0.0, 0.99, 1980),
-    ).replace(loss=fmcalc.SquaredError(reduction="mean"))
+    method = methods.get("ayf-emd", preset="reference")
     model, teacher_net = _mlp(1), _mlp(7)
 
     def teacher(x, t, *, cond=None):
@@ -277,23 +269,7 @@ def test_facm_with_mean_losses_on_shared_rows_is_their_loss(teacher_scale):
     `cos(πτ/2) e / sg(√(e + 1e-3))` with `e` the mean square of the map branch
     against `sg[N] - (1 - √τ) clip(sg[N] - v - (1 - τ) sg[dN/dτ], ±1)`, both on the
     same rows, noise, time and teacher velocity `v`."""
-    method = methods.get("facm")
-    anchor, consistency = method.terms
-    method = method.replace(
-        terms=(
-            dataclasses.replace(
-                anchor,
-                loss=fmcalc.Sum(fmcalc.SquaredError(reduction="mean"), fmcalc.Cosine()),
-            ),
-            dataclasses.replace(
-                consistency,
-                loss=fmcalc.TimeWeighted(
-                    fmcalc.Adaptive(0.5, 1e-3, reduction="mean"),
-                    consistency.loss.weight,
-                ),
-            ),
-        )
-    )
+    method = methods.get("facm", preset="reference")
     model, teacher_net = (
         _OneTime(_mlp(1)),
         MLP(3, width=16, depth=1, key=jax.random.key(4)),
@@ -553,9 +529,10 @@ def test_pid_from_sigma_max_with_mean_reduction_is_their_l2_loss():
     the implied denoiser `(σ_i y_j - σ_j y_i) / (σ_i - σ_j)` against the teacher's
     denoiser at the student's output `y_i`, from the source `z = 80 eps`."""
     source = _SIGMA_MAX / (1 + _SIGMA_MAX)
-    method = methods.get(
-        "pid", times=fmcalc.FixedSource(fmcalc.Uniform(0.002, 0.999), source=source)
-    ).replace(loss=fmcalc.SquaredError(reduction="mean"))
+    method = methods.get("pid", preset="reference")
+    assert method.terms[0].times == fmcalc.FixedSource(
+        fmcalc.Uniform(0.002, 0.999), source=source
+    )
     model, teacher = _Denoised(_mlp(1)), _EDMTeacher(_mlp(7))
     batch = method.batch(jax.random.key(3), jnp.zeros((24, 3)))  # no data: from noise
     assert bool(jnp.all(batch.s == source))

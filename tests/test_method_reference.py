@@ -73,9 +73,12 @@ def test_register_needs_its_facts():
     assert "x" not in fmcalc.methods.names()
 
 
-def test_options_are_the_builders_keywords():
+def test_options_are_the_builders_keywords_and_the_reduction():
     options = fmcalc.methods.options("lsd")
-    assert list(options) == ["derivative", "times", "split", "loss", "noise_scale"]
+    assert list(options) == [
+        "derivative", "times", "split", "loss", "noise_scale", "reduction"
+    ]  # fmt: skip
+    assert options["reduction"].default == "sum"
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in options.values())
 
 

@@ -293,3 +293,70 @@ def test_a_preset_is_a_setting_of_parse_and_of_the_command_line():
         methods.parse("meanflow[preset=paper]")
     with pytest.raises(ValueError, match=r"names 2 presets, \['reference', 'x'\]"):
         methods.parse("meanflow[preset=reference,preset=x]")
+
+
+def test_reduction_mean_divides_every_term_by_the_dimension_and_is_checked():
+    from fmcalc.nn import MLP
+
+    model = MLP(3, width=8, depth=1, key=jax.random.key(0))
+    method = methods.get("facm")
+    batch = method.batch(
+        jax.random.key(1), jax.random.normal(jax.random.key(2), (8, 3))
+    )
+
+    other = MLP(3, width=8, depth=1, key=jax.random.key(5))
+
+    def teacher(x, t, *, cond=None):
+        return other(x, t, t)
+
+    summed = method.loss(model, batch, teacher=teacher)[1]
+    averaged = methods.get("facm", reduction="mean").loss(model, batch, teacher=teacher)
+    # The consistency term's adaptive weight is a ratio of powers of the norm:
+    # sg[(‖R‖²/3 + c)^p] where the sum has sg[(‖R‖² + c)^p], so only the flow-matching
+    # anchor's squared error is exactly a third; its cosine part is unchanged.
+    parsed = methods.parse("facm[reduction=mean]")
+    assert parsed.terms == methods.get("facm").replace(reduction="mean").terms
+    assert str(parsed).count("‖R‖²/dim") == 3 and "‖R‖² " not in str(parsed)
+    assert set(summed) == set(averaged[1])
+    losses = [name for name in summed if name.endswith("/loss")]
+    assert len(losses) == 2
+    for name in summed:  # every term's loss moves, nothing else does
+        same = np.allclose(summed[name], averaged[1][name], rtol=1e-12)
+        assert same == (name not in losses), name
+    plain = methods.get("lsd")
+    lsd_batch = plain.batch(
+        jax.random.key(3), jax.random.normal(jax.random.key(4), (8, 3))
+    )
+    np.testing.assert_allclose(
+        methods.get("lsd", reduction="mean").loss(model, lsd_batch)[0],
+        plain.loss(model, lsd_batch)[0] / 3,
+        rtol=1e-12,
+    )
+    with pytest.raises(ValueError, match=r"Method 'lsd': `reduction` must be.*'max'"):
+        methods.get("lsd", reduction="max")
+    with pytest.raises(ValueError, match=r"option 'reduction' cannot be 'max'"):
+        methods.parse("lsd[reduction=max]")
+
+
+def test_reduction_refuses_a_loss_it_cannot_set():
+    class Plain(fmcalc.AbstractLoss):
+        @property
+        def depends_on_residual(self):
+            return False
+
+        @property
+        def formula(self):
+            return "|R|"
+
+        @property
+        def gradient_weight(self):
+            return None
+
+        def __call__(self, residual, *, prediction, s, t, aux=None):
+            return jnp.sum(jnp.abs(residual))
+
+    method = methods.get("lsd").replace(loss=Plain())
+    with pytest.raises(
+        TypeError, match=r"reduction='mean' on .*Plain\(\): it has no `reduction`"
+    ):
+        method.replace(reduction="mean")

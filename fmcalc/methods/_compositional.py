@@ -130,13 +130,14 @@ _SPLITMEANFLOW_CODE = "tiaotiaohu-777/SplitMeanFlow at 6404d90 (src/splitmeanflo
         "1/2; here each batch gives half its rows to each (the same expectation).",
         "The authors published no training code. The implementation compared with "
         f"({_SPLITMEANFLOW_CODE}, not the authors') runs both terms on every row, "
-        "each weighing 1 (`.replace(split=None)`); averages over dimensions "
-        "(`.replace(loss=SquaredError(reduction='mean'))`); takes the split "
+        "each weighing 1 (`split=None`); averages over dimensions "
+        "(`reduction='mean'`); preset='reference' sets both. It takes the split "
         "targets from an EMA of the student, where fmcalc uses the online network "
         "under a stop-gradient (a hand-built `compositional(target_network="
         "Network('ema'))`); and drops labels for the student only (no option).",
     ),
     dieleman_cost=9,
+    presets={"reference": {"split": None, "reduction": "mean"}},
     compared_with=compared_by_formula(
         _SPLITMEANFLOW_CODE,
         "tests/test_authors_formulas.py",
@@ -147,7 +148,7 @@ _SPLITMEANFLOW_CODE = "tiaotiaohu-777/SplitMeanFlow at 6404d90 (src/splitmeanflo
 def splitmeanflow(
     *,
     times: AbstractTimeSampler = WithIntermediate(UniformTriangle()),
-    split: tuple[float, float] = (0.5, 0.5),
+    split: tuple[float, float] | None = (0.5, 0.5),
 ) -> Method:
     """SplitMeanFlow (Guo et al. 2025), interval splitting with a teacher boundary:
 

@@ -144,8 +144,8 @@ def _compared(facts: MethodInfo) -> str:
     found = f"Compared with {facts.compared_with}."
     if facts.presets.get("reference"):
         found += (
-            " Each difference in the loss listed above has a setting; "
-            "preset='reference' sets them all."
+            " preset='reference' sets each difference listed above that has a "
+            "setting; those that have none (no option) remain."
         )
     return found
 

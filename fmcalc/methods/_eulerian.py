@@ -34,9 +34,11 @@ from .._times import (
     ArctanLogNormal,
     Equal,
     FixedTarget,
+    GapFirst,
     KarrasGrid,
     LogitNormal,
     SortedPair,
+    Uniform,
     UniformTriangle,
 )
 from ._common import (
@@ -258,15 +260,23 @@ def esd(
         "keeps a flow-matching pull towards straight maps.",
         "There is no official training code; the times follow the unofficial code.",
         "Both unofficial codes average over dimensions "
-        "(`.replace(loss=SquaredError(reduction='mean'))`) and cap the warm-up at "
+        "(`reduction='mean'`) and cap the warm-up at "
         "0.99 (`warmup=LinearWarmup(0.0, 0.99, 1980)`); one of them "
         "(revsic/flowmodels at bae2246) takes the surrogate in F space, which "
         "weighs fmcalc's update by s - t (a hand-built residual); the other "
         "(tec-works/FlowWithMe at 5a5cea5) draws the gap first "
         "(`times=GapFirst(LogitNormal(-0.6, 1.6), Uniform())`) and an autoguidance "
-        "scale per row that also conditions the student (no option).",
+        "scale per row that also conditions the student (no option). "
+        "preset='reference' sets FlowWithMe's times, warm-up and mean.",
     ),
     dieleman_cost=6,
+    presets={
+        "reference": {
+            "times": GapFirst(LogitNormal(-0.6, 1.6), Uniform()),
+            "warmup": LinearWarmup(0.0, 0.99, 1980),
+            "reduction": "mean",
+        }
+    },
     compared_with=compared_by_formula(
         "tec-works/FlowWithMe at 5a5cea5 (main.py `get_ayf_emd_loss`), not the "
         "authors' (they published none)",
@@ -380,9 +390,8 @@ def soflow(
     deviations=(
         "Counts 9 FPE against Dieleman's 8: the anchor and the consistency term each "
         "have their own rows and times, so the teacher runs at both points.",
-        "Their code averages both terms over dimensions, where fmcalc sums (no "
-        "`loss=` option; `.replace(terms=...)` with `SquaredError(reduction="
-        "'mean')` and `Adaptive(0.5, 1e-3, reduction='mean')`); takes the cosine "
+        "Their code averages both terms over dimensions, where fmcalc sums "
+        "(`reduction='mean'`, which preset='reference' sets); takes the cosine "
         "per pixel over channels, where fmcalc takes it over the whole vector "
         "(equal for flat data); shares one data row, noise, time and teacher call "
         "between the two terms (the same expected loss; no option); and guides "
@@ -390,6 +399,7 @@ def soflow(
         "low=0.0, high=0.875)`).",
     ),
     dieleman_cost=8,
+    presets={"reference": {"reduction": "mean"}},
     compared_with=compared_by_formula(
         "ali-vilab/FACM at 9be03f7 (losses.py `FACMLoss.__call__`, train.py, "
         "scripts/train.sh)",

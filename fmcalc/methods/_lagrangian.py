@@ -181,7 +181,7 @@ _TVM_CODE = "lumalabs/tvm at 82e8e5d (training/loss.py `TVMLoss`, training/wrapp
         "weight 1/w² has no option. Unguided, their code needs `cfg=1` (it "
         "otherwise draws w per row).",
         f"Their code ({_TVM_CODE}) averages over dimensions, where fmcalc sums "
-        "(`.replace(loss=SquaredError(reduction='mean'))`); shares one noise and "
+        "(`reduction='mean'`, which preset='reference' sets); shares one noise and "
         "data row between the two terms, where fmcalc draws fresh noise per term "
         "(the same expected loss; no option); truncates the target-time law at "
         "1 - gap, where `GapFirst` rescales it (no option); zeroes the Lagrangian "
@@ -190,6 +190,7 @@ _TVM_CODE = "lumalabs/tvm at 82e8e5d (training/loss.py `TVMLoss`, training/wrapp
         "keeps one.",
     ),
     dieleman_cost=10,
+    presets={"reference": {"reduction": "mean"}},
     compared_with=compared_by_formula(
         _TVM_CODE,
         "tests/test_authors_formulas.py",
@@ -288,11 +289,18 @@ def freeflow(
         "source=80/81)`, with zero data rows), takes the second point of the "
         "difference at the neighbouring grid point towards data, where fmcalc "
         "steps towards noise (no option), averages over dimensions in its `l2` "
-        "option (`.replace(loss=SquaredError(reduction='mean'))`), and draws "
-        "random class labels for ImageNet (pass them as `cond`). Its implied "
-        "denoiser has the same value in its σ coordinates as in fmcalc's.",
+        "option (`reduction='mean'`), and draws random class labels for ImageNet "
+        "(pass them as `cond`). preset='reference' sets the source, times in "
+        "[0.002, 0.999] and the mean. Its implied denoiser has the same value in "
+        "its σ coordinates as in fmcalc's.",
     ),
     dieleman_cost=7,
+    presets={
+        "reference": {
+            "times": FixedSource(Uniform(0.002, 0.999), source=80 / 81),
+            "reduction": "mean",
+        }
+    },
     compared_with=compared_by_formula(
         "pantheon5100/pid_diffusion at b99605b (cm/karras_diffusion.py "
         "`OneShotDenoiser.ode_losses`, `denoise`)",

@@ -122,7 +122,7 @@ def register(
     def decorate(builder: Callable[..., Method]) -> Callable[..., Method]:
         if name in _BUILDERS:
             raise ValueError(f"A method named {name!r} is already registered.")
-        accepted = set(inspect.signature(builder).parameters)
+        accepted = set(inspect.signature(builder).parameters) | set(_EVERY_METHOD)
         for preset, values in (presets or {}).items():
             unknown = sorted(set(values) - accepted)
             if unknown:
@@ -166,7 +166,9 @@ def get(name: str, *, preset: str | None = None, **overrides) -> Method:
     - `overrides`: keyword options of that method's builder
       ([`fmcalc.methods.doc`][] lists them with their defaults), e.g.
       `derivative=fmcalc.FiniteDifference(1e-3)` or `split=(0.5, 0.5)`; they take
-      precedence over the preset's.
+      precedence over the preset's. Every method also takes `reduction="mean"`,
+      which averages every term's loss over dimensions instead of summing
+      ([`fmcalc.Method.replace`][]).
 
     **Returns:** the [`fmcalc.Method`][].
     """
@@ -180,14 +182,20 @@ def get(name: str, *, preset: str | None = None, **overrides) -> Method:
                 f"{sorted(presets) or 'none'}."
             )
         overrides = {**presets[preset], **overrides}
-    options = inspect.signature(builder).parameters
-    unknown = sorted(set(overrides) - set(options))
+    reduction = overrides.pop("reduction", "sum")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(
+            f"Method {name!r}: `reduction` must be 'sum' (over dimensions, the "
+            f"default) or 'mean' (the sum divided by the dimension); got {reduction!r}."
+        )
+    unknown = sorted(set(overrides) - set(options(name)))
     if unknown:
         raise TypeError(
             f"Method {name!r} has no option(s) {unknown}; its options are "
-            f"{sorted(options)}."
+            f"{sorted(options(name))}."
         )
-    return builder(**overrides)
+    method = builder(**overrides)
+    return method if reduction == "sum" else method.replace(reduction=reduction)
 
 
 def info(name: str) -> MethodInfo:
@@ -203,11 +211,25 @@ def info(name: str) -> MethodInfo:
     return _INFO[name]
 
 
+# Options every method takes, applied to the built method: `reduction` is the
+# reduction over dimensions of every term's loss (`Method.replace(reduction=...)`).
+_EVERY_METHOD = {
+    "reduction": inspect.Parameter(
+        "reduction",
+        inspect.Parameter.KEYWORD_ONLY,
+        default="sum",
+        annotation=Literal["sum", "mean"],
+    )
+}
+
+
 def options(name: str) -> dict[str, inspect.Parameter]:
-    """The keyword options of the method `name`'s builder, with their defaults
-    (`parameter.default`) and types (`parameter.annotation`)."""
+    """The keyword options of the method `name`, with their defaults
+    (`parameter.default`) and types (`parameter.annotation`): its builder's, and
+    `reduction` (`"sum"` over dimensions, the default, or `"mean"`), which every
+    method takes."""
     _known(name)
-    return dict(inspect.signature(_BUILDERS[name]).parameters)
+    return {**inspect.signature(_BUILDERS[name]).parameters, **_EVERY_METHOD}
 
 
 # ------------------------------------------------------------ variants by name
