@@ -12,7 +12,8 @@ its own, and the loss and its gradient are compared with the full preset's:
 - **gradient**: `‖g - g_ref‖ / ‖g_ref‖`, with `g` the gradient of that mean.
 
 Every method sees the same network (a class-conditional MLP trained briefly by
-flow matching, also used as the EMA), data and keys. A setting that changes how
+flow matching, also used as the EMA and, for distillation, as the teacher), data
+and keys. A setting that changes how
 batches are drawn changes the batches too, so the line `noise` repeats the full
 preset on other keys: a difference below it is not resolved by this measurement.
 Rows go to `DIR/differences.json`; `DIR/<method>.md`, shown on the method's page
@@ -76,10 +77,14 @@ def _measure(method, data, labels, model, seed: int):
         return method.batch(key, data[rows], cond=labels[rows])
 
     batches = jax.vmap(draw)(keys)
+    # Distillation methods take the flow-matching network's velocity as teacher.
+    teacher = fmcalc.model_velocity(model.network)
 
     def mean_loss(model):
-        losses = jax.vmap(lambda b: method.loss(model, b, ema=model)[0])(batches)
-        return jnp.mean(losses)
+        def one(b):
+            return method.loss(model, b, ema=model, teacher=teacher)[0]
+
+        return jnp.mean(jax.vmap(one)(batches))
 
     loss, grads = eqx.filter_jit(eqx.filter_value_and_grad(mean_loss))(model)
     flat = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
