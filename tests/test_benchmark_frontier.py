@@ -509,6 +509,11 @@ def test_the_headline_subset_is_chosen_on_the_selection_sets_only():
     assert render.select_headline(rows) == ["pid", "ect"]
 
 
+def test_the_committed_headline_is_the_selection_of_the_committed_rows():
+    rows = frontier.read_rows(BENCHMARKS / "results" / "frontier-rerun" / "rows.jsonl")
+    assert list(frontier.HEADLINE) == render.select_headline(rows)
+
+
 def test_a_tree_is_dirty_unless_only_run_outputs_are_new():
     import _machine
 
