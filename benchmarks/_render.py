@@ -252,13 +252,33 @@ def checks(
     return out
 
 
+def _tuned_run(row: dict) -> bool:
+    return (
+        row.get("protocol", 1) >= 2 and row["method"] != CONTROL and "error" not in row
+    )
+
+
+def current(rows: list[dict], tuned: dict | None) -> list[dict]:
+    """The rows the tables read: all but the tuned runs whose method `tuned` now
+    chooses another trial for (`rows.jsonl` keeps those). Runs of a method that
+    `tuned` does not hold stay, and the tuned check names them."""
+    if tuned is None:
+        return rows
+    return [
+        row
+        for row in rows
+        if not (_tuned_run(row) and row["method"] in tuned)
+        or tuned[row["method"]] == row.get("trial")
+    ]
+
+
 def superseded(rows: list[dict], tuned: dict) -> list[str]:
     """`method on data set (budget; trial run, chosen)` for each cell of tuned
     runs (protocol 2, not the untuned control) whose trial is not the one `tuned`
     now chooses for its method."""
     found = {}
     for row in rows:
-        if row.get("protocol", 1) < 2 or row["method"] == CONTROL or "error" in row:
+        if not _tuned_run(row):
             continue
         chosen = tuned.get(row["method"])
         if chosen != row.get("trial"):
@@ -798,8 +818,21 @@ def summary(rows: list[dict]) -> list[str]:
 def write_report(
     rows: list[dict], out: pathlib.Path, *, plan=None, headline=(), tuned=None
 ) -> None:
-    """`frontier.md` and one figure per data set into `out`, from `rows` (and the
-    chosen trials `tuned`, which the checks compare the runs with)."""
+    """`frontier.md` and one figure per data set into `out`, from `rows`: with the
+    chosen trials `tuned`, from the rows of those trials (see `current`), and the
+    checks compare the runs with them."""
+    kept = len(rows)
+    rows = current(rows, tuned)
+    left_out = (
+        [
+            f"{kept - len(rows)} runs trained with a trial that tuning no longer "
+            "chooses for their method are kept in `rows.jsonl` and left out of "
+            "everything below.",
+            "",
+        ]
+        if kept > len(rows)
+        else []
+    )
     by_dataset = collections.OrderedDict()
     for row in rows:
         by_dataset.setdefault(row["dataset"], []).append(row)
@@ -815,6 +848,7 @@ def write_report(
         "",
         *protocols(rows),
         "",
+        *left_out,
         *answer(rows),
         "The maps that no other map ranks ahead of in some budget-1 cell of "
         f"{', '.join(SELECTION)}, the sets the headline subset is chosen on: "

@@ -256,6 +256,29 @@ def test_a_run_with_a_superseded_or_missing_trial_fails_the_tuned_check():
         assert not ok and needle in text and "1 cells" in text, text
 
 
+def test_runs_of_a_superseded_trial_are_kept_but_left_out_of_the_report(tmp_path):
+    old, new = {"lr": 2.0, "horizon": 1.0, "share": 0.5}, {"lr": 4.0, "horizon": 1.0,
+                                                            "share": 0.5}  # fmt: skip
+    rows = [_row("flow-matching", s, value=1.0, protocol=2, trial=new)
+            for s in range(3)]  # fmt: skip
+    rows += [_row("lsd", s, value=9.0, protocol=2, trial=old) for s in range(3)]
+    tuned = {"flow-matching": new, "lsd": new}
+    assert render.current(rows, tuned) == rows[:3]
+    assert render.current(rows, None) == rows
+    plan = {"ring": (1.0,)}
+    render.write_report(rows, tmp_path, plan=plan, headline=("lsd",), tuned=tuned)
+    text = (tmp_path / "frontier.md").read_text()
+    assert "3 runs trained with a trial that tuning no longer chooses" in text
+    assert "9 [9–9]" not in text  # the superseded median is nowhere
+    assert "- FAIL: coverage" in text and "ring lsd b1 (0)" in text
+    # Rerun with the chosen trial: its rows are the ones read.
+    rows += [_row("lsd", s, value=2.0, protocol=2, trial=new) for s in range(3)]
+    render.write_report(rows, tmp_path, plan=plan, headline=("lsd",), tuned=tuned)
+    text = (tmp_path / "frontier.md").read_text()
+    assert "2 [2–2]" in text and "- ok: coverage" in text
+    assert "- ok: tuned settings" in text
+
+
 def test_report_marks_medians_below_the_real_floor(tmp_path):
     floors = {
         "fd_real": 2.0,
@@ -510,7 +533,9 @@ def test_the_headline_subset_is_chosen_on_the_selection_sets_only():
 
 
 def test_the_committed_headline_is_the_selection_of_the_committed_rows():
-    rows = frontier.read_rows(BENCHMARKS / "results" / "frontier-rerun" / "rows.jsonl")
+    out = BENCHMARKS / "results" / "frontier-rerun"
+    tuned = json.loads((out / "tuned.json").read_text())
+    rows = render.current(frontier.read_rows(out / "rows.jsonl"), tuned)
     assert list(frontier.HEADLINE) == render.select_headline(rows)
 
 
