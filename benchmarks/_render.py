@@ -914,7 +914,27 @@ def write_tuning(rows: list[dict], chosen: dict, out: pathlib.Path) -> None:
             f"**{pick['horizon']:g}** | **{pick['share']:g}** | {best:.3g} | "
             f"{worst:.3g} |"
         )
+    edge = at_edge(rows, chosen)
+    lines += [
+        "",
+        "Chosen at the edge of the grid (its largest or smallest value of a setting "
+        "tried), where a wider grid might choose beyond: "
+        + (", ".join(edge) if edge else "none")
+        + ".",
+    ]
     (out / "tuning.md").write_text("\n".join(lines) + "\n")
+
+
+def at_edge(rows: list[dict], chosen: dict) -> list[str]:
+    """`method (setting ×value)` for each chosen learning rate or horizon that is
+    the largest or smallest of that setting's values in the tuning rows."""
+    found = []
+    for name, pick in chosen.items():
+        for field in ("lr", "horizon"):
+            tried = {r["trial"][field] for r in rows if "trial" in r}
+            if len(tried) > 1 and pick[field] in (min(tried), max(tried)):
+                found.append(f"{name} ({field} ×{pick[field]:g})")
+    return found
 
 
 def _trial_score(row: dict, metric: str) -> float:

@@ -145,7 +145,7 @@ def test_budgets_charge_the_teacher_its_share():
 def test_every_method_gets_the_same_trials_and_a_teacher_share_meets_each_setting():
     plain, distilled = frontier.trials(False), frontier.trials(True)
     grid = len(frontier.LEARNING_RATES) * len(frontier.HORIZONS)
-    assert len(plain) == len(distilled) == grid == 12
+    assert len(plain) == len(distilled) == grid == 15
     assert {(t.lr, t.horizon) for t in plain} == {(t.lr, t.horizon) for t in distilled}
     assert {t.share for t in plain} == {0.5}
     for field, values in (
@@ -502,6 +502,12 @@ def test_the_tuning_report_names_the_chosen_trial_and_its_cost(tmp_path):
     assert "| lsd | 4 (1 failed) | **1** | **1** | **0.5** | 0.3 | 0.9 |" in text
     assert "| pfmm | 1 | – | – | – | – | – |" in text
     assert "Tuning cost: 5 runs" in text
+    assert "Chosen at the edge of the grid" in text and "none." in text
+    # At the largest rate tried: named.
+    rows.append(trial(8.0, 0.1))
+    chosen = frontier.choose(rows)
+    render.write_tuning(rows, chosen, tmp_path)
+    assert "lsd (lr ×8)." in (tmp_path / "tuning.md").read_text()
 
 
 def test_the_answer_states_each_headline_figure_against_its_target(tmp_path):
