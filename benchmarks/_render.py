@@ -751,6 +751,33 @@ def select_headline(rows: list[dict], datasets=SELECTION) -> list[str]:
     return chosen
 
 
+def selection_gaps(every: list[dict], rows: list[dict]) -> list[str]:
+    """`method on data set` for each map that ran at budget 1 on a selection set
+    (in `every`, the rows kept) but has fewer than `RANK_SEEDS` seeds there among
+    `rows`, the rows the report reads: the selection is to be rerun for it."""
+    gaps = []
+    for name in SELECTION:
+        ran = {
+            r["method"]
+            for r in every
+            if r["dataset"] == name
+            and r["budget"] == 1.0
+            and not is_baseline(r["method"])
+        }
+        for method in sorted(ran):
+            seeds = {
+                r["seed"]
+                for r in rows
+                if r["dataset"] == name
+                and r["method"] == method
+                and r["budget"] == 1.0
+                and "error" not in r
+            }
+            if len(seeds) < RANK_SEEDS:
+                gaps.append(f"{method} on {name}")
+    return gaps
+
+
 def summary(rows: list[dict]) -> list[str]:
     """One table over the data sets: at each budget and number of sampling steps
     (learned teachers first, then any exact-teacher ablation), the methods that
@@ -821,8 +848,10 @@ def write_report(
     """`frontier.md` and one figure per data set into `out`, from `rows`: with the
     chosen trials `tuned`, from the rows of those trials (see `current`), and the
     checks compare the runs with them."""
-    kept = len(rows)
+    every = rows
     rows = current(rows, tuned)
+    gaps = selection_gaps(every, rows)
+    kept = len(every)
     left_out = (
         [
             f"{kept - len(rows)} runs trained with a trial that tuning no longer "
@@ -853,7 +882,12 @@ def write_report(
         "The maps that no other map ranks ahead of in some budget-1 cell of "
         f"{', '.join(SELECTION)}, the sets the headline subset is chosen on: "
         + (", ".join(select_headline(rows)) or "none yet")
-        + ".",
+        + (
+            f" The selection is incomplete: {len(gaps)} maps lack {RANK_SEEDS} seeds "
+            "of their current trial there (" + ", ".join(gaps) + ")."
+            if gaps
+            else "."
+        ),
         "",
         *summary(rows),
     ]

@@ -541,8 +541,24 @@ def test_the_headline_subset_is_chosen_on_the_selection_sets_only():
 def test_the_committed_headline_is_the_selection_of_the_committed_rows():
     out = BENCHMARKS / "results" / "frontier-rerun"
     tuned = json.loads((out / "tuned.json").read_text())
-    rows = render.current(frontier.read_rows(out / "rows.jsonl"), tuned)
-    assert list(frontier.HEADLINE) == render.select_headline(rows)
+    every = frontier.read_rows(out / "rows.jsonl")
+    rows = render.current(every, tuned)
+    gaps = render.selection_gaps(every, rows)
+    if gaps:  # a retuning superseded selection runs: the report must say so
+        assert "The selection is incomplete" in (out / "frontier.md").read_text()
+    else:
+        assert list(frontier.HEADLINE) == render.select_headline(rows)
+
+
+def test_a_selection_superseded_by_a_retuning_is_called_incomplete():
+    old, new = {"lr": 4.0, "horizon": 1.0, "share": 0.5}, {"lr": 8.0, "horizon": 1.0,
+                                                            "share": 0.5}  # fmt: skip
+    rows = [_row(m, s, value=v, dataset="aniso2d", protocol=2, trial=old)
+            for m, v in (("pid", 0.1), ("lsd", 0.5)) for s in range(2)]  # fmt: skip
+    assert render.selection_gaps(rows, rows) == []
+    tuned = {"pid": new, "lsd": old}
+    shown = render.current(rows, tuned)
+    assert render.selection_gaps(rows, shown) == ["pid on aniso2d"]
 
 
 def test_a_tree_is_dirty_unless_only_run_outputs_are_new():
