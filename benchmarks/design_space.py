@@ -2,6 +2,7 @@
 
 ```
 python benchmarks/design_space.py [--list]     # every candidate: built, or why not
+python benchmarks/design_space.py --check [--out DIR] [--only SUBSTRING] [--resume]
 ```
 
 A candidate is one choice on each axis of `shared/DESIGN.md`:
@@ -23,16 +24,27 @@ rule, also trains a flow-matching anchor on the diagonal (a quarter of the rows,
 as LSD's default); one with a teacher anchors to the teacher. `candidates()` builds
 every combination; `fmcalc.Method`'s own checks accept or refuse it (a refusal is
 kept with its reason: a conditional velocity off `(x_s, s)`, an update that is
-biased, ...). Fixed-point, stability and training runs read the accepted ones.
+biased, ...). `--check` runs `fmcalc.testing.check_fixed_point` and
+`check_stability` at their defaults (the asymmetric mixture, the exact teacher,
+the EMA equal to the model) on every accepted candidate, one row per candidate in
+`DIR/checks.jsonl` (refused ones too, with their reason); a candidate is valid when
+both pass. Training runs read the valid ones.
 """
 
 import argparse
 import dataclasses
 import itertools
+import json
+import pathlib
 import sys
+import time
 import warnings
 
+import jax
+from _machine import ROOT, clean_machine
+
 import fmcalc
+from fmcalc.testing import check_fixed_point, check_stability
 
 
 RULES = ("lagrangian", "eulerian", "compositional")
@@ -54,6 +66,7 @@ TIMES = {
 }
 LOSSES = {"squared": fmcalc.SquaredError(), "adaptive": fmcalc.Adaptive()}
 ANCHOR_SPLIT = (0.75, 0.25)
+OUT = pathlib.Path(__file__).resolve().parent / "results" / "design-space"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,10 +183,71 @@ def candidates() -> list[Candidate]:
     return out
 
 
+def check_row(candidate: Candidate, key) -> dict:
+    """The row of `candidate`: its axes, and its refusal or its warnings and the
+    verdicts of the fixed-point and stability checks at their defaults."""
+    row = {"name": candidate.choice.name, **dataclasses.asdict(candidate.choice)}
+    if candidate.method is None:
+        return {**row, "refused": candidate.refused}
+    method = candidate.method
+    start = time.perf_counter()
+    fixed = check_fixed_point(method, key=key)
+    stable = check_stability(method, key=key)
+    reasons = [line.strip() for line in str(fixed).splitlines() if "FAIL" in line] + (
+        [] if stable.passed else [str(stable).splitlines()[0]]
+    )
+    return {
+        **row,
+        "warned": list(candidate.warned),
+        "fpe": float(method.cost()),
+        "fixed_point": fixed.passed,
+        "stability": stable.passed,
+        "smallest_real": float(stable.smallest_real),
+        "valid": bool(fixed.passed and stable.passed),
+        "reasons": reasons,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _check(args) -> None:
+    record = clean_machine(args.allow_dirty)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "checks.jsonl"
+    if path.exists() and not args.resume:
+        raise SystemExit(f"{path} exists: pass --resume to add to it.")
+    done = set()
+    if path.exists():
+        done = {json.loads(line)["name"] for line in path.read_text().splitlines()}
+    git = record["git"]
+    commit = (git["commit"] or "unknown")[:7] + (" (dirty)" if git["dirty"] else "")
+    command = "python " + " ".join(
+        [str(pathlib.Path(__file__).resolve().relative_to(ROOT)), *sys.argv[1:]]
+    )
+    for candidate in candidates():
+        name = candidate.choice.name
+        if name in done or (args.only and args.only not in name):
+            continue
+        row = check_row(candidate, jax.random.key(0))
+        row.update(commit=commit, command=command)
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        verdict = row.get("refused") or ("valid" if row["valid"] else row["reasons"])
+        print(f"{name}: {verdict}", flush=True)
+        jax.clear_caches()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--list", action="store_true", help="print every candidate")
+    parser.add_argument("--check", action="store_true", help="run the kit's checks")
+    parser.add_argument("--out", type=pathlib.Path, default=OUT)
+    parser.add_argument("--only", help="check only candidates whose name has this")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--allow-dirty", action="store_true")
     args = parser.parse_args(argv)
+    if args.check:
+        _check(args)
+        return 0
     found = candidates()
     accepted = [c for c in found if c.method is not None]
     print(f"{len(found)} candidates, {len(accepted)} accepted by fmcalc.Method")

@@ -62,3 +62,32 @@ def test_registry_methods_are_points_of_the_space():
             )  # fmt: skip
         )
     assert meanflow.terms[0].residual == methods.get("meanflow").terms[0].residual
+
+
+def test_a_check_row_keeps_a_refusal_and_the_reasons_a_check_failed(monkeypatch):
+    import jax
+
+    refused = design.Candidate(design.Choice(*"lagrangian F jvp full conditional "
+                                             "triangle squared".split()), None,
+                               "The conditional velocity ...")  # fmt: skip
+    row = design.check_row(refused, jax.random.key(0))
+    assert row["refused"] == "The conditional velocity ..." and "valid" not in row
+
+    class Verdict:
+        def __init__(self, passed, text):
+            self.passed, self.text, self.smallest_real = passed, text, -0.5
+
+        def __str__(self):
+            return self.text
+
+    monkeypatch.setattr(design, "check_fixed_point",
+                        lambda m, key: Verdict(True, "term: pass"))  # fmt: skip
+    unstable = Verdict(False, "pushed away -> FAIL")
+    monkeypatch.setattr(design, "check_stability", lambda m, key: unstable)
+    choice = design.Choice("lagrangian", "F", "jvp", "semigradient", "own",
+                           "triangle", "squared")  # fmt: skip
+    row = design.check_row(
+        design.Candidate(choice, design.build(choice), None), jax.random.key(0)
+    )
+    assert row["fixed_point"] and not row["stability"] and not row["valid"]
+    assert row["reasons"] == ["pushed away -> FAIL"] and row["fpe"] == 4.0
