@@ -882,11 +882,12 @@ def write_report(
         "The maps that no other map ranks ahead of in some budget-1 cell of "
         f"{', '.join(SELECTION)}, the sets the headline subset is chosen on: "
         + (", ".join(select_headline(rows)) or "none yet")
+        + "."
         + (
-            f" The selection is incomplete: {len(gaps)} maps lack {RANK_SEEDS} seeds "
-            "of their current trial there (" + ", ".join(gaps) + ")."
+            f" The selection is incomplete: {len(gaps)} map and data set pairs lack "
+            f"{RANK_SEEDS} seeds of the map's current trial (" + ", ".join(gaps) + ")."
             if gaps
-            else "."
+            else ""
         ),
         "",
         *summary(rows),
