@@ -295,6 +295,7 @@ def test_a_preset_is_a_setting_of_parse_and_of_the_command_line():
         methods.parse("meanflow[preset=reference,preset=x]")
 
 
+@pytest.mark.slow
 def test_reduction_mean_divides_every_term_by_the_dimension_and_is_checked():
     from fmcalc.nn import MLP
 
