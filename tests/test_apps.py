@@ -312,6 +312,7 @@ def test_steering_without_tilt_or_with_a_constant_reward():
         assert jnp.array_equal(plain, constant)
 
 
+@pytest.mark.slow
 def test_flow_map_steering_reaches_the_tilted_distribution():
     """With the exact map the flow-map look-ahead is exact (up to the Langevin
     discretisation); Tweedie's look-ahead with the same moves is not."""

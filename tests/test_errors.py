@@ -492,6 +492,7 @@ def test_weights_only_resume_starts_a_new_run_from_the_weights(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
     path = tmp_path / "c.eqx"
     _fit(steps=10, checkpoint=train.Checkpoint(path, every=5))
@@ -512,6 +513,7 @@ def test_flipped_data_byte_is_refused(tmp_path):
         train.load_checkpoint(path, result.state)
 
 
+@pytest.mark.slow
 def test_flipped_header_byte_is_refused(tmp_path):
     path = tmp_path / "c.eqx"
     result = _fit(steps=2, checkpoint=path)

@@ -343,6 +343,7 @@ def test_no_module_is_over_700_lines(tmp_path):
     assert long_modules(package) == [f"pkg/long.py: {MAX_MODULE_LINES + 1} lines"]
 
 
+@pytest.mark.slow
 def test_the_kit_is_an_attribute_of_fmcalc():
     """`import fmcalc; fmcalc.testing.check_fixed_point` works in a fresh process, and
     `import fmcalc` alone does not load the kit."""

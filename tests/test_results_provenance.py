@@ -7,6 +7,8 @@ import pathlib
 import re
 import subprocess
 
+import pytest
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -101,6 +103,7 @@ def test_a_record_whose_commit_lacks_its_script_is_caught():
     assert "jump_control.py" in missing_code({"commit": first}, "jump-control")
 
 
+@pytest.mark.slow
 def test_every_committed_record_names_a_commit_with_its_code():
     shallow = _git("rev-parse", "--is-shallow-repository").stdout.strip()
     assert shallow == "false", (

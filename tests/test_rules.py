@@ -189,6 +189,7 @@ def test_backprop_through_jvp_is_the_true_gradient(setup, expr):
     np.testing.assert_allclose(slope, numeric, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_backprop_through_jvp_matches_hand_written_jax(setup):
     """LMD (no stop-gradient) against a plain-JAX implementation."""
     flow, batch = setup

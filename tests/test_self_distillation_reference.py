@@ -94,6 +94,7 @@ def test_reference_loss_is_the_formula_of_their_code(name, off_diagonal):
     assert any(np.abs(g).max() > 0 for g in weight_grads), "w is not trained"
 
 
+@pytest.mark.slow
 def test_a_constant_weight_is_their_mlp_and_is_not_trained():
     """Their MLPs return `w = 1`: the loss is `e^{-1} L + 1` of the plain one."""
     net = MLP(3, width=16, depth=1, key=jax.random.key(0))

@@ -215,6 +215,7 @@ def test_nonfinite_rows_are_skipped():
             assert np.array_equal(x, y), f"step {i} changed the state"
 
 
+@pytest.mark.slow
 def test_nonfinite_data_rows_are_named():
     data = _data().at[3::4].set(jnp.nan).at[7].set(jnp.inf)
     with pytest.raises(train.NonFiniteError) as error:
@@ -532,6 +533,7 @@ def test_train_step_needs_the_run_length_for_an_ema_horizon():
     assert step.problem.ema_decay == pytest.approx(0.95)
 
 
+@pytest.mark.slow
 def test_load_model_reads_the_weights_of_a_fit_checkpoint(tmp_path):
     """A checkpoint of `fit` holds the whole state; `load_model` reads its EMA or
     online weights with only a model of the same structure."""
