@@ -333,6 +333,11 @@ def test_reduction_mean_divides_every_term_by_the_dimension_and_is_checked():
         plain.loss(model, lsd_batch)[0] / 3,
         rtol=1e-12,
     )
+    # Given explicitly, "sum" applies too: it undoes a preset's averaged losses.
+    summed_preset = methods.get("shortcut", preset="reference", reduction="sum")
+    assert "/dim" not in str(summed_preset) and "/dim" in str(
+        methods.get("shortcut", preset="reference")
+    )
     with pytest.raises(ValueError, match=r"Method 'lsd': `reduction` must be.*'max'"):
         methods.get("lsd", reduction="max")
     with pytest.raises(ValueError, match=r"option 'reduction' cannot be 'max'"):

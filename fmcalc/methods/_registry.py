@@ -182,20 +182,22 @@ def get(name: str, *, preset: str | None = None, **overrides) -> Method:
                 f"{sorted(presets) or 'none'}."
             )
         overrides = {**presets[preset], **overrides}
-    reduction = overrides.pop("reduction", "sum")
-    if reduction not in ("sum", "mean"):
+    # Applied whenever given, "sum" too: a preset's own losses may average.
+    reduction = overrides.pop("reduction", None)
+    if reduction is not None and reduction not in ("sum", "mean"):
         raise ValueError(
             f"Method {name!r}: `reduction` must be 'sum' (over dimensions, the "
             f"default) or 'mean' (the sum divided by the dimension); got {reduction!r}."
         )
-    unknown = sorted(set(overrides) - set(options(name)))
+    known = options(name)
+    unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise TypeError(
             f"Method {name!r} has no option(s) {unknown}; its options are "
-            f"{sorted(options(name))}."
+            f"{sorted(known)}."
         )
     method = builder(**overrides)
-    return method if reduction == "sum" else method.replace(reduction=reduction)
+    return method if reduction is None else method.replace(reduction=reduction)
 
 
 def info(name: str) -> MethodInfo:
